@@ -1,0 +1,38 @@
+# Two commands: `make run` (the embedded platform) and `make test` (the whole suite).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: run test lint typecheck pytest bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch is pinned to the CPU build in pyproject; llama-cpp-python compiles once, then pip's cache serves it.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[worker,dev]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/inferatech up --host $(HOST) --port $(PORT)
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.installed
+	$(BIN)/mypy
+
+pytest: $(VENV)/.installed
+	$(BIN)/pytest -q
+
+test: lint typecheck pytest
+
+bench: $(VENV)/.installed
+	$(BIN)/pytest -q -s -m bench tests/bench -p no:randomly
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,66 @@
+"""FastAPI dependencies as `Annotated` aliases."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, Request
+from sqlmodel import Session
+
+from core import keys
+from core.db import get_engine
+from core.errors import AuthenticationFailed
+from core.settings import Settings, get_settings
+from core.storage import get_storage
+from core.storage.base import ObjectStorage
+from core.tables import Account
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_db(settings: SettingsDep) -> Iterator[Session]:
+    with Session(get_engine(settings), expire_on_commit=False) as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_db)]
+
+
+def storage_dep(settings: SettingsDep) -> ObjectStorage:
+    return get_storage(settings)
+
+
+StorageDep = Annotated[ObjectStorage, Depends(storage_dep)]
+
+
+def celery_dep(request: Request) -> Celery:
+    app: Celery = request.app.state.celery
+    return app
+
+
+CeleryDep = Annotated[Celery, Depends(celery_dep)]
+
+
+def bearer_token(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationFailed("missing bearer token: send `Authorization: Bearer <token>`")
+    return token.strip()
+
+
+def current_account(request: Request, session: SessionDep, settings: SettingsDep) -> Account:
+    """The account whose `iat_…` token authenticates the request."""
+    parsed = keys.parse(bearer_token(request), keys.ACCOUNT_TOKEN_PREFIX)
+    if parsed is None:
+        raise AuthenticationFailed("malformed account token")
+    account = session.query(Account).filter(Account.token_id == parsed.key_id).one_or_none()
+    pepper = settings.key_pepper.get_secret_value()
+    if account is None or not keys.verify(parsed, account.token_hash, pepper):
+        raise AuthenticationFailed("invalid account token")
+    return account
+
+
+CurrentAccount = Annotated[Account, Depends(current_account)]

@@ -1,0 +1,48 @@
+"""AWS Lambda entry point: API Gateway/Function URL requests via Mangum, S3 events directly."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from mangum import Mangum
+from sqlmodel import Session
+
+from api.main import create_app
+from api.services.storage_events import handle_event
+from core.db import get_engine
+from core.queue import make_celery
+from core.settings import get_settings
+from core.storage import get_storage
+
+
+@lru_cache
+def _http() -> Mangum:
+    return Mangum(create_app(), lifespan="off")
+
+
+def is_s3_event(event: Any) -> bool:
+    records = event.get("Records") if isinstance(event, dict) else None
+    return bool(records) and all(
+        isinstance(r, dict) and r.get("eventSource") == "aws:s3" for r in records
+    )
+
+
+def handle_s3_event(event: dict[str, Any]) -> dict[str, Any]:
+    """S3 `ObjectCreated` notifications start validation exactly like `/v1/storage/events`."""
+    settings = get_settings()
+    with Session(get_engine(settings), expire_on_commit=False) as session:
+        outcomes = handle_event(
+            session=session,
+            storage=get_storage(settings),
+            celery=make_celery(settings),
+            payload=event,
+        )
+    return {"received": len(outcomes), "outcomes": outcomes}
+
+
+def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    if is_s3_event(event):
+        return handle_s3_event(event)
+    response: dict[str, Any] = _http()(event, context)
+    return response

@@ -1,0 +1,29 @@
+"""Builds the FastAPI application; nothing else."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+
+from api.errors import RequestIdMiddleware, install_error_handlers
+from api.routes import accounts, health, keys, models, storage_events, uploads
+from core.queue import make_celery
+from core.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    logging.basicConfig(level=settings.log_level)
+    app = FastAPI(title="Inferatech", version="0.1.0")
+    app.state.celery = make_celery(settings)
+    app.add_middleware(RequestIdMiddleware)
+    install_error_handlers(app)
+    for module in (health, accounts, models, keys, uploads, storage_events):
+        app.include_router(module.router)
+    return app
+
+
+def app_factory() -> FastAPI:
+    """`uvicorn --factory api.main:app_factory`."""
+    return create_app()

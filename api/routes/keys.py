@@ -1,0 +1,50 @@
+"""API keys: mint, list, revoke."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from sqlmodel import select
+
+from api.deps import CurrentAccount, SessionDep, SettingsDep
+from api.presenters import key_public
+from api.schemas import KeyCreate, KeyCreated, KeysPublic
+from api.services import models as svc
+from core.errors import KeyNotFound, ModelNotReady
+from core.tables import ApiKey, ModelStatus, utcnow
+
+router = APIRouter(tags=["keys"])
+
+
+@router.post("/v1/models/{model_id}/keys", status_code=201)
+def mint(
+    model_id: str, session: SessionDep, settings: SettingsDep, owner: CurrentAccount, body: KeyCreate | None = None
+) -> KeyCreated:
+    """Mint another key for a ready model; the plaintext is returned once."""
+    model = svc.get_owned_model(session, owner, model_id)
+    if model.status is not ModelStatus.READY:
+        raise ModelNotReady(f"model is {model.status.value}; keys are issued once it is ready")
+    key, plaintext = svc.mint_key(
+        session=session, settings=settings, model=model, name=(body or KeyCreate()).name
+    )
+    session.commit()
+    return KeyCreated(**key_public(key).model_dump(), key=plaintext)
+
+
+@router.get("/v1/keys")
+def list_keys(session: SessionDep, owner: CurrentAccount) -> KeysPublic:
+    """The account's keys (prefixes only, never secrets)."""
+    stmt = select(ApiKey).where(ApiKey.account_id == owner.id).order_by(ApiKey.created_at)  # type: ignore[arg-type]
+    rows = [key_public(k) for k in session.exec(stmt)]
+    return KeysPublic(data=rows, count=len(rows))
+
+
+@router.delete("/v1/keys/{key_id}", status_code=204)
+def revoke(key_id: str, session: SessionDep, owner: CurrentAccount) -> Response:
+    """Revoke a key; it stops working at once."""
+    key = session.get(ApiKey, key_id)
+    if key is None or key.account_id != owner.id:
+        raise KeyNotFound(f"no key {key_id!r} in this account")
+    key.revoked_at = key.revoked_at or utcnow()
+    session.add(key)
+    session.commit()
+    return Response(status_code=204)

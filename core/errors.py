@@ -1,0 +1,82 @@
+"""The one exception tree; `api` maps it to the error envelope."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class InferatechError(Exception):
+    """Base of every error a client may see."""
+
+    code: ClassVar[str] = "INTERNAL_ERROR"
+    status_code: ClassVar[int] = 500
+
+    def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or {}
+
+
+class InvalidRequest(InferatechError):
+    code = "INVALID_REQUEST"
+    status_code = 400
+
+
+class PayloadTooLarge(InferatechError):
+    code = "PAYLOAD_TOO_LARGE"
+    status_code = 413
+
+
+class AuthenticationFailed(InferatechError):
+    code = "AUTHENTICATION_FAILED"
+    status_code = 403
+
+
+class AuthorizationFailed(InferatechError):
+    code = "AUTHORIZATION_FAILED"
+    status_code = 403
+
+
+class NotFound(InferatechError):
+    code = "NOT_FOUND"
+    status_code = 404
+
+
+class ModelNotFound(NotFound):
+    code = "MODEL_NOT_FOUND"
+
+
+class KeyNotFound(NotFound):
+    code = "KEY_NOT_FOUND"
+
+
+class Conflict(InferatechError):
+    code = "CONFLICT"
+    status_code = 409
+
+
+class ModelNotReady(Conflict):
+    code = "MODEL_NOT_READY"
+
+
+class UploadIncomplete(Conflict):
+    code = "UPLOAD_INCOMPLETE"
+
+
+class SignupDisabled(InferatechError):
+    code = "SIGNUP_DISABLED"
+    status_code = 403
+
+
+class ServiceUnavailable(InferatechError):
+    code = "SERVICE_UNAVAILABLE"
+    status_code = 503
+
+
+class StorageError(ServiceUnavailable):
+    """Object storage is unreachable or misbehaved."""
+
+
+class NotImplementedByConfig(InferatechError):
+    code = "NOT_CONFIGURED"
+    status_code = 501

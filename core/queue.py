@@ -1,0 +1,42 @@
+"""The Celery application shared by the API (which only sends tasks by name) and the workers."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from core.settings import Settings
+
+VALIDATE_QUEUE = "validate"
+VALIDATE_TASK = "inferatech.validate_model"
+
+
+def broker_url(redis_url: str) -> str:
+    """Kombu spells a Redis unix socket `redis+socket://`; redis-py spells it `unix://`."""
+    if redis_url.startswith("unix://"):
+        return "redis+socket://" + redis_url.removeprefix("unix://")
+    return redis_url
+
+
+def make_celery(settings: Settings) -> Celery:
+    """Build the Celery app from settings; tasks are routed to queues by name."""
+    url = broker_url(settings.effective_redis_url)
+    app = Celery("inferatech", broker=url, backend=url)
+    longest = settings.validation_time_limit_s
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        result_expires=3600,
+        task_ignore_result=True,
+        broker_connection_retry_on_startup=True,
+        # Redelivery of unacked tasks must wait out the longest task, or a slow
+        # validation would run twice at once.
+        broker_transport_options={"visibility_timeout": longest + 600},
+        result_backend_transport_options={"visibility_timeout": longest + 600},
+        task_routes={VALIDATE_TASK: {"queue": VALIDATE_QUEUE}},
+        worker_hijack_root_logger=False,
+    )
+    return app

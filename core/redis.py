@@ -1,0 +1,18 @@
+"""Redis clients from settings."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import redis
+
+from core.settings import Settings, get_settings
+
+
+@lru_cache(maxsize=8)
+def _client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+
+
+def get_redis(settings: Settings | None = None) -> redis.Redis:
+    return _client((settings or get_settings()).effective_redis_url)

