@@ -7,7 +7,7 @@ from typing import Annotated
 
 from celery import Celery
 from fastapi import Depends, Request
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from core import keys
 from core.db import get_engine
@@ -56,7 +56,7 @@ def current_account(request: Request, session: SessionDep, settings: SettingsDep
     parsed = keys.parse(bearer_token(request), keys.ACCOUNT_TOKEN_PREFIX)
     if parsed is None:
         raise AuthenticationFailed("malformed account token")
-    account = session.query(Account).filter(Account.token_id == parsed.key_id).one_or_none()
+    account = session.exec(select(Account).where(Account.token_id == parsed.key_id)).first()
     pepper = settings.key_pepper.get_secret_value()
     if account is None or not keys.verify(parsed, account.token_hash, pepper):
         raise AuthenticationFailed("invalid account token")

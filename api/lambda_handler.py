@@ -23,9 +23,9 @@ def _http() -> Mangum:
 
 def is_s3_event(event: Any) -> bool:
     records = event.get("Records") if isinstance(event, dict) else None
-    return bool(records) and all(
-        isinstance(r, dict) and r.get("eventSource") == "aws:s3" for r in records
-    )
+    if not isinstance(records, list) or not records:
+        return False
+    return all(isinstance(r, dict) and r.get("eventSource") == "aws:s3" for r in records)
 
 
 def handle_s3_event(event: dict[str, Any]) -> dict[str, Any]:

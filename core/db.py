@@ -76,3 +76,9 @@ def migrate(settings: Settings | None = None) -> None:
         cfg = alembic_config(url)
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+def update_rows(session: Session, stmt: sa.Update) -> int:
+    """Run an UPDATE and return how many rows it changed (for compare-and-set transitions)."""
+    result = session.execute(stmt)
+    return int(getattr(result, "rowcount", 0))

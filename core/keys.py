@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from core.ids import BASE62, random_base62
 
 API_KEY_PREFIX = "ik"
-ACCOUNT_TOKEN_PREFIX = "iat"
+ACCOUNT_TOKEN_PREFIX = "iat"  # noqa: S105 - a prefix, not a secret
 KEY_ID_LEN = 12
 SECRET_LEN = 24  # 62**24 ≈ 2**142.9 bits of randomness
 CHECKSUM_LEN = 6  # 62**6 > 2**32
@@ -82,7 +82,7 @@ def parse(token: str, expected_prefix: str) -> ParsedKey | None:
     m = _PATTERN.match(token)
     if m is None or m["prefix"] != expected_prefix:
         return None
-    body = token[: -CHECKSUM_LEN]
+    body = token[:-CHECKSUM_LEN]
     if not hmac.compare_digest(_checksum(body), m["checksum"]):
         return None
     return ParsedKey(prefix=m["prefix"], key_id=m["key_id"], secret=m["secret"])

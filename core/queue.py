@@ -32,6 +32,14 @@ def make_celery(settings: Settings) -> Celery:
         result_expires=3600,
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
+        broker_connection_timeout=3,
+        # Fail fast when the broker is down: the API answers 503 and the client retries.
+        task_publish_retry_policy={
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.5,
+            "interval_max": 1,
+        },
         # Redelivery of unacked tasks must wait out the longest task, or a slow
         # validation would run twice at once.
         broker_transport_options={"visibility_timeout": longest + 600},

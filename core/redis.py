@@ -10,9 +10,9 @@ from core.settings import Settings, get_settings
 
 
 @lru_cache(maxsize=8)
-def _client(url: str) -> redis.Redis:
+def _client(url: str) -> redis.Redis[bytes]:
     return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
 
 
-def get_redis(settings: Settings | None = None) -> redis.Redis:
+def get_redis(settings: Settings | None = None) -> redis.Redis[bytes]:
     return _client((settings or get_settings()).effective_redis_url)

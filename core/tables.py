@@ -33,7 +33,7 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 def ts(*, nullable: bool = False, index: bool = False) -> Any:
-    column = Column(UTCDateTime(), nullable=nullable, index=index)
+    column: Column[datetime] = Column(UTCDateTime(), nullable=nullable, index=index)
     if nullable:
         return Field(default=None, sa_column=column)
     return Field(default_factory=utcnow, sa_column=column)
@@ -148,7 +148,9 @@ class Job(SQLModel, table=True):
     account_id: str = Field(foreign_key="account.id", index=True, max_length=40)
     model_id: str = Field(foreign_key="model.id", index=True, max_length=40)
     api_key_id: str | None = Field(default=None, foreign_key="api_key.id", max_length=20)
-    status: JobStatus = Field(default=JobStatus.QUEUED, sa_column=enum_column(JobStatus, index=True))
+    status: JobStatus = Field(
+        default=JobStatus.QUEUED, sa_column=enum_column(JobStatus, index=True)
+    )
     params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     result: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     error_code: str | None = Field(default=None, max_length=60)

@@ -15,7 +15,7 @@ from workers.celery_app import app
 _settings = get_settings()
 
 
-@app.task(  # type: ignore[misc]
+@app.task(  # type: ignore[untyped-decorator]
     name=VALIDATE_TASK,
     bind=True,
     acks_late=True,
@@ -34,5 +34,7 @@ def validate_model(self: Any, model_id: str) -> str:
     except validation.Busy as exc:
         raise self.retry(countdown=15, exc=exc) from exc
     except SoftTimeLimitExceeded:
-        validation.reject(model_id, get_settings(), "VALIDATION_TIMEOUT", "validation took too long")
+        validation.reject(
+            model_id, get_settings(), "VALIDATION_TIMEOUT", "validation took too long"
+        )
         return "rejected"

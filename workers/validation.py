@@ -8,20 +8,20 @@ from typing import Any
 
 from sqlalchemy import update
 from sqlmodel import select
+from validators.pipeline import BundleFile, validate_bundle
 
-from core.db import session_scope
+from core.db import session_scope, update_rows
 from core.redis import get_redis
 from core.settings import Settings
 from core.storage import get_storage
 from core.storage.base import ObjectStorage
 from core.tables import Model, ModelFile, ModelStatus, utcnow
 from validators.base import BundleReport
-from validators.pipeline import BundleFile, validate_bundle
 
 log = logging.getLogger("inferatech.validation")
 
 
-class Busy(Exception):  # noqa: N818
+class Busy(Exception):
     """Another worker holds this model's validation lock."""
 
 
@@ -72,10 +72,11 @@ def record(model_id: str, settings: Settings, report: BundleReport) -> str:
     rejection = report.rejection
     with session_scope(settings) as s:
         for fr in report.files:
-            s.exec(  # type: ignore[call-overload]
+            update_rows(
+                s,
                 update(ModelFile)
                 .where(ModelFile.model_id == model_id, ModelFile.path == fr.path)  # type: ignore[arg-type]
-                .values(sha256=fr.sha256, kind=fr.kind.value)
+                .values(sha256=fr.sha256, kind=fr.kind.value),
             )
         values: dict[str, Any] = {"updated_at": utcnow(), "validated_at": utcnow()}
         if rejection is None:
@@ -91,11 +92,12 @@ def record(model_id: str, settings: Settings, report: BundleReport) -> str:
                 "rejection_code": rejection.code,
                 "rejection_message": _message(rejection.path, rejection.message),
             }
-        moved = s.exec(  # type: ignore[call-overload]
+        moved = update_rows(
+            s,
             update(Model)
             .where(Model.id == model_id, Model.status == ModelStatus.VALIDATING)  # type: ignore[arg-type]
-            .values(**values)
-        ).rowcount
+            .values(**values),
+        )
     verdict = "ready" if rejection is None else "rejected"
     log.info("model %s %s%s", model_id, verdict, f" ({rejection.code})" if rejection else "")
     return verdict if moved else "skipped"
@@ -103,7 +105,8 @@ def record(model_id: str, settings: Settings, report: BundleReport) -> str:
 
 def reject(model_id: str, settings: Settings, code: str, message: str) -> None:
     with session_scope(settings) as s:
-        s.exec(  # type: ignore[call-overload]
+        update_rows(
+            s,
             update(Model)
             .where(Model.id == model_id, Model.status == ModelStatus.VALIDATING)  # type: ignore[arg-type]
             .values(
@@ -112,7 +115,7 @@ def reject(model_id: str, settings: Settings, code: str, message: str) -> None:
                 rejection_message=message,
                 updated_at=utcnow(),
                 validated_at=utcnow(),
-            )
+            ),
         )
 
 

@@ -18,4 +18,6 @@ def signup(body: AccountCreate, session: SessionDep, settings: SettingsDep) -> A
     if not settings.signup_enabled:
         raise SignupDisabled("signup is disabled on this server; ask an operator for an account")
     account, token = create_account(session=session, settings=settings, name=body.name)
-    return AccountCreated(id=account.id, name=account.name, token=token, created_at=account.created_at)
+    return AccountCreated(
+        id=account.id, name=account.name, token=token, created_at=account.created_at
+    )

@@ -11,8 +11,14 @@ from sqlalchemy import text
 from api.deps import SettingsDep, StorageDep
 from core.db import get_engine
 from core.redis import get_redis
+from core.settings import Settings
 
 router = APIRouter(tags=["health"])
+
+
+def _ping_database(settings: Settings) -> None:
+    with get_engine(settings).connect() as conn:
+        conn.execute(text("SELECT 1"))
 
 
 @router.get("/healthz")
@@ -26,7 +32,7 @@ def readyz(settings: SettingsDep, storage: StorageDep) -> JSONResponse:
     """Database, Redis and object storage are all reachable."""
     checks: dict[str, Any] = {}
     for name, probe in (
-        ("database", lambda: get_engine(settings).connect().execute(text("SELECT 1")).close()),
+        ("database", lambda: _ping_database(settings)),
         ("redis", lambda: get_redis(settings).ping()),
         ("storage", storage.ping),
     ):
@@ -36,4 +42,6 @@ def readyz(settings: SettingsDep, storage: StorageDep) -> JSONResponse:
         except Exception as exc:
             checks[name] = f"unavailable: {type(exc).__name__}"
     ok = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+    return JSONResponse(
+        {"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503
+    )

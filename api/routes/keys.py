@@ -17,7 +17,11 @@ router = APIRouter(tags=["keys"])
 
 @router.post("/v1/models/{model_id}/keys", status_code=201)
 def mint(
-    model_id: str, session: SessionDep, settings: SettingsDep, owner: CurrentAccount, body: KeyCreate | None = None
+    model_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    owner: CurrentAccount,
+    body: KeyCreate | None = None,
 ) -> KeyCreated:
     """Mint another key for a ready model; the plaintext is returned once."""
     model = svc.get_owned_model(session, owner, model_id)

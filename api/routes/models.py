@@ -7,8 +7,14 @@ from sqlmodel import select
 
 from api.deps import CeleryDep, CurrentAccount, SessionDep, SettingsDep, StorageDep
 from api.presenters import model_public, upload_public
-from api.schemas import ModelComplete, ModelCreate, ModelCreated, ModelPublic, ModelsPublic
-from api.schemas import UploadPublic
+from api.schemas import (
+    ModelComplete,
+    ModelCreate,
+    ModelCreated,
+    ModelPublic,
+    ModelsPublic,
+    UploadPublic,
+)
 from api.services import models as svc
 from core.tables import Model, ModelStatus
 
@@ -17,21 +23,32 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 @router.post("", status_code=201)
 def create(
-    body: ModelCreate, session: SessionDep, storage: StorageDep, settings: SettingsDep, owner: CurrentAccount
+    body: ModelCreate,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    owner: CurrentAccount,
 ) -> ModelCreated:
     """Declare a bundle's files; returns one signed upload plan per file."""
     model, plans = svc.create_model(
         session=session, storage=storage, settings=settings, owner=owner, model_in=body
     )
     public = model_public(session, model)
-    return ModelCreated(**public.model_dump(), uploads=[upload_public(p, plan) for p, plan in plans])
+    return ModelCreated(
+        **public.model_dump(), uploads=[upload_public(p, plan) for p, plan in plans]
+    )
 
 
 @router.post("/{model_id}/uploads")
-def replan(model_id: str, session: SessionDep, storage: StorageDep, owner: CurrentAccount) -> list[UploadPublic]:
+def replan(
+    model_id: str, session: SessionDep, storage: StorageDep, owner: CurrentAccount
+) -> list[UploadPublic]:
     """Fresh upload URLs for the files not uploaded yet."""
     model = svc.get_owned_model(session, owner, model_id)
-    return [upload_public(p, plan) for p, plan in svc.replan_uploads(session=session, storage=storage, model=model)]
+    return [
+        upload_public(p, plan)
+        for p, plan in svc.replan_uploads(session=session, storage=storage, model=model)
+    ]
 
 
 @router.post("/{model_id}/complete", status_code=202)
@@ -51,7 +68,9 @@ def complete(
 
 
 @router.get("/{model_id}")
-def read(model_id: str, session: SessionDep, settings: SettingsDep, owner: CurrentAccount) -> ModelPublic:
+def read(
+    model_id: str, session: SessionDep, settings: SettingsDep, owner: CurrentAccount
+) -> ModelPublic:
     """A model; the first read after it is ready carries its API key in plaintext, once."""
     model = svc.get_owned_model(session, owner, model_id)
     plaintext = svc.deliver_first_key(session=session, settings=settings, model=model)
@@ -71,7 +90,9 @@ def list_models(session: SessionDep, owner: CurrentAccount) -> ModelsPublic:
 
 
 @router.delete("/{model_id}", status_code=204)
-def delete(model_id: str, session: SessionDep, storage: StorageDep, owner: CurrentAccount) -> Response:
+def delete(
+    model_id: str, session: SessionDep, storage: StorageDep, owner: CurrentAccount
+) -> Response:
     """Delete a model, revoke its keys and remove its files."""
     model = svc.get_owned_model(session, owner, model_id)
     svc.delete_model(session=session, storage=storage, model=model)

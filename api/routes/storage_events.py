@@ -18,7 +18,11 @@ MAX_BODY = 1 << 20
 
 @router.post("/v1/storage/events")
 async def storage_events(
-    request: Request, session: SessionDep, storage: StorageDep, celery: CeleryDep, settings: SettingsDep
+    request: Request,
+    session: SessionDep,
+    storage: StorageDep,
+    celery: CeleryDep,
+    settings: SettingsDep,
 ) -> dict[str, Any]:
     """Authenticated by the shared secret, sent raw or as a bearer token."""
     given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()

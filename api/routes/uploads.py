@@ -17,7 +17,9 @@ _AUTH = {"UPLOAD_TOKEN_INVALID", "UPLOAD_URL_EXPIRED"}
 
 
 @router.put("/v1/uploads/{token}")
-async def receive(token: str, request: Request, storage: StorageDep, response: Response) -> UploadReceived:
+async def receive(
+    token: str, request: Request, storage: StorageDep, response: Response
+) -> UploadReceived:
     """Stream one file (or one part) to disk, enforcing the signed size."""
     if not isinstance(storage, LocalStorage):
         raise NotImplementedByConfig("uploads go straight to object storage on this server")

@@ -11,8 +11,14 @@ from sqlmodel import Session, select
 from api.schemas import CompletedPartIn, ModelCreate
 from core import keys
 from core.bundles import path_problem
-from core.errors import InvalidRequest, ModelNotFound, PayloadTooLarge, ServiceUnavailable
-from core.errors import UploadIncomplete
+from core.db import update_rows
+from core.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    UploadIncomplete,
+)
 from core.ids import new_id
 from core.queue import VALIDATE_QUEUE, VALIDATE_TASK
 from core.settings import Settings
@@ -37,9 +43,13 @@ def check_declaration(model_in: ModelCreate, settings: Settings) -> None:
     for i, f in enumerate(model_in.files):
         problem = path_problem(f.path, max_length=settings.max_file_path_length)
         if problem:
-            raise InvalidRequest(f"file path {f.path!r} {problem}", details={"field": f"files.{i}.path"})
+            raise InvalidRequest(
+                f"file path {f.path!r} {problem}", details={"field": f"files.{i}.path"}
+            )
         if f.path.lower() in seen:
-            raise InvalidRequest(f"file path {f.path!r} is listed twice", details={"field": f"files.{i}.path"})
+            raise InvalidRequest(
+                f"file path {f.path!r} is listed twice", details={"field": f"files.{i}.path"}
+            )
         seen.add(f.path.lower())
     total = sum(f.size_bytes for f in model_in.files)
     if total > settings.max_model_bytes:
@@ -50,7 +60,12 @@ def check_declaration(model_in: ModelCreate, settings: Settings) -> None:
 
 
 def create_model(
-    *, session: Session, storage: ObjectStorage, settings: Settings, owner: Account, model_in: ModelCreate
+    *,
+    session: Session,
+    storage: ObjectStorage,
+    settings: Settings,
+    owner: Account,
+    model_in: ModelCreate,
 ) -> tuple[Model, list[tuple[str, UploadPlan]]]:
     check_declaration(model_in, settings)
     model = Model(
@@ -145,7 +160,9 @@ def finalise_uploads(
             continue
         client_parts = [CompletedPart(p.part_number, p.etag) for p in parts.get(row.path, [])]
         try:
-            storage.complete_upload(row.object_key, row.size_bytes, _plan_of(row), client_parts or None)
+            storage.complete_upload(
+                row.object_key, row.size_bytes, _plan_of(row), client_parts or None
+            )
         except UploadRejected as exc:
             if exc.code == "UPLOAD_MISSING":
                 missing.append(row.path)
@@ -173,13 +190,15 @@ def start_validation(*, session: Session, celery: Celery, model: Model) -> bool:
         .where(Model.id == model.id, Model.status == ModelStatus.AWAITING_UPLOAD)  # type: ignore[arg-type]
         .values(status=ModelStatus.VALIDATING, validation_started_at=utcnow(), updated_at=utcnow())
     )
-    moved = session.exec(stmt).rowcount == 1  # type: ignore[call-overload]
+    moved = update_rows(session, stmt) == 1
     session.commit()
     if not moved:
         session.refresh(model)
         return False
     try:
-        celery.send_task(VALIDATE_TASK, args=[model.id], queue=VALIDATE_QUEUE, task_id=f"validate-{model.id}")
+        celery.send_task(
+            VALIDATE_TASK, args=[model.id], queue=VALIDATE_QUEUE, task_id=f"validate-{model.id}"
+        )
     except Exception as exc:
         # Roll the state back so the client (or the next storage event) can retry.
         model.status = ModelStatus.AWAITING_UPLOAD
@@ -208,7 +227,9 @@ def complete_model(
     return model
 
 
-def mint_key(*, session: Session, settings: Settings, model: Model, name: str) -> tuple[ApiKey, str]:
+def mint_key(
+    *, session: Session, settings: Settings, model: Model, name: str
+) -> tuple[ApiKey, str]:
     minted = keys.mint(keys.API_KEY_PREFIX, settings.key_pepper.get_secret_value())
     key = ApiKey(
         id=minted.key_id,
@@ -234,7 +255,7 @@ def deliver_first_key(*, session: Session, settings: Settings, model: Model) -> 
         .where(Model.id == model.id, Model.key_delivered == False)  # type: ignore[arg-type] # noqa: E712
         .values(key_delivered=True)
     )
-    if session.exec(stmt).rowcount != 1:  # type: ignore[call-overload]
+    if update_rows(session, stmt) != 1:
         session.rollback()
         return None
     _, plaintext = mint_key(session=session, settings=settings, model=model, name="default")

@@ -27,7 +27,11 @@ def object_keys(payload: Any) -> list[str]:
         if not isinstance(record, dict):
             continue
         name = str(record.get("eventName", ""))
-        key = record.get("s3", {}).get("object", {}).get("key") if isinstance(record.get("s3"), dict) else None
+        key = (
+            record.get("s3", {}).get("object", {}).get("key")
+            if isinstance(record.get("s3"), dict)
+            else None
+        )
         if "ObjectCreated" in name and isinstance(key, str):
             keys.append(unquote_plus(key))
     return keys
@@ -49,6 +53,8 @@ def handle_event(
             outcomes.append({"key": key, "outcome": "unknown_model"})
             continue
         if model.status is ModelStatus.AWAITING_UPLOAD:
-            complete_model(session=session, storage=storage, celery=celery, model=model, parts={}, strict=False)
+            complete_model(
+                session=session, storage=storage, celery=celery, model=model, parts={}, strict=False
+            )
         outcomes.append({"key": key, "model_id": model.id, "status": model.status.value})
     return outcomes

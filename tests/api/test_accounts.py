@@ -28,7 +28,9 @@ def test_create_account_rejects_missing_or_bad_name(client: TestClient) -> None:
 
 def test_create_account_rejects_unknown_fields_and_non_json(client: TestClient) -> None:
     assert client.post("/v1/accounts", json={"name": "a", "admin": True}).status_code == 400
-    resp = client.post("/v1/accounts", content=b"\xff\xfe", headers={"content-type": "application/json"})
+    resp = client.post(
+        "/v1/accounts", content=b"\xff\xfe", headers={"content-type": "application/json"}
+    )
     assert resp.status_code == 400
     assert resp.json()["error"]["code"] == "INVALID_REQUEST"
 
@@ -47,8 +49,18 @@ def test_account_token_rejects_junk_wrong_checksum_and_wrong_secret(client: Test
     token = client.post("/v1/accounts", json={"name": "a"}).json()["token"]
     flipped_secret = token[:-8] + ("A" if token[-8] != "A" else "B") + token[-7:]
     forged = keys.mint(keys.ACCOUNT_TOKEN_PREFIX, "another-pepper")  # valid checksum, unknown id
-    same_id_wrong_secret = token.split("_")[0] + "_" + token.split("_")[1] + "_" + forged.plaintext.split("_")[2]
-    cases = ["", "Bearer", "junk", flipped_secret, forged.plaintext, same_id_wrong_secret, "x" * 5000]
+    same_id_wrong_secret = (
+        token.split("_")[0] + "_" + token.split("_")[1] + "_" + forged.plaintext.split("_")[2]
+    )
+    cases = [
+        "",
+        "Bearer",
+        "junk",
+        flipped_secret,
+        forged.plaintext,
+        same_id_wrong_secret,
+        "x" * 5000,
+    ]
     for bad in cases:
         resp = client.get("/v1/models", headers={"Authorization": f"Bearer {bad}"})
         assert resp.status_code == 403, bad

@@ -24,7 +24,9 @@ def test_declare_model_returns_signed_upload_plan(client: TestClient) -> None:
     (plan,) = created["uploads"]
     assert plan["method"] == "put"
     assert plan["url"].startswith("http")
-    assert created["files"] == [{"path": "model.gguf", "size_bytes": 100, "uploaded": False, "sha256": None, "kind": None}]
+    assert created["files"] == [
+        {"path": "model.gguf", "size_bytes": 100, "uploaded": False, "sha256": None, "kind": None}
+    ]
 
 
 @pytest.mark.parametrize(
@@ -35,7 +37,9 @@ def test_declare_model_returns_signed_upload_plan(client: TestClient) -> None:
 def test_declare_model_rejects_unsafe_or_unknown_paths(client: TestClient, path: str) -> None:
     token = create_account(client)
     resp = client.post(
-        "/v1/models", json={"name": "m", "files": [{"path": path, "size_bytes": 10}]}, headers=auth(token)
+        "/v1/models",
+        json={"name": "m", "files": [{"path": path, "size_bytes": 10}]},
+        headers=auth(token),
     )
     assert resp.status_code == 400, resp.text
     err = resp.json()["error"]
@@ -64,7 +68,9 @@ def test_declare_model_rejects_bundle_over_size_cap(client: TestClient) -> None:
         [{"path": "a.json"}],
     ],
 )
-def test_declare_model_rejects_malformed_file_lists(client: TestClient, files: list[object]) -> None:
+def test_declare_model_rejects_malformed_file_lists(
+    client: TestClient, files: list[object]
+) -> None:
     token = create_account(client)
     resp = client.post("/v1/models", json={"name": "m", "files": files}, headers=auth(token))
     assert resp.status_code == 400, resp.text
@@ -75,7 +81,9 @@ def test_declare_model_rejects_bad_names(client: TestClient) -> None:
     token = create_account(client)
     for name in ("", "-x", "a b", "x" * 101, "../etc", None):
         resp = client.post(
-            "/v1/models", json={"name": name, "files": [{"path": "a.gguf", "size_bytes": 1}]}, headers=auth(token)
+            "/v1/models",
+            json={"name": name, "files": [{"path": "a.gguf", "size_bytes": 1}]},
+            headers=auth(token),
         )
         assert resp.status_code == 400, name
 
@@ -87,10 +95,15 @@ def test_complete_model_before_upload_is_conflict_and_keeps_model(client: TestCl
     assert resp.status_code == 409
     assert resp.json()["error"]["code"] == "UPLOAD_INCOMPLETE"
     assert resp.json()["error"]["details"]["missing"] == ["model.gguf"]
-    assert client.get(f"/v1/models/{created['id']}", headers=auth(token)).json()["status"] == "awaiting_upload"
+    assert (
+        client.get(f"/v1/models/{created['id']}", headers=auth(token)).json()["status"]
+        == "awaiting_upload"
+    )
 
 
-def test_upload_gguf_becomes_ready_with_key_shown_once(client: TestClient, gguf_model: Path) -> None:
+def test_upload_gguf_becomes_ready_with_key_shown_once(
+    client: TestClient, gguf_model: Path
+) -> None:
     token = create_account(client)
     verdict = upload_model(client, token, {"tiny.gguf": gguf_model}, name="my-llama")
     assert verdict["status"] == "ready", verdict
@@ -160,7 +173,9 @@ def test_other_account_cannot_see_or_touch_model(client: TestClient) -> None:
     assert client.get(f"/v1/models/{mid}", headers=auth(owner)).status_code == 200
 
 
-def test_delete_model_revokes_keys_and_removes_objects(client: TestClient, stack: StackInfo, gguf_model: Path) -> None:
+def test_delete_model_revokes_keys_and_removes_objects(
+    client: TestClient, stack: StackInfo, gguf_model: Path
+) -> None:
     from core.storage import get_storage
 
     signup = client.post("/v1/accounts", json={"name": "acme"}).json()
@@ -194,9 +209,17 @@ def test_upload_larger_than_declared_is_refused_and_retry_succeeds(
         assert done.json()["error"]["details"]["code"] == "UPLOAD_SIZE_MISMATCH"
     else:
         assert resp.status_code == 413
-    assert client.get(f"/v1/models/{created['id']}", headers=auth(token)).json()["status"] == "awaiting_upload"
+    assert (
+        client.get(f"/v1/models/{created['id']}", headers=auth(token)).json()["status"]
+        == "awaiting_upload"
+    )
     fresh = client.post(f"/v1/models/{created['id']}/uploads", headers=auth(token))
     assert fresh.status_code == 200
     body = upload_files(client, {"uploads": fresh.json()}, {"tiny.gguf": data})
-    assert client.post(f"/v1/models/{created['id']}/complete", json=body, headers=auth(token)).status_code == 202
+    assert (
+        client.post(
+            f"/v1/models/{created['id']}/complete", json=body, headers=auth(token)
+        ).status_code
+        == 202
+    )
     assert wait_for_verdict(client, token, created["id"])["status"] == "ready"

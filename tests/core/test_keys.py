@@ -24,7 +24,9 @@ def test_parse_key_rejects_wrong_prefix() -> None:
     assert keys.parse(minted.plaintext, keys.API_KEY_PREFIX) is None
 
 
-@given(st.integers(min_value=3, max_value=40), st.sampled_from(string.digits + string.ascii_letters))
+@given(
+    st.integers(min_value=3, max_value=40), st.sampled_from(string.digits + string.ascii_letters)
+)
 def test_parse_key_rejects_any_single_character_change(pos: int, ch: str) -> None:
     minted = keys.mint(keys.API_KEY_PREFIX, "pepper")
     pos = min(pos, len(minted.plaintext) - 1)

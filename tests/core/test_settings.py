@@ -13,11 +13,21 @@ def test_settings_refuse_default_secrets_in_production() -> None:
 
 def test_settings_refuse_short_secrets_in_production() -> None:
     with pytest.raises(ValidationError, match="at least 16"):
-        Settings(environment="production", secret_key="short", key_pepper="p" * 20, storage_events_secret="s" * 20)  # type: ignore[arg-type]
+        Settings(
+            environment="production",
+            secret_key="short",
+            key_pepper="p" * 20,
+            storage_events_secret="s" * 20,
+        )  # type: ignore[arg-type]
 
 
 def test_settings_accept_real_secrets_in_production() -> None:
-    s = Settings(environment="production", secret_key="k" * 32, key_pepper="p" * 32, storage_events_secret="e" * 32)  # type: ignore[arg-type]
+    s = Settings(
+        environment="production",
+        secret_key="k" * 32,
+        key_pepper="p" * 32,
+        storage_events_secret="e" * 32,
+    )  # type: ignore[arg-type]
     assert s.max_model_bytes == 8 * 1024**3
 
 
