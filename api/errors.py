@@ -71,7 +71,9 @@ class RequestIdMiddleware:
 def _validation_message(exc: RequestValidationError) -> tuple[str, list[dict[str, Any]]]:
     errors = []
     for err in exc.errors():
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+        loc = [str(p) for p in err.get("loc", ())]
+        if loc and loc[0] in ("body", "query", "path", "header"):
+            loc = loc[1:]
         errors.append({"field": ".".join(loc) or "body", "message": err.get("msg", "invalid")})
     first = errors[0] if errors else {"field": "body", "message": "invalid request"}
     return f"{first['field']}: {first['message']}", errors

@@ -33,7 +33,11 @@ def model_public(session: Session, model: Model, *, api_key: str | None = None) 
         total_bytes=model.total_bytes,
         files=[
             ModelFilePublic(
-                path=f.path, size_bytes=f.size_bytes, uploaded=f.uploaded, sha256=f.sha256, kind=f.kind
+                path=f.path,
+                size_bytes=f.size_bytes,
+                uploaded=f.uploaded,
+                sha256=f.sha256,
+                kind=f.kind,
             )
             for f in files_of(session, model.id)
         ],

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 
 class Strict(BaseModel):
@@ -25,7 +25,7 @@ class AccountCreated(BaseModel):
 
 class FileDecl(Strict):
     path: str = Field(min_length=1, max_length=255)
-    size_bytes: int = Field(ge=1)
+    size_bytes: StrictInt = Field(ge=1)
 
 
 class ModelCreate(Strict):
@@ -90,7 +90,7 @@ class ModelsPublic(BaseModel):
 
 
 class CompletedPartIn(Strict):
-    part_number: int = Field(ge=1, le=10000)
+    part_number: StrictInt = Field(ge=1, le=10000)
     etag: str = Field(min_length=1, max_length=200)
 
 

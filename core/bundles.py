@@ -44,7 +44,9 @@ def path_problem(path: str, *, max_length: int = 200) -> str | None:
         if not _SEGMENT.match(seg):
             return f"segment {seg!r} has characters outside [A-Za-z0-9._+-] or starts with '.'"
     if not path.lower().endswith(ALLOWED_SUFFIXES):
-        return "has a file type that is not part of a model bundle (" + ", ".join(
-            ALLOWED_SUFFIXES
-        ) + ")"
+        return (
+            "has a file type that is not part of a model bundle ("
+            + ", ".join(ALLOWED_SUFFIXES)
+            + ")"
+        )
     return None

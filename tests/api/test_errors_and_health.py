@@ -31,7 +31,7 @@ def test_every_error_uses_the_envelope_with_request_id(client: TestClient) -> No
 def test_request_id_is_echoed_when_sane_and_replaced_when_not(client: TestClient) -> None:
     ok = client.get("/healthz", headers={"X-Request-ID": "trace-123"})
     assert ok.headers["x-request-id"] == "trace-123"
-    evil = client.get("/healthz", headers={"X-Request-ID": "a b\u00e9<script>" + "x" * 300})
+    evil = client.get("/healthz", headers={"X-Request-ID": "a b<script>" + "x" * 300})
     assert evil.headers["x-request-id"].startswith("req_")
 
 

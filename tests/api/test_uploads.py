@@ -39,7 +39,9 @@ def test_upload_exact_bytes_then_complete_is_accepted(file_client: TestClient) -
     url, token, mid = _plan_url(file_client)
     resp = file_client.put(url, content=b"G" * 16)
     assert resp.status_code == 200
-    assert file_client.post(f"/v1/models/{mid}/uploads", headers=auth(token)).json() == []
+    done = file_client.post(f"/v1/models/{mid}/complete", headers=auth(token))
+    assert done.status_code == 202
+    assert done.json()["files"][0]["uploaded"] is True
     assert resp.json()["size"] == 16
     assert resp.headers["etag"].strip('"') == resp.json()["etag"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -38,8 +39,12 @@ def postgres_database(name: str) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@functools.cache
 def system_redis_url() -> str:
-    """A database index of the system Redis chosen per test process, flushed first."""
+    """A database index of the system Redis chosen per test process, flushed once.
+
+    Flushing again later would drop kombu's queue bindings under a running worker.
+    """
     url = f"{SYSTEM_REDIS}/{os.getpid() % 14 + 1}"
     client = redis.Redis.from_url(url, socket_connect_timeout=3)
     client.ping()  # fails loudly when Redis is not running

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 import sqlmodel
-
-import core.tables
 from alembic import op
 
+import core.tables
 
 revision = "0001"
 down_revision = None

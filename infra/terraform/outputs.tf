@@ -1,0 +1,3 @@
+output "storage_url" {
+  value = "s3://${aws_s3_bucket.models.bucket}/${var.key_prefix}"
+}
