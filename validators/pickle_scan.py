@@ -76,6 +76,9 @@ _INERT_GLOBALS = frozenset(
 )
 _MODULE_PREFIXES = ("__main__", "torch.nn", "transformers")
 _MAX_PROTOCOL = 5
+# Every opcode may leave a live symbolic value behind, so the scanner's own memory is bounded
+# by the opcode count; a state dict needs ~30 opcodes per tensor.
+_MAX_OPCODES = 4_000_000
 _KEY_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
 _LOCATION_RE = re.compile(r"[a-z]{1,16}(:[0-9]{1,4})?")
 _STATE_DICT_HINT = "upload a state_dict (torch.save(model.state_dict())) or safetensors"
@@ -88,26 +91,22 @@ def is_model_class(g: Global) -> bool:
     return any(g.module == p or g.module.startswith(p + ".") for p in _MODULE_PREFIXES)
 
 
-class _Mark:
-    """The MARK sentinel; never a real value."""
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Const:
     value: object
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Tuple:
     items: tuple[object, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Container:
     kind: str  # "dict", "list", "set", "frozenset"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Call:
     """What a call returned; `origin` is None for persistent loads (storages)."""
 
@@ -394,7 +393,9 @@ def walk(data: bytes, *, start: int = 0, legacy: bool = False) -> PickleScan:
     scan = PickleScan()
     machine = _Machine(data, scan, legacy=legacy)
     try:
-        for name, arg, pos, end in _genops(data, start):
+        for count, (name, arg, pos, end) in enumerate(_genops(data, start)):
+            if count >= _MAX_OPCODES:
+                raise _Invalid(f"more than {_MAX_OPCODES} opcodes")
             if name == "STOP":
                 result = machine.pop()
                 scan.value = result.value if isinstance(result, _Const) else None
