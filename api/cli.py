@@ -12,7 +12,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from api.cli_client import Api, ClientEnv, CliError, resolve_target, save_credentials
+from api.cli_client import Api, CliError, resolve_target, save_credentials
+from core.settings import ClientEnv
 
 Handler = Callable[[argparse.Namespace], int]
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.settings import ClientEnv
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -22,19 +23,6 @@ class CliError(Exception):
         self.code = code
         self.message = message
         self.exit_code = exit_code
-
-
-class ClientEnv(BaseSettings):
-    """The client's own environment (the server's settings live in core.settings)."""
-
-    model_config = SettingsConfigDict(env_prefix="INFERATECH_", extra="ignore")
-
-    api_url: str | None = None
-    token: str | None = None
-    config: Path | None = None
-
-    def credentials_path(self) -> Path:
-        return self.config or Path.home() / ".config" / "inferatech" / "credentials.json"
 
 
 def load_credentials(path: Path) -> dict[str, str]:

@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     redis_url: str = ""
     storage_url: str = ""
     s3_endpoint_url: str | None = None
+    s3_public_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
     public_base_url: str = "http://127.0.0.1:8000"
 
@@ -73,6 +74,19 @@ class Settings(BaseSettings):
                 "or point it at a Redis server"
             )
         return self.redis_url
+
+
+class ClientEnv(BaseSettings):
+    """The CLI client's own environment: which server to talk to, and as whom."""
+
+    model_config = SettingsConfigDict(env_prefix="INFERATECH_", extra="ignore")
+
+    api_url: str | None = None
+    token: str | None = None
+    config: Path | None = None
+
+    def credentials_path(self) -> Path:
+        return self.config or Path.home() / ".config" / "inferatech" / "credentials.json"
 
 
 @lru_cache

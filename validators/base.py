@@ -48,7 +48,7 @@ class Finding:
     path: str | None = None
 
 
-class Rejected(Exception):  # noqa: N818 - a verdict, not a bug
+class Rejected(Exception):
     """A file or bundle is refused; `code` is machine-readable, `message` tells what to do."""
 
     def __init__(self, code: str, message: str, *, path: str | None = None) -> None:

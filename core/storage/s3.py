@@ -75,6 +75,23 @@ class _S3Reader(io.RawIOBase):
         super().close()
 
 
+def _make_client(settings: Settings, endpoint: str | None, max_attempts: int) -> S3Client:
+    client: S3Client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=settings.s3_region,
+        config=Config(
+            signature_version="s3v4",
+            # Path style works on every S3 clone and with bucket names holding dots.
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            connect_timeout=5,
+            read_timeout=60,
+        ),
+    )
+    return client
+
+
 class S3Storage:
     """Objects at `s3://<bucket>/<prefix>/<key>`, uploaded by clients through presigned URLs."""
 
@@ -90,19 +107,11 @@ class S3Storage:
         self.bucket = bucket
         self._prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
         self._settings = settings
-        self._client = client or boto3.session.Session().client(
-            "s3",
-            endpoint_url=settings.s3_endpoint_url,
-            region_name=settings.s3_region,
-            config=Config(
-                signature_version="s3v4",
-                # Path style works on every S3 clone and with bucket names holding dots.
-                s3={"addressing_style": "path"},
-                retries={"max_attempts": max_attempts, "mode": "standard"},
-                connect_timeout=5,
-                read_timeout=60,
-            ),
-        )
+        self._client = client or _make_client(settings, settings.s3_endpoint_url, max_attempts)
+        # Upload URLs may need another host than the one workers use (compose, k8s): sign
+        # them against the public endpoint. Presigning is local, no request is made.
+        public = settings.s3_public_endpoint_url
+        self._signer = _make_client(settings, public, max_attempts) if public else self._client
 
     def _key(self, key: str) -> str:
         return self._prefix + check_key(key)
@@ -133,7 +142,7 @@ class S3Storage:
         if size < self._settings.multipart_threshold_bytes:
             # ContentLength becomes a signed header: real S3 refuses any other body size.
             params = {"Bucket": self.bucket, "Key": full, "ContentLength": size}
-            url = self._client.generate_presigned_url("put_object", Params=params, ExpiresIn=expiry)
+            url = self._signer.generate_presigned_url("put_object", Params=params, ExpiresIn=expiry)
             return UploadPlan(method="put", expires_at=expires_at, url=url)
         part_size = self._settings.multipart_part_size
         sizes = part_sizes(size, part_size)
@@ -161,7 +170,7 @@ class S3Storage:
             "PartNumber": number,
             "ContentLength": length,
         }
-        return self._client.generate_presigned_url("upload_part", Params=params, ExpiresIn=exp)
+        return self._signer.generate_presigned_url("upload_part", Params=params, ExpiresIn=exp)
 
     # -- completion ----------------------------------------------------------------------
 

@@ -216,3 +216,13 @@ def test_ping_unreachable_endpoint_raises_storage_error(tmp_path: Path) -> None:
     assert info.value.code == "SERVICE_UNAVAILABLE"
     with pytest.raises(StorageError):
         storage.size_of(KEY)
+
+
+def test_plan_upload_signs_for_public_endpoint_when_set(s3_settings: Any) -> None:
+    public = s3_settings.model_copy(update={"s3_public_endpoint_url": "https://files.example.test"})
+    storage = get_storage(public)
+    assert isinstance(storage, S3Storage)
+    storage.ensure_bucket()  # still talks to the internal endpoint
+    small = storage.plan_upload(KEY, 10)
+    assert (small.url or "").startswith("https://files.example.test/")
+    assert storage.size_of(KEY) is None  # reads go to the internal endpoint

@@ -214,3 +214,8 @@ def test_scan_pickle_memoized_allowlisted_global_passes() -> None:
     od = stack_global("collections", "OrderedDict", memoized=True)
     data = PROTO4 + od + b")R" + unicode("k") + b"K\x01s" + STOP
     assert scan_pickle(data).global_names == ["collections.OrderedDict"]
+
+
+def test_scan_pickle_opcode_flood_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("validators.pickle_scan._MAX_OPCODES", 100)
+    assert rejection(PROTO2 + b"N0" * 60 + b"N" + STOP).code == "PICKLE_INVALID"

@@ -215,9 +215,9 @@ def test_validate_torch_zip_legacy_tar_rejected(tmp_path: Path) -> None:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for name in ("sys_info", "pickle", "storages", "tensors"):
-            info = tarfile.TarInfo(name)
-            info.size = 4
-            tar.addfile(info, io.BytesIO(b"\x80\x02N."))
+            member = tarfile.TarInfo(name)
+            member.size = 4
+            tar.addfile(member, io.BytesIO(b"\x80\x02N."))
     for validator in (validate_torch_zip, validate_legacy_pickle):
         with pytest.raises(Rejected) as info:
             validator(reader_for(buf.getvalue()))
