@@ -20,7 +20,9 @@ def broker_url(redis_url: str) -> str:
 def make_celery(settings: Settings) -> Celery:
     """Build the Celery app from settings; tasks are routed to queues by name."""
     url = broker_url(settings.effective_redis_url)
-    app = Celery("inferatech", broker=url, backend=url)
+    # No result backend: results travel on Redis streams and in the database. A result
+    # backend would also make send_task block ~20 s retrying when Redis is down.
+    app = Celery("inferatech", broker=url)
     longest = settings.validation_time_limit_s
     app.conf.update(
         task_acks_late=True,
@@ -28,8 +30,6 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_serializer="json",
         accept_content=["json"],
-        result_serializer="json",
-        result_expires=3600,
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=3,
@@ -43,7 +43,6 @@ def make_celery(settings: Settings) -> Celery:
         # Redelivery of unacked tasks must wait out the longest task, or a slow
         # validation would run twice at once.
         broker_transport_options={"visibility_timeout": longest + 600},
-        result_backend_transport_options={"visibility_timeout": longest + 600},
         task_routes={VALIDATE_TASK: {"queue": VALIDATE_QUEUE}},
         worker_hijack_root_logger=False,
     )

@@ -15,66 +15,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from validators.base import Rejected
-
-
-@dataclass(frozen=True, order=True)
-class Global:
-    module: str
-    name: str
-
-    @property
-    def dotted(self) -> str:
-        return f"{self.module}.{self.name}"
-
-
-def _g(dotted: str) -> Global:
-    module, _, name = dotted.rpartition(".")
-    return Global(module, name)
-
-
-# Exactly what torch 2.13 `torch.save(state_dict)` emits (inspected with pickletools), nothing
-# more: callables may be the target of REDUCE/NEWOBJ; references may only be passed around.
-CALLABLE_GLOBALS = frozenset(
-    map(
-        _g,
-        [
-            "collections.OrderedDict",
-            "torch._utils._rebuild_tensor_v2",
-            "torch._utils._rebuild_tensor_v3",  # dtypes without a legacy storage class
-            "torch._utils._rebuild_parameter",
-        ],
-    )
+from validators.pickle_rules import (
+    ALLOWED_GLOBALS,
+    CALLABLE_GLOBALS,
+    DICT_LIKE_CALLS,
+    INERT_GLOBALS,
+    REFERENCE_GLOBALS,
+    STORAGE_ITEMSIZE,
+    Global,
+    is_model_class,
 )
-_DICT_LIKE_CALLS = frozenset({_g("collections.OrderedDict")})
-# fmt: off
-STORAGE_ITEMSIZE: dict[Global, int] = {
-    _g(f"torch.{name}Storage"): size
-    for name, size in [
-        ("Float", 4), ("Double", 8), ("Half", 2), ("BFloat16", 2), ("Long", 8), ("Int", 4),
-        ("Short", 2), ("Char", 1), ("Byte", 1), ("Bool", 1), ("ComplexFloat", 8),
-        ("ComplexDouble", 16),
-    ]
-} | {_g("torch.storage.UntypedStorage"): 1}  # numel is a byte count for untyped storages
-# Dtypes appear as the `dtype` argument of `_rebuild_tensor_v3`.
-DTYPE_GLOBALS = frozenset(
-    Global("torch", name)
-    for name in [
-        "float32", "float64", "float16", "bfloat16", "complex32", "complex64", "complex128",
-        "uint8", "int8", "int16", "int32", "int64", "bool", "uint16", "uint32", "uint64",
-        "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
-        "float4_e2m1fn_x2",
-    ]
-)
-# fmt: on
-REFERENCE_GLOBALS = frozenset(STORAGE_ITEMSIZE) | DTYPE_GLOBALS
-ALLOWED_GLOBALS = CALLABLE_GLOBALS | REFERENCE_GLOBALS
-# Plain containers that pickled modules carry (e.g. `_non_persistent_buffers_set`).
-_INERT_GLOBALS = frozenset(
-    Global(module, name)
-    for module in ("builtins", "__builtin__")
-    for name in ("set", "frozenset", "dict", "list", "tuple", "bytearray")
-)
-_MODULE_PREFIXES = ("__main__", "torch.nn", "transformers")
+
 _MAX_PROTOCOL = 5
 # Every opcode may leave a live symbolic value behind, so the scanner's own memory is bounded
 # by the opcode count; a state dict needs ~30 opcodes per tensor.
@@ -82,13 +33,6 @@ _MAX_OPCODES = 4_000_000
 _KEY_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
 _LOCATION_RE = re.compile(r"[a-z]{1,16}(:[0-9]{1,4})?")
 _STATE_DICT_HINT = "upload a state_dict (torch.save(model.state_dict())) or safetensors"
-
-
-def is_model_class(g: Global) -> bool:
-    """A class of a pickled model object (not dangerous by name, still refused)."""
-    if not g.name.isidentifier():
-        return False
-    return any(g.module == p or g.module.startswith(p + ".") for p in _MODULE_PREFIXES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +166,7 @@ class _Machine:
         if isinstance(target, _Container) and target.kind == kind:
             return
         # An OrderedDict takes items and, through BUILD, its state_dict `_metadata` attribute.
-        trusted_dict = isinstance(target, _Call) and target.origin in _DICT_LIKE_CALLS
+        trusted_dict = isinstance(target, _Call) and target.origin in DICT_LIKE_CALLS
         if kind in ("dict", "state") and trusted_dict:
             return
         self.scan.violations.append(f"{op} applied to an unexpected object")
@@ -413,7 +357,7 @@ def verdict(scan: PickleScan) -> tuple[str, str] | None:
     """(code, message) for the most dangerous finding of a scan, or None when it is clean."""
     refused = sorted(g for g in scan.globals if g not in ALLOWED_GLOBALS)
     models = [g for g in refused if is_model_class(g)]
-    dangerous = [g for g in refused if g not in _INERT_GLOBALS and g not in models]
+    dangerous = [g for g in refused if g not in INERT_GLOBALS and g not in models]
     if dangerous or scan.unresolved:
         what = dangerous[0].dotted if dangerous else scan.unresolved[0]
         return "PICKLE_UNSAFE_GLOBAL", (

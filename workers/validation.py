@@ -8,7 +8,6 @@ from typing import Any
 
 from sqlalchemy import update
 from sqlmodel import select
-from validators.pipeline import BundleFile, validate_bundle
 
 from core.db import session_scope, update_rows
 from core.redis import get_redis
@@ -17,6 +16,7 @@ from core.storage import get_storage
 from core.storage.base import ObjectStorage
 from core.tables import Model, ModelFile, ModelStatus, utcnow
 from validators.base import BundleReport
+from validators.pipeline import BundleFile, validate_bundle
 
 log = logging.getLogger("inferatech.validation")
 

@@ -23,7 +23,8 @@ from tests.utils.hostile_pickles import (
     zip_members,
 )
 from validators.base import Rejected
-from validators.pickle_scan import ALLOWED_GLOBALS, PickleScan, scan_pickle
+from validators.pickle_rules import ALLOWED_GLOBALS
+from validators.pickle_scan import PickleScan, scan_pickle
 
 ORDERED_DICT = global_op("collections", "OrderedDict")
 TENSOR_V2 = global_op("torch._utils", "_rebuild_tensor_v2")

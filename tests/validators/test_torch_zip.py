@@ -25,7 +25,7 @@ from tests.utils.hostile_pickles import (
 )
 from tests.utils.model_files import tiny_llama
 from validators.base import Rejected
-from validators.pickle_scan import ALLOWED_GLOBALS
+from validators.pickle_rules import ALLOWED_GLOBALS
 from validators.torch_zip import validate_legacy_pickle, validate_torch_zip
 
 
