@@ -6,6 +6,7 @@ import logging
 
 from fastapi import FastAPI
 
+from api import redaction
 from api.errors import RequestIdMiddleware, install_error_handlers
 from api.routes import accounts, health, keys, models, storage_events, uploads
 from core.queue import make_celery
@@ -15,6 +16,7 @@ from core.settings import Settings, get_settings
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     logging.basicConfig(level=settings.log_level)
+    redaction.install()
     app = FastAPI(title="Inferatech", version="0.1.0")
     app.state.celery = make_celery(settings)
     app.add_middleware(RequestIdMiddleware)
