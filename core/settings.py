@@ -46,7 +46,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_unsafe_defaults(self) -> Settings:
-        if self.environment == "production":
+        if self.environment != "development":
             for name in ("secret_key", "key_pepper", "storage_events_secret"):
                 value: SecretStr = getattr(self, name)
                 if value.get_secret_value() == DEV_SECRET or len(value.get_secret_value()) < 16:

@@ -18,16 +18,19 @@ import pytest
 SIZE = int(os.environ.get("INFERATECH_BENCH_BYTES", str(2 * 1024**3)))
 
 _CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 from validators.pipeline import BundleFile, validate_bundle
-path = Path(sys.argv[1])
-files = [BundleFile(path=path.name, size=path.stat().st_size, open=lambda: path.open("rb"))]
+big = Path(sys.argv[1])
+files = [BundleFile(path=p.name, size=p.stat().st_size, open=lambda p=p: p.open("rb"))
+         for p in sorted(big.parent.iterdir())]
 t0 = time.perf_counter()
 report = validate_bundle(files)
 elapsed = time.perf_counter() - t0
-rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"ok": report.ok, "sha256": report.sha256, "seconds": elapsed, "rss_mib": rss_kib / 1024,
+# VmHWM, not ru_maxrss: the latter keeps the forking parent's peak across exec.
+rss_kib = int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")))
+digest = next((f.sha256 for f in report.files if f.path == big.name), None)
+print(json.dumps({"ok": report.ok, "sha256": digest, "seconds": elapsed, "rss_mib": rss_kib / 1024,
                   "rejection": report.rejection.code if report.rejection else None}))
 """
 
@@ -52,6 +55,8 @@ def _write_gguf(path: Path, size: int) -> None:
     n = (size - (1 << 20)) // 4
     writer = GGUFWriter(str(path), "llama")
     writer.add_block_count(1)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"t{i}" for i in range(32000)])  # a realistic vocabulary size
     writer.add_tensor_info("w", (n,), np.dtype(np.float32), n * 4)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -84,13 +89,19 @@ def _validate(path: Path) -> dict[str, object]:
 @pytest.mark.bench
 def test_bench_validation_vs_sha256sum(tmp_path: Path) -> None:
     rows = []
+    from tests.utils.model_files import make_transformers_bundle
+
     for name, writer in (("model.safetensors", _write_safetensors), ("model.gguf", _write_gguf)):
-        path = tmp_path / name
+        folder = tmp_path / name.split(".")[1]
+        if name.endswith(".safetensors"):  # a real bundle around the big weights file
+            make_transformers_bundle(folder)
+        folder.mkdir(exist_ok=True)
+        path = folder / name
         writer(path, SIZE)
         _sha256sum(path)  # warm the page cache so both read from memory alike
         base_s, digest = _sha256sum(path)
         result = _validate(path)
-        assert result["ok"], result
+        assert result["ok"], result["rejection"]
         assert result["sha256"] == digest
         secs = float(result["seconds"])  # type: ignore[arg-type]
         size_mib = path.stat().st_size / 1024**2
@@ -104,3 +115,7 @@ def test_bench_validation_vs_sha256sum(tmp_path: Path) -> None:
     )
     for name, mib, base, ours, ratio, rss in rows:
         print(f"{name:<20}{mib:>8.0f}{base:>18.0f}{ours:>17.0f}{ratio:>8.2f}{rss:>15.0f}")
+    # The issue's acceptance bar, checked only in this on-demand benchmark.
+    for name, _, _, _, ratio, rss in rows:
+        assert ratio >= 0.8, f"{name}: {ratio:.2f}x of sha256sum"
+        assert float(rss) < 200, f"{name}: peak RSS {rss} MiB"  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ from core.settings import Settings
 from core.storage import get_storage
 from core.storage.local import LocalStorage
 from core.storage.s3 import S3Storage
+from tests.conftest import SECRETS
 
 MiB = 1024 * 1024
 
@@ -38,7 +39,7 @@ def storage_settings(data_dir: Path, **overrides: Any) -> Settings:
         "environment": "test",
         "data_dir": data_dir,
         "public_base_url": "http://testserver",
-        "secret_key": "test-secret-key-0123456789",
+        **SECRETS,
         "multipart_threshold_bytes": 5 * MiB,
         "multipart_part_size": 5 * MiB,
         **overrides,

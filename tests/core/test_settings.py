@@ -6,9 +6,14 @@ from pydantic import ValidationError
 from core.settings import Settings, get_settings
 
 
-def test_settings_refuse_default_secrets_in_production() -> None:
+@pytest.mark.parametrize("environment", ["production", "test"])
+def test_settings_refuse_default_secrets_outside_development(environment: str) -> None:
     with pytest.raises(ValidationError, match="INFERATECH_SECRET_KEY"):
-        Settings(environment="production")
+        Settings(environment=environment)  # type: ignore[arg-type]
+
+
+def test_settings_accept_default_secrets_in_development() -> None:
+    assert Settings(environment="development").secret_key.get_secret_value()
 
 
 def test_settings_refuse_short_secrets_in_production() -> None:
