@@ -120,7 +120,8 @@ def reject(model_id: str, settings: Settings, code: str, message: str) -> None:
 
 
 def _message(path: str | None, message: str) -> str:
-    return (f"{path}: {message}" if path else message)[:2000]
+    named = not path or message.startswith(path) or f" {path} " in message
+    return (message if named else f"{path}: {message}")[:2000]
 
 
 def _jsonable(value: Any) -> Any:
