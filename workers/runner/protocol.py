@@ -1,0 +1,102 @@
+"""The worker ↔ runner protocol: tiny typed events, JSON lines over the child's stdio.
+
+JSON, never pickle: the runner executes an untrusted model and must not be able to make its
+parent deserialise objects. Every request carries a `tag`; exactly one `Done` answers it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Setup:  # from parent, first line: what to load
+    bundle_dir: str
+    format: str
+    device: str = "cpu"
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class Generate:  # from parent
+    tag: str
+    prompt: str
+    raw: bool = False
+    max_tokens: int = 200
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 40
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Cancel:  # from parent
+    tag: str
+
+
+@dataclass(frozen=True)
+class Shutdown:  # from parent
+    pass
+
+
+@dataclass(frozen=True)
+class Ready:  # from child, once, after a successful load
+    load_ms: float
+    context_length: int
+    has_chat_template: bool
+    device: str
+
+
+@dataclass(frozen=True)
+class SetupFailed:  # from child, instead of Ready; the child then exits
+    detail: str
+
+
+@dataclass(frozen=True)
+class Token:  # from child
+    tag: str
+    text: str
+    index: int
+
+
+@dataclass(frozen=True)
+class Done:  # from child, exactly one per Generate
+    tag: str
+    error: bool = False
+    code: str | None = None
+    detail: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    engine_ms: float = 0.0
+
+
+Event = Setup | Generate | Cancel | Shutdown | Ready | SetupFailed | Token | Done
+_TYPES: dict[str, type[Any]] = {
+    cls.__name__: cls
+    for cls in (Setup, Generate, Cancel, Shutdown, Ready, SetupFailed, Token, Done)
+}
+MAX_LINE = 1 << 20
+
+
+class ProtocolError(Exception):
+    """A line that is not a well-formed event: treat the child as dead."""
+
+
+def encode(event: Event) -> bytes:
+    return json.dumps({"type": type(event).__name__, **asdict(event)}).encode() + b"\n"
+
+
+def decode(line: bytes) -> Event:
+    if len(line) > MAX_LINE:
+        raise ProtocolError("event line too long")
+    try:
+        data = json.loads(line)
+        cls = _TYPES[data.pop("type")]
+        event: Event = cls(**data)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ProtocolError(f"malformed event: {line[:200]!r}") from exc
+    return event
