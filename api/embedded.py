@@ -25,7 +25,7 @@ import httpx
 from api.cli_client import CliError
 from api.supervisor import Child, ChildDied, Supervisor
 
-SECRET_NAMES = ("secret_key", "key_pepper", "storage_events_secret")
+SECRET_NAMES = ("secret_key", "key_pepper", "storage_events_secret", "webhook_secret")
 # sun_path is 108 bytes on Linux; redis refuses longer socket paths.
 MAX_SOCKET_PATH = 100
 STARTUP_TIMEOUT_S = 60.0
@@ -162,8 +162,12 @@ def role_commands(opts: UpOptions) -> dict[str, list[str]]:
                 "--host", opts.host, "--port", str(opts.port)],
         # Prefork with one child: hard time limits need it, and a crash in a task kills only
         # the pool child, not the worker.
-        "worker": [*celery, "worker", "-Q", "validate", "-c", "1", "-l", "INFO",
+        "worker": [*celery, "worker", "-Q", "validate,hooks", "-c", "1", "-l", "INFO",
                    "--without-gossip", "--without-mingle", "-n", "embedded@%h"],
+        # Inference: threads share one runner pool (runners are processes of their own), and
+        # execution timeouts are enforced by the pool, not by Celery's prefork time limits.
+        "infer": [*celery, "worker", "-Q", "infer", "-P", "threads", "-c", "8", "-l", "INFO",
+                  "--without-gossip", "--without-mingle", "-n", "embedded-infer@%h"],
         "beat": [*celery, "beat", "-l", "INFO",
                  "-s", str(opts.data_dir / "celerybeat-schedule")],
     }  # fmt: skip
@@ -196,7 +200,7 @@ def banner(url: str, data_dir: Path, elapsed: float) -> str:
 
 
 def start_stack(opts: UpOptions, sup: Supervisor, logs: Path) -> str:
-    """Redis, migrations, then the three roles; returns the base URL once /healthz answers."""
+    """Redis, migrations, then the roles; returns the base URL once /healthz answers."""
     from core.settings import get_settings
 
     check_port_free(opts.host, opts.port)

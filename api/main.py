@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from api import redaction
 from api.errors import RequestIdMiddleware, install_error_handlers
+from api.inference import router as inference
 from api.routes import accounts, health, keys, models, storage_events, uploads
 from core.queue import make_celery
+from core.redis import make_async_redis
 from core.settings import Settings, get_settings
 
 
@@ -17,11 +21,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     logging.basicConfig(level=settings.log_level)
     redaction.install()
-    app = FastAPI(title="Inferatech", version="0.1.0")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.aredis = make_async_redis(settings)
+        try:
+            yield
+        finally:
+            await app.state.aredis.aclose()
+
+    app = FastAPI(title="Inferatech", version="0.1.0", lifespan=lifespan)
     app.state.celery = make_celery(settings)
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
-    for module in (health, accounts, models, keys, uploads, storage_events):
+    for module in (health, accounts, models, keys, uploads, storage_events, inference):
         app.include_router(module.router)
     return app
 

@@ -80,3 +80,39 @@ class StorageError(ServiceUnavailable):
 class NotImplementedByConfig(InferatechError):
     code = "NOT_CONFIGURED"
     status_code = 501
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "CONTEXT_LENGTH_EXCEEDED"
+
+
+class InferenceFailed(InferatechError):
+    code = "INFERENCE_FAILED"
+    status_code = 500
+
+
+class JobTimeout(InferatechError):
+    code = "TIMEOUT"
+    status_code = 504
+
+
+class JobCancelled(Conflict):
+    code = "JOB_CANCELLED"
+
+
+class JobNotFound(NotFound):
+    code = "JOB_NOT_FOUND"
+
+
+# Terminal error codes a worker reports → the exception the API raises for them.
+JOB_ERRORS: dict[str, type[InferatechError]] = {
+    "CONTEXT_LENGTH_EXCEEDED": ContextLengthExceeded,
+    "INVALID_REQUEST": InvalidRequest,
+    "TIMEOUT": JobTimeout,
+    "JOB_CANCELLED": JobCancelled,
+    "MODEL_NOT_READY": ModelNotReady,
+}
+
+
+def job_error(code: str, message: str) -> InferatechError:
+    return JOB_ERRORS.get(code, InferenceFailed)(message, details={"code": code})

@@ -8,6 +8,10 @@ from core.settings import Settings
 
 VALIDATE_QUEUE = "validate"
 VALIDATE_TASK = "inferatech.validate_model"
+INFER_QUEUE = "infer"
+INFER_TASK = "inferatech.infer"
+WEBHOOK_QUEUE = "hooks"
+WEBHOOK_TASK = "inferatech.deliver_webhook"
 
 
 def broker_url(redis_url: str) -> str:
@@ -23,7 +27,7 @@ def make_celery(settings: Settings) -> Celery:
     # No result backend: results travel on Redis streams and in the database. A result
     # backend would also make send_task block ~20 s retrying when Redis is down.
     app = Celery("inferatech", broker=url)
-    longest = settings.validation_time_limit_s
+    longest = max(settings.validation_time_limit_s, settings.max_execution_timeout_s)
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -42,8 +46,12 @@ def make_celery(settings: Settings) -> Celery:
         },
         # Redelivery of unacked tasks must wait out the longest task, or a slow
         # validation would run twice at once.
-        broker_transport_options={"visibility_timeout": longest + 600},
-        task_routes={VALIDATE_TASK: {"queue": VALIDATE_QUEUE}},
+        broker_transport_options={"visibility_timeout": longest + settings.visibility_margin_s},
+        task_routes={
+            VALIDATE_TASK: {"queue": VALIDATE_QUEUE},
+            INFER_TASK: {"queue": INFER_QUEUE},
+            WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE},
+        },
         worker_hijack_root_logger=False,
     )
     return app

@@ -44,10 +44,29 @@ class Settings(BaseSettings):
     validation_max_pickle_bytes: int = 64 * MiB
     log_level: str = "INFO"
 
+    # Execution layer
+    execution_timeout_s: int = 600
+    max_execution_timeout_s: int = 3600
+    job_ttl_s: int = 24 * 3600
+    max_prompt_chars: int = 200_000
+    max_completion_tokens: int = 4096
+    runner_idle_ttl_s: int = 300
+    runner_max: int = 4
+    runner_memory_budget_bytes: int = 16 * GiB
+    runner_threads: int = 2
+    runner_device: str = "auto"
+    weight_cache_dir: Path | None = None
+    weight_cache_budget_bytes: int = 50 * GiB
+    model_idle_delete_days: int = 7
+    webhook_secret: SecretStr = SecretStr(DEV_SECRET)
+    webhook_max_attempts: int = 8
+    webhook_allow_private_hosts: bool = False
+    visibility_margin_s: int = 600
+
     @model_validator(mode="after")
     def _refuse_unsafe_defaults(self) -> Settings:
         if self.environment != "development":
-            for name in ("secret_key", "key_pepper", "storage_events_secret"):
+            for name in ("secret_key", "key_pepper", "storage_events_secret", "webhook_secret"):
                 value: SecretStr = getattr(self, name)
                 if value.get_secret_value() == DEV_SECRET or len(value.get_secret_value()) < 16:
                     raise ValueError(
@@ -65,6 +84,10 @@ class Settings(BaseSettings):
     @property
     def effective_storage_url(self) -> str:
         return self.storage_url or (self.data_dir.resolve() / "objects").as_uri()
+
+    @property
+    def effective_weight_cache_dir(self) -> Path:
+        return self.weight_cache_dir or self.data_dir.resolve() / "cache"
 
     @property
     def effective_redis_url(self) -> str:

@@ -157,7 +157,12 @@ class Job(SQLModel, table=True):
     error_message: str | None = Field(default=None, max_length=2000)
     prompt_tokens: int = Field(default=0)
     completion_tokens: int = Field(default=0)
+    webhook_url: str | None = Field(default=None, max_length=2000)
+    execution_timeout_s: int = Field(default=600)
+    timings: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    attempts: int = Field(default=0)
     created_at: datetime = ts()
+    expires_at: datetime | None = ts(nullable=True)
     started_at: datetime | None = ts(nullable=True)
     finished_at: datetime | None = ts(nullable=True)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -12,6 +13,7 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from core.db import migrate
 from core.settings import Settings, get_settings
+from tests.utils.factories import create_account, upload_model
 from tests.utils.stack import (
     StackInfo,
     postgres_database,
@@ -26,6 +28,7 @@ SECRETS = {
     "secret_key": "test-secret-key-0123456789",
     "key_pepper": "test-pepper-0123456789abcdef",
     "storage_events_secret": "test-events-secret-0123456789",
+    "webhook_secret": "test-webhook-secret-0123456789",
 }
 
 
@@ -34,6 +37,7 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
         "environment": "test",
         "data_dir": data_dir,
         "public_base_url": "http://testserver",
+        "webhook_allow_private_hosts": True,
         **SECRETS,
         **overrides,
     }
@@ -99,9 +103,11 @@ def stack(
 def _run_stack(name: str, settings: Settings, data_dir: Path) -> Iterator[StackInfo]:
     migrate(settings)
     worker = start_worker(settings, data_dir / "worker.log")
+    infer_worker = start_worker(settings, data_dir / "infer.log", "infer", "threads", 8)
     try:
-        yield StackInfo(name=name, settings=settings, worker=worker)
+        yield StackInfo(name=name, settings=settings, worker=worker, infer_worker=infer_worker)
     finally:
+        infer_worker.stop()
         worker.stop()
 
 
@@ -111,3 +117,18 @@ def client(stack: StackInfo) -> Iterator[TestClient]:
     app.dependency_overrides[get_settings] = lambda: stack.settings
     with TestClient(app) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def gguf_ready(stack: StackInfo, gguf_model: Path) -> dict[str, Any]:
+    """One ready GGUF model per stack: its owner token, id and key."""
+    from api.main import create_app
+    from core.settings import get_settings
+
+    app = create_app(stack.settings)
+    app.dependency_overrides[get_settings] = lambda: stack.settings
+    with TestClient(app) as c:
+        token = create_account(c, "gguf-owner")
+        verdict = upload_model(c, token, {"tiny.gguf": gguf_model}, name="tiny-gguf")
+    assert verdict["status"] == "ready", verdict
+    return {"token": token, "id": verdict["id"], "key": verdict["api_key"]}

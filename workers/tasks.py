@@ -7,9 +7,9 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 
 from core.errors import StorageError
-from core.queue import VALIDATE_TASK
+from core.queue import INFER_TASK, VALIDATE_TASK, WEBHOOK_TASK
 from core.settings import get_settings
-from workers import validation
+from workers import inference, validation, webhooks
 from workers.celery_app import app
 
 _settings = get_settings()
@@ -38,3 +38,46 @@ def validate_model(self: Any, model_id: str) -> str:
             model_id, get_settings(), "VALIDATION_TIMEOUT", "validation took too long"
         )
         return "rejected"
+
+
+@app.task(  # type: ignore[untyped-decorator]
+    name=INFER_TASK,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=None,
+)
+def infer(self: Any, job_id: str) -> str:
+    """Run one inference job (idempotent by job id)."""
+    outcome = inference.run_job(job_id, inference.executor_for(get_settings()))
+    if outcome == "busy":  # another worker holds the job: look again later
+        raise self.retry(countdown=5)
+    return outcome
+
+
+@app.task(  # type: ignore[untyped-decorator]
+    name=WEBHOOK_TASK,
+    bind=True,
+    acks_late=True,
+    max_retries=None,
+    soft_time_limit=60,
+    time_limit=90,
+)
+def deliver_webhook(self: Any, job_id: str) -> int:
+    """Deliver a job's signed webhook; exponential backoff on failure, never on the worker path."""
+    settings = get_settings()
+    attempt = self.request.retries + 1
+    error: Exception | None = None
+    try:
+        status = webhooks.deliver(
+            settings, job_id, attempt, allow_private=settings.webhook_allow_private_hosts
+        )
+    except webhooks.WebhookRefused:
+        return -1
+    except Exception as exc:  # network errors are retried like a 5xx
+        status, error = -2, exc
+    if 200 <= status < 300 or status == 0:
+        return status
+    if attempt >= settings.webhook_max_attempts:
+        return status
+    raise self.retry(countdown=min(2 ** (attempt - 1), 600), exc=error)

@@ -32,6 +32,7 @@ def test_settings_accept_real_secrets_in_production() -> None:
         secret_key="k" * 32,
         key_pepper="p" * 32,
         storage_events_secret="e" * 32,
+        webhook_secret="w" * 32,
     )  # type: ignore[arg-type]
     assert s.max_model_bytes == 8 * 1024**3
 

@@ -99,9 +99,9 @@ def test_start_up_runs_redis_on_unix_socket_only_when_no_redis_url_is_set(
 
 def test_start_up_supervises_api_worker_beat_and_redis_as_children(stack: UpProcess) -> None:
     recorded = stack.pids()
-    assert set(recorded) == {"up", "api", "worker", "beat", "redis"}
+    assert set(recorded) == {"up", "api", "worker", "infer", "beat", "redis"}
     children = {p.pid for p in psutil.Process(stack.proc.pid).children()}
-    assert {recorded[n] for n in ("api", "worker", "beat", "redis")} <= children
+    assert {recorded[n] for n in ("api", "worker", "infer", "beat", "redis")} <= children
 
 
 def test_start_up_refuses_second_instance_when_data_dir_is_in_use(stack: UpProcess) -> None:
@@ -133,6 +133,7 @@ def test_restart_up_reuses_secrets_file_with_mode_0600(restart: Restart) -> None
         "secret_key",
         "key_pepper",
         "storage_events_secret",
+        "webhook_secret",
     }
 
 

@@ -99,11 +99,17 @@ class Worker:
                 self.process.wait(5)
 
 
-def start_worker(settings: Settings, log_path: Path, queues: str = "validate") -> Worker:
+def start_worker(
+    settings: Settings,
+    log_path: Path,
+    queues: str = "validate,hooks",
+    pool: str = "solo",
+    concurrency: int = 1,
+) -> Worker:
     cmd = [
         sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
-        "-Q", queues, "-P", "solo", "--without-gossip", "--without-mingle",
-        "--without-heartbeat", "-l", "INFO", "-n", f"test-{os.getpid()}@%h",
+        "-Q", queues, "-P", pool, "-c", str(concurrency), "--without-gossip", "--without-mingle",
+        "--without-heartbeat", "-l", "INFO", "-n", f"test-{queues}-{os.getpid()}@%h",
     ]  # fmt: skip
     out = log_path.open("wb")
     proc = subprocess.Popen(
@@ -124,4 +130,5 @@ class StackInfo:
     name: str
     settings: Settings
     worker: Worker
+    infer_worker: Worker
     extra: dict[str, Any] = field(default_factory=dict)

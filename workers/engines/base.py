@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -35,6 +36,11 @@ class GenerationResult:
     completion_tokens: int
 
 
+def resolve_seed(seed: int | None) -> int:
+    """The request's seed, or a fresh random one when it gave none."""
+    return seed if seed is not None else secrets.randbits(63)
+
+
 class EngineError(Exception):
     """A model-level failure: the request fails, the runner stays usable."""
 
@@ -57,6 +63,7 @@ class Engine(Protocol):
 
     context_length: int
     has_chat_template: bool
+    device: str  # what the model actually runs on: "cpu" or "cuda"
 
     def count_prompt_tokens(self, request: GenerateRequest) -> int:
         """Tokens the prompt takes after templating (raises ContextLengthExceeded)."""

@@ -1,0 +1,106 @@
+"""Reading and cancelling jobs: visible to the key that created them and to the owner account."""
+
+from __future__ import annotations
+
+from sqlalchemy import update
+from sqlmodel import Session
+
+from api.inference.auth import authenticate_key, key_token
+from api.inference.protocol import InferResponse, JobError, JobPublic, JobTimings
+from core import events, keys
+from core.db import get_engine, update_rows
+from core.errors import AuthenticationFailed, JobNotFound
+from core.redis import get_redis
+from core.settings import Settings
+from core.tables import Account, Job, JobStatus, utcnow
+
+
+def _account_id(session: Session, settings: Settings, token: str) -> str:
+    """The account an `iat_…` token or an `ik_…` key acts for, and the key id if any."""
+    parsed = keys.parse(token, keys.ACCOUNT_TOKEN_PREFIX)
+    if parsed is None:
+        raise AuthenticationFailed("malformed token")
+    from sqlmodel import select
+
+    account = session.exec(select(Account).where(Account.token_id == parsed.key_id)).first()
+    if account is None or not keys.verify(
+        parsed, account.token_hash, settings.key_pepper.get_secret_value()
+    ):
+        raise AuthenticationFailed("invalid account token")
+    return account.id
+
+
+def readable_job(
+    session: Session, settings: Settings, job_id: str, authorization: str | None
+) -> Job:
+    token = key_token(authorization, None)
+    job = session.get(Job, job_id)
+    if token.startswith(f"{keys.API_KEY_PREFIX}_"):
+        key = authenticate_key(session, settings, token)
+        if job is None or job.api_key_id != key.id:
+            raise JobNotFound(f"no job {job_id!r} for this key")
+        return job
+    if job is None or job.account_id != _account_id(session, settings, token):
+        raise JobNotFound(f"no job {job_id!r} in this account")
+    return job
+
+
+def readable_job_standalone(settings: Settings, job_id: str, authorization: str | None) -> Job:
+    with Session(get_engine(settings), expire_on_commit=False) as session:
+        return readable_job(session, settings, job_id, authorization)
+
+
+def cancel(session: Session, settings: Settings, job: Job) -> Job:
+    """Queued jobs end `cancelled` here; running ones are stopped by their worker."""
+    now = utcnow()
+    stmt = (
+        update(Job)
+        .where(Job.id == job.id, Job.status == JobStatus.QUEUED)  # type: ignore[arg-type]
+        .values(
+            status=JobStatus.CANCELLED,
+            finished_at=now,
+            error_code="JOB_CANCELLED",
+            error_message="cancelled before it started",
+        )
+    )
+    cancelled_now = update_rows(session, stmt) == 1
+    session.commit()
+    client = get_redis(settings)
+    events.request_cancel(client, job.id)
+    if cancelled_now:
+        error = {"code": "JOB_CANCELLED", "message": "cancelled before it started"}
+        events.publish(client, job.id, {"type": "done", "status": "cancelled", "error": error})
+    session.refresh(job)
+    return job
+
+
+def job_public(job: Job) -> JobPublic:
+    result = None
+    if job.status is JobStatus.SUCCEEDED and job.result:
+        r = job.result
+        result = InferResponse(
+            id=job.id,
+            model_id=job.model_id,
+            completion=r.get("completion", ""),
+            finish_reason=r.get("finish_reason", "stop"),
+            prompt_tokens=job.prompt_tokens,
+            completion_tokens=job.completion_tokens,
+            tokens_used=job.prompt_tokens + job.completion_tokens,
+            latency_ms=float(r.get("latency_ms", 0.0)),
+        )
+    error = (
+        JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
+    )
+    return JobPublic(
+        id=job.id,
+        model_id=job.model_id,
+        status=job.status.value,
+        result=result,
+        error=error,
+        timings=JobTimings(
+            **{k: job.timings.get(k) for k in ("queue_ms", "cold_start_ms", "run_ms")}
+        ),
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )

@@ -1,0 +1,148 @@
+"""Thin routes: `/v1/infer` (JSON or SSE) and the async `/v1/jobs` API."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from sqlmodel import Session
+
+from api.deps import CeleryDep, SessionDep, SettingsDep
+from api.inference import jobs as job_svc
+from api.inference.auth import authenticate_key, authorize_model, key_token
+from api.inference.protocol import InferRequest, JobCreate, JobCreated, JobPublic
+from api.inference.serving import (
+    Outcome,
+    create_job,
+    deadline_for,
+    follow_until,
+    headers_of,
+    response_of,
+    sse_event,
+)
+from core import events
+from core.db import get_engine
+from core.settings import Settings
+from core.tables import Job
+
+router = APIRouter(tags=["inference"])
+Authorization = Annotated[str | None, Header()]
+
+
+def _start(
+    settings: Settings, celery: object, body: InferRequest, authorization: str | None
+) -> Job:
+
+    with Session(get_engine(settings), expire_on_commit=False) as session:
+        key = authenticate_key(session, settings, key_token(authorization, body.api_key))
+        model = authorize_model(session, key, body.model_id)
+        return create_job(
+            session=session, settings=settings, celery=celery, key=key, model=model, req=body
+        )
+
+
+@router.post("/v1/infer", response_model=None)
+async def infer(
+    body: InferRequest,
+    request: Request,
+    settings: SettingsDep,
+    celery: CeleryDep,
+    authorization: Authorization = None,
+) -> JSONResponse | StreamingResponse:
+    """Run one generation through the queue; JSON, or SSE with `"stream": true`."""
+    started = time.perf_counter()
+    job = await run_in_threadpool(_start, settings, celery, body, authorization)
+    aredis = request.app.state.aredis
+    outcome = Outcome()
+    if not body.stream:
+        async for _ in follow_until(aredis, job.id, outcome, deadline=deadline_for(job)):
+            pass
+        reply = response_of(job, outcome, started)
+        return JSONResponse(reply.model_dump(), headers=headers_of(outcome))
+    head = [
+        e
+        async for e in follow_until(
+            aredis, job.id, outcome, deadline=deadline_for(job), until="status"
+        )
+    ]
+    return StreamingResponse(
+        _sse(aredis, job, outcome, head, started),
+        media_type="text/event-stream",
+        headers={**headers_of(outcome), "Cache-Control": "no-cache", "X-Job-Id": job.id},
+    )
+
+
+async def _sse(
+    aredis: object, job: Job, outcome: Outcome, head: list[dict[str, object]], started: float
+) -> AsyncIterator[bytes]:
+    finished = outcome.done is not None
+    try:
+        for event in head:
+            if (chunk := sse_event(event, started)) is not None:
+                yield chunk
+        if finished:
+            return
+        async for event in follow_until(aredis, job.id, outcome, deadline=deadline_for(job)):  # type: ignore[arg-type]
+            if (chunk := sse_event(event, started)) is not None:
+                yield chunk
+        finished = True
+    finally:
+        if not finished:  # the client went away: stop generating; usage is still recorded
+            await aredis.set(events.cancel_key(job.id), b"1", ex=events.STREAM_TTL_S)  # type: ignore[attr-defined]
+
+
+@router.post("/v1/jobs", status_code=202)
+async def submit(
+    body: JobCreate, settings: SettingsDep, celery: CeleryDep, authorization: Authorization = None
+) -> JobCreated:
+    """Queue a job; poll `GET /v1/jobs/{id}` or follow `/stream`."""
+    job = await run_in_threadpool(_start, settings, celery, body, authorization)
+    return JobCreated(id=job.id, status="queued")
+
+
+@router.get("/v1/jobs/{job_id}")
+def read_job(
+    job_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    authorization: Authorization = None,
+) -> JobPublic:
+    """Status, result or error, and timings; for the job's key or its owner account."""
+    job = job_svc.readable_job(session, settings, job_id, authorization)
+    return job_svc.job_public(job)
+
+
+@router.post("/v1/jobs/{job_id}/cancel")
+def cancel_job(
+    job_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    authorization: Authorization = None,
+) -> JobPublic:
+    """Cancel a queued job at once, or ask the worker to stop a running one."""
+    job = job_svc.readable_job(session, settings, job_id, authorization)
+    return job_svc.job_public(job_svc.cancel(session, settings, job))
+
+
+@router.get("/v1/jobs/{job_id}/stream")
+async def stream_job(
+    job_id: str, request: Request, settings: SettingsDep, authorization: Authorization = None
+) -> StreamingResponse:
+    """SSE replay from the first token; a client may connect late."""
+    job = await run_in_threadpool(job_svc.readable_job_standalone, settings, job_id, authorization)
+    aredis = request.app.state.aredis
+    started = time.perf_counter()
+    outcome = Outcome()
+
+    async def body() -> AsyncIterator[bytes]:
+        async for event in follow_until(aredis, job.id, outcome, deadline=deadline_for(job)):
+            if (chunk := sse_event(event, started)) is not None:
+                yield chunk
+
+    return StreamingResponse(
+        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )

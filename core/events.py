@@ -1,0 +1,89 @@
+"""Job event streams on Redis: the worker appends, the API follows (no result-backend polling).
+
+A job's events live in the stream `job:{id}`: `status` (running, cold start, queue time),
+`token` (text, index) and exactly one terminal `done` (status, result or error). Any reader can
+replay from the start, so a client may connect late.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+STREAM_TTL_S = 24 * 3600
+STREAM_MAXLEN = 100_000
+
+
+def stream_key(job_id: str) -> str:
+    return f"job:{job_id}"
+
+
+def cancel_key(job_id: str) -> str:
+    return f"cancel:{job_id}"
+
+
+def publish(client: redis.Redis, job_id: str, event: dict[str, Any]) -> None:  # type: ignore[type-arg]
+    key = stream_key(job_id)
+    pipe = client.pipeline(transaction=False)
+    pipe.xadd(key, {"e": json.dumps(event, separators=(",", ":"))}, maxlen=STREAM_MAXLEN)
+    if event.get("type") in ("done", "status"):
+        pipe.expire(key, STREAM_TTL_S)
+    pipe.execute()
+
+
+def follow(
+    client: redis.Redis,  # type: ignore[type-arg]
+    job_id: str,
+    *,
+    after: str = "0",
+    block_ms: int = 1000,
+) -> Iterator[tuple[str, dict[str, Any] | None]]:
+    """Yield `(entry_id, event)` forever; `event` is None on an idle wake-up (heartbeat)."""
+    key = stream_key(job_id)
+    last = after
+    while True:
+        reply = client.xread({key: last}, count=256, block=block_ms)
+        if not reply:
+            yield last, None
+            continue
+        for entry_id, fields in reply[0][1]:
+            last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            yield last, _decode(fields)
+
+
+def request_cancel(client: redis.Redis, job_id: str, ttl_s: int = STREAM_TTL_S) -> None:  # type: ignore[type-arg]
+    client.set(cancel_key(job_id), b"1", ex=ttl_s)
+
+
+def cancel_requested(client: redis.Redis, job_id: str) -> bool:  # type: ignore[type-arg]
+    return bool(client.exists(cancel_key(job_id)))
+
+
+def _decode(fields: dict[Any, Any]) -> dict[str, Any]:
+    raw: bytes | str = fields.get(b"e") or fields.get("e") or b"{}"
+    event: dict[str, Any] = json.loads(raw)
+    return event
+
+
+async def afollow(
+    client: aioredis.Redis,  # type: ignore[type-arg]
+    job_id: str,
+    *,
+    after: str = "0",
+    block_ms: int = 1000,
+) -> AsyncIterator[tuple[str, dict[str, Any] | None]]:
+    """The asyncio twin of `follow`, for the API (one blocked XREAD per waiting request)."""
+    key = stream_key(job_id)
+    last = after
+    while True:
+        reply = await client.xread({key: last}, count=256, block=block_ms)
+        if not reply:
+            yield last, None
+            continue
+        for entry_id, fields in reply[0][1]:
+            last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            yield last, _decode(fields)

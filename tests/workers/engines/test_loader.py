@@ -1,0 +1,97 @@
+"""Loading: format and device choice, catchable load failures, hostile embedded templates."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.utils import model_files
+from tests.workers.engines.conftest import run
+from workers.engines.base import EngineError, GenerateRequest
+from workers.engines.loader import load_engine
+
+HOSTILE = "{{ cycler.__init__.__globals__.os.system('touch MARKER') }}"
+
+
+def test_load_engine_unknown_format_raises(transformers_bundle: Path) -> None:
+    with pytest.raises(EngineError, match="unknown model format"):
+        load_engine(transformers_bundle, "tflite")
+
+
+def test_load_engine_unknown_device_raises(transformers_bundle: Path) -> None:
+    with pytest.raises(EngineError, match="unknown device"):
+        load_engine(transformers_bundle, "transformers", device="tpu")
+
+
+def test_load_engine_gguf_missing_file_raises(tmp_path: Path) -> None:
+    (tmp_path / "model.gguf").write_text("not a gguf at all")  # the name alone does not count
+    with pytest.raises(EngineError, match="no gguf file"):
+        load_engine(tmp_path, "gguf")
+
+
+@pytest.mark.parametrize("keep", [100, 2000, 20000])
+def test_load_engine_truncated_gguf_raises_with_llama_log(
+    gguf_model: Path, tmp_path: Path, keep: int
+) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(gguf_model.read_bytes()[:keep])
+    with pytest.raises(EngineError) as info:
+        load_engine(broken, "gguf")
+    message = str(info.value)
+    assert message.startswith("llama.cpp could not load the model: ")
+    assert "failed to read" in message or "not within the file bounds" in message
+    assert str(tmp_path) not in message
+
+
+def test_load_engine_gguf_bad_version_names_the_version(gguf_model: Path, tmp_path: Path) -> None:
+    data = bytearray(gguf_model.read_bytes())
+    data[4:8] = (99).to_bytes(4, "little")
+    (tmp_path / "v99.gguf").write_bytes(data)
+    with pytest.raises(EngineError, match="version 99"):
+        load_engine(tmp_path, "gguf")
+
+
+def test_load_engine_pytorch_non_tensor_pickle_raises(pytorch_bundle: Path, tmp_path: Path) -> None:
+    import torch
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(pytorch_bundle, bundle)
+    torch.save({"weights": [1, 2, 3]}, bundle / "model.pt")
+    with pytest.raises(EngineError, match="state dict of tensors"):
+        load_engine(bundle, "pytorch")
+
+
+def test_render_gguf_hostile_template_fails_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(model_files, "CHAT_TEMPLATE", HOSTILE)
+    path = model_files.make_gguf(tmp_path / "hostile.gguf")
+    engine = load_engine(path, "gguf", device="cpu")
+    assert engine.has_chat_template
+    with pytest.raises(EngineError) as info:
+        engine.count_prompt_tokens(GenerateRequest("hi", raw=False))
+    assert info.value.code == "CHAT_TEMPLATE_UNSAFE"
+    assert not (tmp_path / "MARKER").exists()
+    assert run(engine, max_tokens=2)[1].completion_tokens == 2  # raw prompts still work
+    engine.close()  # type: ignore[attr-defined]
+
+
+def test_render_tokenizer_hostile_template_fails_cleanly(
+    transformers_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(transformers_bundle, bundle)
+    config_path = bundle / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = HOSTILE
+    config_path.write_text(json.dumps(config))
+    engine = load_engine(bundle, "transformers", device="cpu")
+    with pytest.raises(EngineError) as info:
+        run(engine, raw=False, max_tokens=2)
+    assert info.value.code == "CHAT_TEMPLATE_UNSAFE"
+    assert not (tmp_path / "MARKER").exists()

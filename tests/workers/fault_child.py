@@ -1,0 +1,69 @@
+"""A runner child with one injected fault, for the cog-style failure fixtures.
+
+`python -m tests.workers.fault_child MODE` behaves like `workers.runner.child` but wraps the
+engine the real loader returns: `slow` sleeps between tokens, `exit_in_generate` calls
+os._exit after two tokens, `ignore_cancel` never stops, `raise_in_generate` raises a bare
+RuntimeError, `print_in_setup` writes junk to stdout from Python and from C before loading.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import time
+from collections.abc import Callable, Generator
+from typing import Any
+
+from workers.engines.base import Engine, GenerateRequest, GenerationResult
+from workers.runner import child
+
+MODE = sys.argv[1] if len(sys.argv) > 1 else "slow"
+
+
+class Faulty:
+    def __init__(self, inner: Engine) -> None:
+        self.inner = inner
+        self.context_length = inner.context_length
+        self.has_chat_template = inner.has_chat_template
+
+    def count_prompt_tokens(self, request: GenerateRequest) -> int:
+        return self.inner.count_prompt_tokens(request)
+
+    def generate(
+        self, request: GenerateRequest, cancelled: Callable[[], bool]
+    ) -> Generator[str, None, GenerationResult]:
+        if MODE == "raise_in_generate":
+            raise RuntimeError("boom in generate")
+        n = 0
+        check = (lambda: False) if MODE == "ignore_cancel" else cancelled
+        while True:
+            for piece in self.inner.generate(request, check):
+                if MODE == "exit_in_generate" and n == 2:
+                    os._exit(3)
+                if MODE in ("slow", "ignore_cancel"):
+                    time.sleep(0.05)
+                if check():
+                    return GenerationResult("cancelled", 1, n)
+                n += 1
+                yield piece
+            if MODE != "ignore_cancel":
+                return GenerationResult("length", 1, n)
+
+
+def _load(setup: Any) -> Engine:
+    if MODE == "print_in_setup":
+        print("junk from python print")
+        libc = ctypes.CDLL(None)
+        libc.puts(b"junk from C puts")
+        libc.fflush(None)
+    return Faulty(_real_load(setup))
+
+
+_real_load = child.load
+child.load = _load
+
+if __name__ == "__main__":
+    code = child.main()
+    sys.stderr.flush()
+    os._exit(code)

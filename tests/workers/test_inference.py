@@ -1,0 +1,165 @@
+"""Job execution on the worker side, with real DB, Redis, cache and runner children."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlmodel import select
+
+from core import events
+from core.db import session_scope
+from core.ids import new_id
+from core.tables import Job, JobStatus, UsageEvent, utcnow
+from tests.utils.stack import StackInfo
+from tests.workers.conftest import fault_argv
+from workers import inference
+from workers.pool import RunnerPool
+
+PARAMS = {
+    "prompt": "Once upon",
+    "raw": True,
+    "temperature": 0.0,
+    "max_tokens": 40,
+    "top_p": 1.0,
+    "top_k": 40,
+    "stop": [],
+    "seed": 1,
+}
+
+
+@pytest.fixture
+def executor(stack: StackInfo) -> Iterator[inference.Executor]:
+    ex = inference.Executor(stack.settings)
+    try:
+        yield ex
+    finally:
+        ex.pool.close()
+
+
+def faulty(ex: inference.Executor, mode: str) -> None:
+    ex.pool.close()
+    ex.pool = RunnerPool(runner_argv=fault_argv(mode), idle_ttl_s=60)
+
+
+def make_job(stack: StackInfo, ready: dict[str, Any], **fields: Any) -> str:
+    """A job row that no Celery worker was told about: the test runs it itself."""
+    from core.keys import parse
+
+    key_id = parse(ready["key"], "ik")
+    assert key_id is not None
+    job_id = new_id("job")
+    with session_scope(stack.settings) as s:
+        from core.tables import Model
+
+        model = s.get(Model, ready["id"])
+        assert model is not None
+        s.add(Job(id=job_id, account_id=model.account_id, model_id=model.id, api_key_id=key_id.key_id,
+                  params={**PARAMS, **fields.pop("params", {})}, expires_at=utcnow() + timedelta(hours=1), **fields))  # fmt: skip
+    return job_id
+
+
+def job_row(stack: StackInfo, job_id: str) -> Job:
+    with session_scope(stack.settings) as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def usage_rows(stack: StackInfo, job_id: str) -> list[UsageEvent]:
+    with session_scope(stack.settings) as s:
+        return list(s.exec(select(UsageEvent).where(UsageEvent.job_id == job_id)))
+
+
+def done_events(ex: inference.Executor, job_id: str) -> list[dict[str, Any]]:
+    import json
+
+    entries = ex.redis.xrange(events.stream_key(job_id))
+    return [e for e in (json.loads(f[b"e"]) for _, f in entries) if e["type"] == "done"]
+
+
+def test_run_job_twice_records_one_terminal_and_one_usage(
+    stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
+) -> None:
+    job_id = make_job(stack, gguf_ready)
+    assert inference.run_job(job_id, executor) == "succeeded"
+    assert inference.run_job(job_id, executor) == "skipped"
+    assert len(usage_rows(stack, job_id)) == 1
+    assert len(done_events(executor, job_id)) == 1
+    job = job_row(stack, job_id)
+    assert job.result and job.result["completion"]
+    assert job.timings["run_ms"] > 0
+
+
+def test_run_job_after_ttl_expired_times_out_without_usage(
+    stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
+) -> None:
+    job_id = make_job(stack, gguf_ready)
+    with session_scope(stack.settings) as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        job.expires_at = utcnow() - timedelta(seconds=1)
+        s.add(job)
+    assert inference.run_job(job_id, executor) == "timed_out"
+    assert job_row(stack, job_id).error_code == "TIMEOUT"
+    assert usage_rows(stack, job_id) == []
+    assert done_events(executor, job_id)[0]["status"] == "timed_out"
+
+
+def test_run_job_cancelled_while_queued_never_runs(
+    stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
+) -> None:
+    job_id = make_job(stack, gguf_ready)
+    events.request_cancel(executor.redis, job_id)
+    assert inference.run_job(job_id, executor) == "cancelled"
+    assert job_row(stack, job_id).started_at is None
+    assert usage_rows(stack, job_id) == []
+
+
+def test_run_job_with_runner_crash_fails_and_worker_goes_on(
+    stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
+) -> None:
+    faulty(executor, "exit_in_generate")
+    job_id = make_job(stack, gguf_ready)
+    assert inference.run_job(job_id, executor) == "failed"
+    job = job_row(stack, job_id)
+    assert job.error_code == "INFERENCE_FAILED"
+    (usage,) = usage_rows(stack, job_id)  # the tokens it streamed before dying are billed
+    assert usage.completion_tokens == 2
+    assert executor.pool.stats().runners == 0  # the dead runner is never handed out again
+    executor.pool.close()
+    executor.pool = RunnerPool(idle_ttl_s=60)
+    assert inference.run_job(make_job(stack, gguf_ready), executor) == "succeeded"
+
+
+def test_run_job_cancel_while_running_records_partial_usage(
+    stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
+) -> None:
+    faulty(executor, "slow")
+    job_id = make_job(stack, gguf_ready)
+    outcome: list[str] = []
+    thread = threading.Thread(target=lambda: outcome.append(inference.run_job(job_id, executor)))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while executor.redis.xlen(events.stream_key(job_id)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    events.request_cancel(executor.redis, job_id)
+    thread.join(30)
+    assert outcome == ["cancelled"]
+    (usage,) = usage_rows(stack, job_id)
+    assert 1 <= usage.completion_tokens < 40
+
+
+def test_run_job_past_execution_timeout_times_out(
+    stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
+) -> None:
+    faulty(executor, "slow")
+    job_id = make_job(stack, gguf_ready, execution_timeout_s=1)
+    assert inference.run_job(job_id, executor) == "timed_out"
+    job = job_row(stack, job_id)
+    assert job.status is JobStatus.TIMED_OUT and job.error_code == "TIMEOUT"
+    assert job.completion_tokens >= 1

@@ -1,0 +1,296 @@
+"""The runner and its child process: lifecycle, streaming, and both tiers of failure."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from tests.workers.conftest import gone
+from workers.engines.base import GenerateRequest, SamplingParams
+from workers.runner import process
+from workers.runner.process import (
+    InvalidState,
+    Runner,
+    RunnerFatal,
+    RunnerSetupFailed,
+    RunnerState,
+    RunnerTimeout,
+)
+from workers.runner.protocol import Token
+
+MakeRunner = Callable[..., Runner]
+
+
+def greedy(prompt: str, n: int = 16, raw: bool = True) -> GenerateRequest:
+    return GenerateRequest(prompt, raw=raw, params=SamplingParams(max_tokens=n, temperature=0.0))
+
+
+def collect(runner: Runner, request: GenerateRequest, tag: str = "t", **kw: object):
+    tokens: list[Token] = []
+    done = runner.generate(request, tag, tokens.append, **kw)  # type: ignore[arg-type]
+    return done, tokens
+
+
+def test_generate_gguf_streams_tokens_in_order_with_one_done(
+    make_runner: MakeRunner, gguf_dir: Path
+) -> None:
+    from workers.engines.loader import load_engine
+
+    runner = make_runner(gguf_dir)
+    ready = runner.start()
+    assert runner.state is RunnerState.READY and ready.context_length == 256
+    done, tokens = collect(runner, greedy("The quick brown fox", 12), "req-1")
+    assert [t.index for t in tokens] == list(range(len(tokens)))
+    assert {t.tag for t in tokens} == {"req-1"} and done.tag == "req-1"
+    assert not done.error and done.finish_reason == "length" and done.completion_tokens == 12
+    assert done.engine_ms > 0
+    assert runner._pipes is not None and runner._pipes.pending() == 0  # nothing after Done
+    # Same text as the engine loaded in this process: the pipe loses and reorders nothing.
+    engine = load_engine(gguf_dir, "gguf")
+    stream = engine.generate(greedy("The quick brown fox", 12), lambda: False)
+    assert "".join(t.text for t in tokens) == "".join(stream)
+    again, _ = collect(runner, greedy("Hello", 4), "req-2")
+    assert again.tag == "req-2" and not again.error and runner.state is RunnerState.READY
+
+
+@pytest.mark.parametrize("fmt", ["transformers", "pytorch", "onnx"])
+def test_generate_torch_and_onnx_bundles(
+    make_runner: MakeRunner, request: pytest.FixtureRequest, fmt: str
+) -> None:
+    bundle = request.getfixturevalue(f"{fmt}_bundle")
+    runner = make_runner(bundle, fmt)
+    runner.start()
+    done, tokens = collect(runner, greedy("Hello, world", 8))
+    assert not done.error and done.completion_tokens == 8 and len(tokens) >= 1
+
+
+def test_context_length_exceeded_is_done_error_and_runner_stays_ready(
+    make_runner: MakeRunner, gguf_dir: Path
+) -> None:
+    runner = make_runner(gguf_dir)
+    runner.start()
+    pid = runner.pid
+    done, tokens = collect(runner, greedy("hello " * 400))
+    assert done.error and done.code == "CONTEXT_LENGTH_EXCEEDED" and not tokens
+    assert runner.state is RunnerState.READY
+    done, _ = collect(runner, greedy("hello", 4))
+    assert not done.error and runner.pid == pid
+
+
+def test_exception_in_generate_is_inference_failed(make_runner: MakeRunner, gguf_dir: Path) -> None:
+    runner = make_runner(gguf_dir, mode="raise_in_generate")
+    runner.start()
+    done, _ = collect(runner, greedy("hello"))
+    assert done.error and done.code == "INFERENCE_FAILED" and "boom" in done.detail
+    assert runner.state is RunnerState.READY
+
+
+def test_setup_fails_on_truncated_gguf_with_reason(
+    make_runner: MakeRunner, gguf_truncated: Path
+) -> None:
+    runner = make_runner(gguf_truncated)
+    with pytest.raises(RunnerSetupFailed) as info:
+        runner.start()
+    assert "could not load" in info.value.detail
+    assert "Traceback" in info.value.detail  # the tail of the child's stderr
+    assert runner.state is RunnerState.DEFUNCT and gone(runner.pid or 0)
+    assert runner.tmpdir is not None and not runner.tmpdir.exists()
+
+
+def test_setup_fails_when_llama_cpp_aborts_and_parent_survives(
+    make_runner: MakeRunner, gguf_block_count_zero: Path
+) -> None:
+    runner = make_runner(gguf_block_count_zero)
+    with pytest.raises(RunnerSetupFailed, match="SIGABRT"):
+        runner.start()
+    assert runner.state is RunnerState.DEFUNCT
+    with pytest.raises(InvalidState):
+        runner.generate(greedy("x"), "t", lambda t: None)
+
+
+def test_stray_stdout_in_setup_goes_to_stderr(make_runner: MakeRunner, gguf_dir: Path) -> None:
+    runner = make_runner(gguf_dir, mode="print_in_setup")
+    runner.start()
+    done, _ = collect(runner, greedy("hi", 3))
+    assert not done.error
+    tail = runner.stderr_tail()
+    assert "junk from python print" in tail and "junk from C puts" in tail
+
+
+def test_sigkill_mid_generation_is_fatal_and_defunct(
+    make_runner: MakeRunner, gguf_dir: Path
+) -> None:
+    runner = make_runner(gguf_dir, mode="slow")
+    runner.start()
+    pid = runner.pid
+    assert pid is not None
+
+    def kill_on_first(token: Token) -> None:
+        if token.index == 0:
+            os.kill(pid, signal.SIGKILL)
+
+    with pytest.raises(RunnerFatal, match="SIGKILL"):
+        runner.generate(greedy("hi", 50), "t", kill_on_first)
+    assert runner.state is RunnerState.DEFUNCT and gone(pid)
+    assert runner.tmpdir is not None and not runner.tmpdir.exists()
+    with pytest.raises(InvalidState):
+        runner.generate(greedy("hi"), "t2", lambda t: None)
+
+
+def test_os_exit_mid_generation_is_fatal(make_runner: MakeRunner, gguf_dir: Path) -> None:
+    runner = make_runner(gguf_dir, mode="exit_in_generate")
+    runner.start()
+    tokens: list[Token] = []
+    with pytest.raises(RunnerFatal, match="exited with code 3"):
+        runner.generate(greedy("hi", 20), "t", tokens.append)
+    assert len(tokens) == 2 and runner.state is RunnerState.DEFUNCT
+
+
+def test_cancel_mid_generation_returns_cancelled_promptly(
+    make_runner: MakeRunner, gguf_dir: Path
+) -> None:
+    runner = make_runner(gguf_dir, mode="slow")
+    runner.start()
+    cancel = threading.Event()
+    threading.Timer(0.2, cancel.set).start()
+    began = time.monotonic()
+    done, tokens = collect(runner, greedy("hi", 200), cancel_event=cancel)
+    assert done.finish_reason == "cancelled" and not done.error
+    assert time.monotonic() - began < 1.0
+    assert 0 < len(tokens) < 200 and done.completion_tokens == len(tokens)
+    assert runner.state is RunnerState.READY
+    done, _ = collect(runner, greedy("hi", 2))
+    assert done.finish_reason == "length"
+
+
+def test_timeout_cancels_and_reports_timeout(make_runner: MakeRunner, gguf_dir: Path) -> None:
+    runner = make_runner(gguf_dir, mode="slow")
+    runner.start()
+    done, tokens = collect(runner, greedy("hi", 200), timeout=0.3)
+    assert done.error and done.code == "TIMEOUT" and done.finish_reason == "cancelled"
+    assert done.completion_tokens == len(tokens) > 0  # still billable
+    assert runner.state is RunnerState.READY
+
+
+def test_timeout_with_child_ignoring_cancel_kills_it(
+    make_runner: MakeRunner, gguf_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(process, "CANCEL_GRACE_S", 0.3)
+    runner = make_runner(gguf_dir, mode="ignore_cancel")
+    runner.start()
+    with pytest.raises(RunnerTimeout):
+        collect(runner, greedy("hi", 10_000), timeout=0.2)
+    assert runner.state is RunnerState.DEFUNCT and gone(runner.pid or 0)
+
+
+def test_failing_token_callback_cancels_and_keeps_runner(
+    make_runner: MakeRunner, gguf_dir: Path
+) -> None:
+    runner = make_runner(gguf_dir, mode="slow")
+    runner.start()
+
+    def hang_up(token: Token) -> None:
+        raise ConnectionError("client went away")
+
+    with pytest.raises(ConnectionError):
+        runner.generate(greedy("hi", 200), "t", hang_up)
+    assert runner.state is RunnerState.READY
+    done, _ = collect(runner, greedy("hi", 2))
+    assert not done.error
+
+
+def test_lifecycle_guards(make_runner: MakeRunner, gguf_dir: Path) -> None:
+    runner = make_runner(gguf_dir)
+    with pytest.raises(InvalidState):
+        runner.generate(greedy("x"), "t", lambda t: None)
+    runner.start()
+    with pytest.raises(InvalidState):
+        runner.start()
+    runner.stop()
+    assert runner.state is RunnerState.DEFUNCT and gone(runner.pid or 0)
+    runner.stop()  # idempotent
+
+
+def test_stop_removes_temp_dir_and_process(make_runner: MakeRunner, gguf_dir: Path) -> None:
+    runner = make_runner(gguf_dir)
+    runner.start()
+    tmp, pid = runner.tmpdir, runner.pid
+    assert tmp is not None and tmp.is_dir() and runner.rss_bytes() > 0
+    runner.stop()
+    assert not tmp.exists() and gone(pid or 0) and runner.rss_bytes() == 0
+
+
+class RunnerLifecycle(RuleBasedStateMachine):
+    """Any sequence of requests, model errors, cancels and kills keeps the two tiers apart."""
+
+    bundle: Path
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runner = Runner(self.bundle, "gguf")
+        self.runner.start()
+
+    @precondition(lambda self: self.runner.state is RunnerState.READY)
+    @rule(n=st.integers(1, 6))
+    def generate(self, n: int) -> None:
+        done, tokens = collect(self.runner, greedy("hello", n))
+        assert not done.error and done.completion_tokens == n == len(tokens)
+
+    @precondition(lambda self: self.runner.state is RunnerState.READY)
+    @rule()
+    def model_error(self) -> None:
+        done, _ = collect(self.runner, greedy("hello " * 400))
+        assert done.code == "CONTEXT_LENGTH_EXCEEDED"
+
+    @precondition(lambda self: self.runner.state is RunnerState.READY)
+    @rule()
+    def cancel_before_first_token(self) -> None:
+        cancel = threading.Event()
+        cancel.set()
+        done, _ = collect(self.runner, greedy("hello", 100), cancel_event=cancel)
+        assert done.finish_reason in ("cancelled", "length")
+
+    @precondition(lambda self: self.runner.state is RunnerState.READY)
+    @rule()
+    def kill(self) -> None:
+        os.kill(self.runner.pid or 0, signal.SIGKILL)
+        with pytest.raises(RunnerFatal):
+            collect(self.runner, greedy("hello", 4))
+
+    @precondition(lambda self: self.runner.state is RunnerState.DEFUNCT)
+    @rule()
+    def replace(self) -> None:
+        self.runner.stop()
+        self.runner = Runner(self.bundle, "gguf")
+        self.runner.start()
+
+    @invariant()
+    def state_matches_process(self) -> None:
+        assert self.runner.state in (RunnerState.READY, RunnerState.DEFUNCT)
+        assert self.runner.is_alive() == (self.runner.state is RunnerState.READY)
+
+    def teardown(self) -> None:
+        self.runner.stop()
+
+
+def test_runner_lifecycle_state_machine(gguf_dir: Path) -> None:
+    RunnerLifecycle.bundle = gguf_dir
+    run_state_machine_as_test(
+        RunnerLifecycle,
+        settings=settings(max_examples=3, stateful_step_count=8, deadline=None),
+    )

@@ -1,0 +1,162 @@
+"""Transformers engine: Hugging Face folders and raw `.pt/.pth` state dicts with a config."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Generator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.engines.base import EngineError, GenerateRequest, GenerationResult
+from workers.engines.loop import check_context, stream_tokens
+from workers.engines.sampling import Sampler
+from workers.engines.tokens import HFTokens
+
+
+class _Stepper:
+    """One forward pass per call, reusing the KV cache; returns the sampled token."""
+
+    def __init__(self, engine: HFEngine, prompt_ids: list[int], sampler: Sampler) -> None:
+        self._model = engine.model
+        self._extra = engine.forward_extra
+        self._device = engine.device
+        self._pending = torch.tensor([prompt_ids], device=self._device)
+        self._past: Any = None
+        self._sampler = sampler
+
+    def __call__(self) -> int:
+        with torch.inference_mode():
+            out = self._model(
+                input_ids=self._pending,
+                past_key_values=self._past,
+                use_cache=True,
+                **self._extra,
+            )
+            self._past = out.past_key_values
+            token = self._sampler(out.logits[0, -1])
+        self._pending = torch.tensor([[token]], device=self._device)
+        return token
+
+
+class HFEngine:
+    """A causal LM run by transformers with a hand-written token loop."""
+
+    def __init__(self, model: Any, tokens: HFTokens, device: str, context_cap: int) -> None:
+        self.model = model
+        self.tokens = tokens
+        self.device = device
+        self.context_length = min(_model_context(model.config), context_cap)
+        self.has_chat_template = tokens.chat is not None
+        # Only the last position's logits are needed; skip the rest where the model allows.
+        params = inspect.signature(model.forward).parameters
+        self.forward_extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+    def count_prompt_tokens(self, request: GenerateRequest) -> int:
+        count = len(self.tokens.encode(request))
+        check_context(count, self.context_length)
+        return count
+
+    def generate(
+        self, request: GenerateRequest, cancelled: Callable[[], bool]
+    ) -> Generator[str, None, GenerationResult]:
+        ids = self.tokens.encode(request)
+        room = check_context(len(ids), self.context_length)
+        step = _Stepper(self, ids, Sampler(request.params, self.device))
+        return (
+            yield from stream_tokens(
+                step,
+                decoder=self.tokens.decoder(ids),
+                is_eos=self.tokens.eos_ids.__contains__,
+                params=request.params,
+                cancelled=cancelled,
+                prompt_tokens=len(ids),
+                room=room,
+            )
+        )
+
+
+def _model_context(config: Any) -> int:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise EngineError("config.json does not say the model's context length")
+
+
+def _config_eos(model: Any) -> list[Any]:
+    generation = getattr(model, "generation_config", None)
+    return [model.config.eos_token_id, getattr(generation, "eos_token_id", None)]
+
+
+def load_transformers(bundle_dir: Path, device: str, context_cap: int) -> HFEngine:
+    """A Hugging Face folder (safetensors or pytorch_model.bin)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            str(bundle_dir),
+            trust_remote_code=False,
+            local_files_only=True,
+            dtype=torch.float32 if device == "cpu" else "auto",
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise EngineError(f"transformers could not load the model: {exc}") from exc
+    model.to(device).eval()
+    return HFEngine(model, HFTokens(bundle_dir, _config_eos(model)), device, context_cap)
+
+
+def load_pytorch(bundle_dir: Path, weights: list[Path], device: str, context_cap: int) -> HFEngine:
+    """A `.pt/.pth` state dict beside config.json, loaded with `weights_only=True`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    state = _load_state_dict(weights)
+    try:
+        config = AutoConfig.from_pretrained(
+            str(bundle_dir), trust_remote_code=False, local_files_only=True
+        )
+        with no_init_weights():  # the state dict overwrites every weight anyway
+            model: Any = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+                config, trust_remote_code=False
+            )
+        model.load_state_dict(state, strict=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise EngineError(f"could not build the model from config.json: {exc}") from exc
+    dtype = torch.float32 if device == "cpu" else _floating_dtype(state)
+    model.to(device=device, dtype=dtype).eval()
+    return HFEngine(model, HFTokens(bundle_dir, _config_eos(model)), device, context_cap)
+
+
+def _load_state_dict(paths: list[Path]) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in paths:
+        try:
+            part = torch.load(path, weights_only=True, map_location="cpu", mmap=_is_zip(path))
+        except Exception as exc:  # any unpickling refusal is a model error
+            raise EngineError(f"{path.name}: not a loadable state dict ({exc})") from exc
+        state.update(_unwrap(part, path.name))
+    return state
+
+
+def _is_zip(path: Path) -> bool:
+    # mmap avoids a second copy of the weights but only works on the zip format.
+    with path.open("rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def _unwrap(obj: Any, name: str) -> dict[str, torch.Tensor]:
+    # Training scripts often save {"state_dict": ...} or {"model": ...}.
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and len(obj) == 1 and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise EngineError(f"{name}: expected a state dict of tensors")
+    return obj
+
+
+def _floating_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    return next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)

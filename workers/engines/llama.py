@@ -1,0 +1,202 @@
+"""GGUF engine: llama-cpp-python, with our own tokenisation, template, stops and counts."""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import threading
+from collections import deque
+from collections.abc import Callable, Generator
+from pathlib import Path
+from typing import Any
+
+from workers.engines.base import EngineError, GenerateRequest, GenerationResult, resolve_seed
+from workers.engines.chat import ChatTemplate
+from workers.engines.loop import check_context, stream_tokens
+
+_LOG_LINES: deque[str] = deque(maxlen=40)
+_LOG_LOCK = threading.Lock()
+_log_callback: Any = None  # kept referenced: llama.cpp holds a raw pointer to it
+# enum ggml_log_level in the bundled llama.cpp: DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5.
+_KEPT_LEVELS = frozenset({3, 4, 5})
+
+
+def _install_log_capture() -> None:
+    """Keep llama.cpp's warnings and errors (verbose=False hides why a load failed)."""
+    global _log_callback
+    if _log_callback is not None:
+        return
+    import llama_cpp
+
+    def capture(level: int, text: bytes, _user: Any) -> None:
+        if level in _KEPT_LEVELS and text:
+            with _LOG_LOCK:
+                _LOG_LINES.append(text.decode("utf-8", "replace").rstrip("\n"))
+
+    _log_callback = llama_cpp.llama_log_callback(capture)
+    llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+
+
+def _log_tail() -> str:
+    with _LOG_LOCK:
+        lines = [line.strip() for line in _LOG_LINES if line.strip()]
+        _LOG_LINES.clear()
+    return "; ".join(lines[-4:])
+
+
+class _ByteDecoder:
+    """Token pieces are raw bytes in llama.cpp: decode UTF-8 incrementally across them."""
+
+    def __init__(self, piece: Callable[[int], bytes]) -> None:
+        self._piece = piece
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def step(self, token: int) -> str:
+        return self._utf8.decode(self._piece(token))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
+class LlamaEngine:
+    """A GGUF model in llama.cpp; sampling is llama.cpp's own sampler chain."""
+
+    def __init__(self, llm: Any, device: str, n_ctx: int) -> None:
+        import llama_cpp
+
+        self.llm = llm
+        self.device = device
+        # llama.cpp may round its context up; never promise more than was asked for.
+        self.context_length = min(int(llm.n_ctx()), n_ctx)
+        self._lib = llama_cpp
+        self._vocab = llm._model.vocab
+        self._pieces: dict[int, bytes] = {}
+        self.chat = _chat_template(llm, self._token_text)
+        self.has_chat_template = self.chat is not None
+
+    def close(self) -> None:
+        """Free the model now (llama.cpp's own finaliser can fail at interpreter exit)."""
+        self.llm.close()
+
+    def count_prompt_tokens(self, request: GenerateRequest) -> int:
+        count = len(self._encode(request))
+        check_context(count, self.context_length)
+        return count
+
+    def generate(
+        self, request: GenerateRequest, cancelled: Callable[[], bool]
+    ) -> Generator[str, None, GenerationResult]:
+        ids = self._encode(request)
+        room = check_context(len(ids), self.context_length)
+        params = request.params
+        self.llm.set_seed(resolve_seed(params.seed) & 0xFFFFFFFF)
+        tokens = self.llm.generate(
+            ids,
+            temp=max(params.temperature, 0.0),
+            top_k=params.top_k,
+            top_p=params.top_p,
+            min_p=0.0,
+            typical_p=1.0,
+            repeat_penalty=1.0,
+        )
+        try:
+            return (
+                yield from stream_tokens(
+                    tokens.__next__,
+                    decoder=_ByteDecoder(self._piece),
+                    is_eos=self._is_eog,
+                    params=params,
+                    cancelled=cancelled,
+                    prompt_tokens=len(ids),
+                    room=room,
+                )
+            )
+        finally:
+            tokens.close()
+
+    def _encode(self, request: GenerateRequest) -> list[int]:
+        if request.raw or self.chat is None:
+            return list(self.llm.tokenize(request.prompt.encode(), add_bos=True, special=False))
+        text = self.chat.render(request.prompt)
+        # The template writes bos itself; parse special tokens it wrote as text.
+        return list(self.llm.tokenize(text.encode(), add_bos=False, special=True))
+
+    def _is_eog(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+
+    def _piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self._token_bytes(token, special=False)
+        return piece
+
+    def _token_bytes(self, token: int, special: bool) -> bytes:
+        size = 64
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = self._lib.llama_token_to_piece(self._vocab, token, buf, size, 0, special)
+            if n >= 0:
+                return buf.raw[:n]
+            size = -n
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self._token_bytes(token, special=True).decode("utf-8", "replace")
+
+
+def _chat_template(llm: Any, token_text: Callable[[int], str]) -> ChatTemplate | None:
+    source = llm.metadata.get("tokenizer.chat_template")
+    if not source:
+        return None
+    special = {
+        "bos_token": token_text(llm.token_bos()),
+        "eos_token": token_text(llm.token_eos()),
+    }
+    return ChatTemplate(source, special)
+
+
+def _gpu_offload(device: str) -> tuple[int, str]:
+    import llama_cpp
+
+    gpu = bool(llama_cpp.llama_supports_gpu_offload())
+    if device == "cuda" and not gpu:
+        raise EngineError("device 'cuda' was asked for but llama.cpp was built without GPU support")
+    return (-1, "cuda") if device != "cpu" and gpu else (0, "cpu")
+
+
+def load_gguf(path: Path, device: str, threads: int, context_cap: int) -> LlamaEngine:
+    """Load a GGUF; a catchable load failure carries llama.cpp's own reason."""
+    import llama_cpp
+
+    _install_log_capture()
+    layers, used = _gpu_offload(device)
+    _log_tail()  # forget lines from earlier loads
+    trained = _train_context(path)
+    n_ctx = min(trained, context_cap) if trained > 0 else context_cap
+    try:
+        llm = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_gpu_layers=layers,
+            verbose=False,
+        )
+    except (ValueError, RuntimeError, OSError) as exc:
+        # Name the file, not where the host keeps it.
+        detail = (_log_tail() or str(exc)).replace(str(path), path.name)
+        raise EngineError(f"llama.cpp could not load the model: {detail}") from exc
+    return LlamaEngine(llm, used, n_ctx)
+
+
+def _train_context(path: Path) -> int:
+    """The context length the GGUF declares (`<arch>.context_length`), 0 if unknown."""
+    from gguf import GGUFReader
+
+    try:
+        reader: Any = GGUFReader(str(path), "r")
+        arch = str(reader.get_field("general.architecture").contents())
+        return int(reader.get_field(f"{arch}.context_length").contents())
+    except Exception:  # unreadable here: let llama.cpp say what is wrong with the file
+        return 0

@@ -1,0 +1,255 @@
+"""Run one inference job: weight cache → warm or cold runner → tokens on the job's stream."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import datetime
+from functools import partial
+from typing import Any
+
+from core import events
+from core.queue import WEBHOOK_QUEUE, WEBHOOK_TASK
+from core.redis import get_redis
+from core.settings import Settings
+from core.storage import get_storage
+from core.tables import JobStatus, utcnow
+from workers import jobs
+from workers.engines.base import GenerateRequest, SamplingParams
+from workers.jobs import JobContext, Terminal
+from workers.pool import RunnerPool
+from workers.runner.process import RunnerFatal, RunnerSetupFailed, RunnerTimeout
+from workers.runner.protocol import Done, Token
+from workers.weight_cache import CachedFile, WeightCache
+
+log = logging.getLogger("inferatech.inference")
+CANCEL_POLL_S = 0.1
+
+
+class Executor:
+    """Per worker process: one runner pool and one weight cache, shared by task threads."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.redis = get_redis(settings)
+        self.storage = get_storage(settings)
+        self.cache = WeightCache(
+            settings.effective_weight_cache_dir, settings.weight_cache_budget_bytes
+        )
+        self.pool = RunnerPool(
+            idle_ttl_s=settings.runner_idle_ttl_s,
+            max_runners=settings.runner_max,
+            memory_budget_bytes=settings.runner_memory_budget_bytes,
+            device=settings.runner_device,
+            threads=settings.runner_threads,
+        )
+        self.pool.start_reaper()
+
+    def cached_files(self, ctx: JobContext) -> list[CachedFile]:
+        return [
+            CachedFile(
+                f.path, f.sha256 or "", f.size_bytes, partial(self.storage.open_read, f.object_key)
+            )
+            for f in ctx.files
+        ]
+
+
+_executor: Executor | None = None
+_executor_lock = threading.Lock()
+
+
+def executor_for(settings: Settings) -> Executor:
+    """The process's executor, built on first use (after Celery forked or started threads)."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = Executor(settings)
+        return _executor
+
+
+def _ms(start: datetime, end: datetime) -> float:
+    return round((end - start).total_seconds() * 1000, 3)
+
+
+def request_of(params: dict[str, Any]) -> GenerateRequest:
+    return GenerateRequest(
+        prompt=params["prompt"],
+        raw=bool(params.get("raw")),
+        params=SamplingParams(
+            max_tokens=params["max_tokens"],
+            temperature=params["temperature"],
+            top_p=params["top_p"],
+            top_k=params["top_k"],
+            stop=tuple(params.get("stop") or ()),
+            seed=params.get("seed"),
+        ),
+    )
+
+
+def run_job(job_id: str, ex: Executor) -> str:
+    """Idempotent by job id: a job already ended is skipped, a live one runs once at a time."""
+    ctx = jobs.load(ex.settings, job_id)
+    if ctx is None or ctx.job.status not in jobs.LIVE:
+        return "skipped"
+    now = utcnow()
+    if ctx.job.expires_at and now > ctx.job.expires_at:
+        return _end(
+            ex,
+            ctx,
+            Terminal(
+                JobStatus.TIMED_OUT,
+                error_code="TIMEOUT",
+                error_message="the job's TTL expired before it ran",
+            ),
+        )
+    if events.cancel_requested(ex.redis, job_id):
+        return _end(
+            ex,
+            ctx,
+            Terminal(
+                JobStatus.CANCELLED,
+                error_code="JOB_CANCELLED",
+                error_message="cancelled before it started",
+            ),
+        )
+    lock = ex.redis.lock(f"lock:job:{job_id}", timeout=ctx.job.execution_timeout_s + 120)
+    if not lock.acquire(blocking=False):
+        return "busy"
+    try:
+        if not jobs.mark_running(ex.settings, ctx.job):
+            return "skipped"
+        try:
+            end = _execute(ex, ctx, queue_ms=_ms(ctx.job.created_at, now))
+        except Exception:
+            # Never leave a client waiting on a job that cannot end: fail it, then re-raise.
+            log.exception("job %s crashed in the worker", job_id)
+            _end(
+                ex,
+                ctx,
+                Terminal(
+                    JobStatus.FAILED,
+                    error_code="INTERNAL_ERROR",
+                    error_message="the worker failed; quote the job id",
+                ),
+            )
+            raise
+        return _end(ex, ctx, end)
+    finally:
+        lock.release()
+
+
+def _execute(ex: Executor, ctx: JobContext, *, queue_ms: float) -> Terminal:
+    job = ctx.job
+    timings: dict[str, Any] = {"queue_ms": queue_ms}
+    started = time.perf_counter()
+    texts: list[str] = []  # pieces streamed so far: usage of a job whose runner died mid-way
+    try:
+        model = ctx.model
+        with (
+            ex.cache.use(model.sha256 or "", ex.cached_files(ctx)) as bundle,
+            ex.pool.acquire(model.sha256 or "", bundle, model.format or "") as (
+                runner,
+                cold,
+                cold_ms,
+            ),
+        ):
+            timings["cold_start_ms"] = round(cold_ms, 3) if cold else 0.0
+            events.publish(
+                ex.redis,
+                job.id,
+                {"type": "status", "status": "running", "queue_ms": queue_ms, "cold_start": cold},
+            )
+            done = _generate(ex, ctx, runner, started, texts)
+    except RunnerSetupFailed as exc:
+        return Terminal(
+            JobStatus.FAILED, error_code="LOAD_FAILED", error_message=str(exc), timings=timings
+        )
+    except RunnerTimeout as exc:
+        return Terminal(
+            JobStatus.TIMED_OUT,
+            error_code="TIMEOUT",
+            error_message=str(exc),
+            completion_tokens=len(texts),
+            timings=timings,
+        )
+    except RunnerFatal as exc:
+        return Terminal(
+            JobStatus.FAILED,
+            error_code="INFERENCE_FAILED",
+            error_message=f"the runner died: {exc}",
+            completion_tokens=len(texts),
+            timings=timings,
+        )
+    timings["run_ms"] = round((time.perf_counter() - started) * 1000 - timings["cold_start_ms"], 3)
+    return _terminal_of(done, timings, "".join(texts))
+
+
+def _generate(ex: Executor, ctx: JobContext, runner: Any, started: float, texts: list[str]) -> Done:
+    job = ctx.job
+    stop = threading.Event()
+    cancel = threading.Event()
+    watcher = threading.Thread(target=_watch_cancel, args=(ex, job.id, stop, cancel), daemon=True)
+    watcher.start()
+
+    def on_token(tok: Token) -> None:
+        texts.append(tok.text)
+        events.publish(ex.redis, job.id, {"type": "token", "text": tok.text, "index": tok.index})
+
+    remaining = job.execution_timeout_s - (time.perf_counter() - started)
+    try:
+        done: Done = runner.generate(
+            request_of(job.params),
+            job.id,
+            on_token,
+            timeout=max(remaining, 1.0),
+            cancel_event=cancel,
+        )
+        return done
+    finally:
+        stop.set()
+
+
+def _watch_cancel(
+    ex: Executor, job_id: str, stop: threading.Event, cancel: threading.Event
+) -> None:
+    while not stop.wait(CANCEL_POLL_S):
+        try:
+            if events.cancel_requested(ex.redis, job_id):
+                cancel.set()
+                return
+        except Exception:  # a Redis blip must not kill the generation
+            log.warning("cancel check failed for %s", job_id)
+
+
+def _terminal_of(done: Done, timings: dict[str, Any], text: str) -> Terminal:
+    timings["engine_ms"] = round(done.engine_ms, 3)
+    end = Terminal(
+        JobStatus.SUCCEEDED,
+        prompt_tokens=done.prompt_tokens,
+        completion_tokens=done.completion_tokens,
+        timings=timings,
+    )
+    if not done.error and done.finish_reason != "cancelled":
+        end.result = {"finish_reason": done.finish_reason, "completion": text}
+    elif done.code == "TIMEOUT":
+        end.status, end.error_code = JobStatus.TIMED_OUT, "TIMEOUT"
+        end.error_message = done.detail or "execution timeout reached"
+    elif done.finish_reason == "cancelled" or done.code == "JOB_CANCELLED":
+        end.status, end.error_code = JobStatus.CANCELLED, "JOB_CANCELLED"
+        end.error_message = "cancelled while running"
+    else:
+        end.status = JobStatus.FAILED
+        end.error_code, end.error_message = done.code or "INFERENCE_FAILED", done.detail
+    return end
+
+
+def _end(ex: Executor, ctx: JobContext, end: Terminal) -> str:
+    if not jobs.finish(ex.settings, ctx, end):
+        return "skipped"
+    events.publish(ex.redis, ctx.job.id, end.event())
+    if ctx.job.webhook_url:
+        from workers.celery_app import app
+
+        app.send_task(WEBHOOK_TASK, args=[ctx.job.id], queue=WEBHOOK_QUEUE)
+    return end.status.value

@@ -1,0 +1,119 @@
+"""Job state on the worker side: compare-and-set transitions, terminal state + usage together."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import update
+from sqlmodel import col, select
+
+from core.db import session_scope, update_rows
+from core.ids import new_id
+from core.settings import Settings
+from core.tables import Account, ApiKey, Job, JobStatus, Model, ModelFile, UsageEvent, utcnow
+
+LIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+@dataclass
+class JobContext:
+    """Everything a worker needs to run a job, read in one short transaction."""
+
+    job: Job
+    model: Model
+    files: list[ModelFile]
+    customer: str | None
+
+
+@dataclass
+class Terminal:
+    status: JobStatus
+    result: dict[str, Any] | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    timings: dict[str, Any] = field(default_factory=dict)
+
+    def event(self) -> dict[str, Any]:
+        ev: dict[str, Any] = {"type": "done", "status": self.status.value}
+        if self.status is JobStatus.SUCCEEDED:
+            ev["result"] = {
+                "finish_reason": (self.result or {}).get("finish_reason"),
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+            }
+        else:
+            ev["error"] = {"code": self.error_code, "message": self.error_message}
+        return ev
+
+
+def load(settings: Settings, job_id: str) -> JobContext | None:
+    with session_scope(settings) as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            return None
+        model = s.get(Model, job.model_id)
+        assert model is not None
+        files = list(s.exec(select(ModelFile).where(ModelFile.model_id == model.id)))
+        key = s.get(ApiKey, job.api_key_id) if job.api_key_id else None
+        account = s.get(Account, job.account_id)
+        customer = (key.billed_customer_id if key else None) or (
+            account.stripe_customer_id if account else None
+        )
+        return JobContext(job=job, model=model, files=files, customer=customer)
+
+
+def mark_running(settings: Settings, job: Job) -> bool:
+    """`queued → running` (or a redelivered `running` job taken over) exactly once at a time."""
+    with session_scope(settings) as s:
+        stmt = (
+            update(Job)
+            .where(col(Job.id) == job.id, col(Job.status).in_(LIVE))
+            .values(status=JobStatus.RUNNING, started_at=utcnow(), attempts=Job.attempts + 1)
+        )
+        return update_rows(s, stmt) == 1
+
+
+def finish(settings: Settings, ctx: JobContext, end: Terminal) -> bool:
+    """Write the terminal state and its usage event in one transaction; False if already ended."""
+    job = ctx.job
+    with session_scope(settings) as s:
+        stmt = (
+            update(Job)
+            .where(col(Job.id) == job.id, col(Job.status).in_(LIVE))
+            .values(
+                status=end.status,
+                result=end.result,
+                error_code=end.error_code,
+                error_message=(end.error_message or None) and end.error_message[:2000],
+                prompt_tokens=end.prompt_tokens,
+                completion_tokens=end.completion_tokens,
+                timings=end.timings,
+                finished_at=utcnow(),
+            )
+        )
+        if update_rows(s, stmt) != 1:
+            return False
+        if end.completion_tokens > 0 or end.status is JobStatus.SUCCEEDED:
+            s.add(
+                UsageEvent(
+                    id=new_id("ue"),
+                    job_id=job.id,
+                    account_id=job.account_id,
+                    api_key_id=job.api_key_id,
+                    model_id=job.model_id,
+                    stripe_customer_id=ctx.customer,
+                    prompt_tokens=end.prompt_tokens,
+                    completion_tokens=end.completion_tokens,
+                )
+            )
+        now = utcnow()
+        update_rows(
+            s, update(Model).where(col(Model.id) == job.model_id).values(last_invoked_at=now)
+        )
+        if job.api_key_id:
+            key_row = update(ApiKey).where(col(ApiKey.id) == job.api_key_id)
+            update_rows(s, key_row.values(last_used_at=now))
+    return True

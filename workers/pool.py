@@ -1,0 +1,298 @@
+"""Per-host pool of warm runners, keyed by the model's SHA-256.
+
+A warm READY runner is reused; otherwise a cold start. The pool is capped by a runner count
+and a memory budget: the least recently used *idle* runner is evicted to make room (a busy
+one never is), and when nothing can be evicted the caller waits. Runners idle longer than
+the TTL are torn down by a reaper thread, except the `min_warm` ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from workers.runner.process import Runner, RunnerState
+from workers.runner.sandbox import SandboxConfig
+
+log = logging.getLogger("inferatech.pool")
+
+
+class PoolExhausted(Exception):
+    """No runner could be freed for this request within the acquire timeout."""
+
+
+@dataclass
+class PoolConfig:
+    idle_ttl_s: float = 300.0
+    max_runners: int = 4
+    memory_budget_bytes: int | None = None
+    min_warm: Mapping[str, int] = field(default_factory=dict)
+    start_timeout_s: float = 120.0
+    acquire_timeout_s: float = 60.0
+    reap_interval_s: float = 5.0
+    device: str = "auto"
+    threads: int = 1  # per runner: engine threads and OMP/MKL thread counts
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    runner_argv: Sequence[str] | None = None  # tests swap in a fault-injecting child
+
+
+class Lease(NamedTuple):
+    runner: Runner
+    cold: bool
+    cold_start_ms: float
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    warm_models: list[str]
+    runners: int
+    busy: int
+    cold_starts: int
+    hits: int
+    evictions: int
+    reaped: int
+
+
+@dataclass(eq=False)
+class _Slot:
+    key: str
+    runner: Runner | None  # None while its runner is starting
+    busy: bool
+
+    def idle_ready(self) -> bool:
+        return not self.busy and self.runner is not None and self.runner.state is RunnerState.READY
+
+
+class RunnerPool:
+    """Thread-safe: several request threads may acquire at once."""
+
+    def __init__(self, config: PoolConfig | None = None, **overrides: Any) -> None:
+        """`RunnerPool(PoolConfig(...))` or keyword overrides: `RunnerPool(max_runners=2)`."""
+        self.config = dataclasses.replace(config or PoolConfig(), **overrides)
+        self._min_warm = dict(self.config.min_warm)
+        self._bundles: dict[str, tuple[Path, str]] = {}
+        self._cold_s: dict[str, float] = {}  # last cold start per model
+        self._slots: list[_Slot] = []
+        self._cond = threading.Condition()
+        self._counts = {"cold_starts": 0, "hits": 0, "evictions": 0, "reaped": 0}
+        self._stop = threading.Event()
+        self._reaper: threading.Thread | None = None
+
+    @contextmanager
+    def acquire(
+        self, key: str, bundle_dir: Path, fmt: str, *, timeout: float | None = None
+    ) -> Iterator[Lease]:
+        """A runner for model `key`, exclusively, for the duration of the block."""
+        slot, cold, cold_ms = self._checkout(key, Path(bundle_dir), fmt, timeout)
+        assert slot.runner is not None
+        try:
+            yield Lease(slot.runner, cold, cold_ms)
+        finally:
+            self._checkin(slot)
+
+    def _checkout(
+        self, key: str, bundle_dir: Path, fmt: str, timeout: float | None
+    ) -> tuple[_Slot, bool, float]:
+        began = time.monotonic()
+        deadline = began + (timeout or self.config.acquire_timeout_s)
+        estimate = _bundle_bytes(bundle_dir)
+        while True:
+            victim: _Slot | None = None
+            with self._cond:
+                self._bundles[key] = (bundle_dir, fmt)
+                self._drop_dead()
+                slot = self._idle_for(key)
+                if slot is not None:
+                    slot.busy = True
+                    self._counts["hits"] += 1
+                    return slot, False, 0.0
+                if self._has_room(estimate):
+                    slot = _Slot(key, None, busy=True)
+                    self._slots.append(slot)
+                    break
+                # Waiting for a busy runner of this model beats evicting another model's idle
+                # one while the wait is shorter than this model's cold start: no thrashing.
+                patience = began + self._cold_s.get(key, 0.0)
+                if self._live(key) and time.monotonic() < min(patience, deadline):
+                    self._cond.wait(min(patience, deadline) - time.monotonic())
+                    continue
+                victim = self._evict_lru()
+                if victim is None and not self._cond.wait(deadline - time.monotonic()):
+                    raise PoolExhausted(f"no runner freed within the timeout for {key[:12]}")
+            if victim is not None:
+                _stop(victim)
+        started = time.perf_counter()
+        self._start_into(slot, bundle_dir, fmt)
+        cold_s = time.perf_counter() - started
+        with self._cond:
+            self._cold_s[key] = cold_s
+        return slot, True, cold_s * 1000
+
+    def _start_into(self, slot: _Slot, bundle_dir: Path, fmt: str) -> None:
+        """Cold start outside the lock; a failed start gives its reserved place back."""
+        runner = Runner(
+            bundle_dir,
+            fmt,
+            sandbox=dataclasses.replace(self.config.sandbox, threads=self.config.threads),
+            device=self.config.device,
+            argv=self.config.runner_argv,
+        )
+        try:
+            runner.start(timeout=self.config.start_timeout_s)
+        except BaseException:
+            with self._cond:
+                self._slots.remove(slot)
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            slot.runner = runner
+            self._counts["cold_starts"] += 1
+
+    def _checkin(self, slot: _Slot) -> None:
+        runner = slot.runner
+        with self._cond:
+            slot.busy = False
+            if runner is not None:
+                runner.last_used = time.monotonic()  # a lease is a use, generate or not
+            healthy = runner is not None and runner.state is RunnerState.READY
+            if not healthy and slot in self._slots:
+                self._slots.remove(slot)  # DEFUNCT: never handed out again
+            self._cond.notify_all()
+        if not healthy:
+            _stop(slot)
+
+    # --- decisions, all under self._cond -----------------------------------------------
+
+    def _idle_for(self, key: str) -> _Slot | None:
+        idle = [s for s in self._slots if s.key == key and s.idle_ready()]
+        # Most recently used first: keeps the others cold enough for the reaper to take.
+        return max(idle, key=_last_used, default=None)
+
+    def _has_room(self, estimate: int) -> bool:
+        if not self._slots:
+            return True  # one runner must always be possible, whatever the estimate
+        if len(self._slots) >= self.config.max_runners:
+            return False
+        budget = self.config.memory_budget_bytes
+        return budget is None or self._rss() + estimate <= budget
+
+    def _rss(self) -> int:
+        return sum(s.runner.rss_bytes() for s in self._slots if s.runner is not None)
+
+    def _evict_lru(self) -> _Slot | None:
+        idle = [s for s in self._slots if s.idle_ready()]
+        if not idle:
+            return None
+        # Runners a model's min_warm asks for go last.
+        spare = [s for s in idle if self._live(s.key) > self._min_warm.get(s.key, 0)]
+        victim = min(spare or idle, key=_last_used)
+        self._slots.remove(victim)
+        self._counts["evictions"] += 1
+        return victim
+
+    def _live(self, key: str) -> int:
+        return sum(1 for s in self._slots if s.key == key)
+
+    def _drop_dead(self) -> None:
+        """An idle runner whose child died (OOM killer, crash) is dropped, not reused."""
+        for s in list(self._slots):
+            if s.busy or s.runner is None:
+                continue
+            if s.runner.state is not RunnerState.READY or not s.runner.is_alive():
+                self._slots.remove(s)
+                threading.Thread(target=_stop, args=(s,), daemon=True).start()
+
+    # --- idle teardown and min_warm ------------------------------------------------------
+
+    def set_min_warm(self, key: str, n: int) -> None:
+        with self._cond:
+            self._min_warm[key] = n
+
+    def reap_idle(self) -> int:
+        """Tear down runners idle longer than the TTL beyond each model's min_warm."""
+        now = time.monotonic()
+        victims: list[_Slot] = []
+        with self._cond:
+            self._drop_dead()
+            for s in sorted(self._slots, key=_last_used):
+                if not s.idle_ready() or now - _last_used(s) < self.config.idle_ttl_s:
+                    continue
+                if self._live(s.key) > self._min_warm.get(s.key, 0):
+                    self._slots.remove(s)
+                    victims.append(s)
+            self._counts["reaped"] += len(victims)
+            self._cond.notify_all()
+        for s in victims:
+            _stop(s)
+        return len(victims)
+
+    def fill_min_warm(self) -> int:
+        """Start runners for models below their min_warm (bundle known from an acquire)."""
+        started = 0
+        for key, n in list(self._min_warm.items()):
+            with self._cond:
+                if self._live(key) >= n or key not in self._bundles or not self._has_room(0):
+                    continue
+                slot = _Slot(key, None, busy=True)
+                self._slots.append(slot)
+            self._start_into(slot, *self._bundles[key])
+            self._checkin(slot)
+            started += 1
+        return started
+
+    def start_reaper(self) -> None:
+        if self._reaper is None:
+            self._reaper = threading.Thread(target=self._reap_loop, name="pool-reaper", daemon=True)
+            self._reaper.start()
+
+    def _reap_loop(self) -> None:
+        while not self._stop.wait(self.config.reap_interval_s):
+            try:
+                self.reap_idle()
+                self.fill_min_warm()
+            except Exception:  # the reaper must outlive one bad model
+                log.exception("runner pool maintenance failed")
+
+    def stats(self) -> PoolStats:
+        with self._cond:
+            ready = [s for s in self._slots if s.runner is not None]
+            return PoolStats(
+                warm_models=sorted({s.key for s in ready if s.runner and s.runner.is_alive()}),
+                runners=len(self._slots),
+                busy=sum(1 for s in self._slots if s.busy),
+                **self._counts,
+            )
+
+    def close(self) -> None:
+        """Stop the reaper and every runner, busy ones included (the host is going away)."""
+        self._stop.set()
+        if self._reaper is not None:
+            self._reaper.join(timeout=10)
+        with self._cond:
+            slots, self._slots = self._slots, []
+            self._cond.notify_all()
+        for s in slots:
+            _stop(s)
+
+
+def _last_used(slot: _Slot) -> float:
+    return slot.runner.last_used if slot.runner is not None else time.monotonic()
+
+
+def _stop(slot: _Slot) -> None:
+    if slot.runner is not None:
+        slot.runner.stop()
+
+
+def _bundle_bytes(bundle_dir: Path) -> int:
+    """A cheap memory estimate for a runner not yet started: its weights' size on disk."""
+    if bundle_dir.is_file():
+        return bundle_dir.stat().st_size
+    return sum(p.stat().st_size for p in bundle_dir.rglob("*") if p.is_file())

@@ -1,0 +1,181 @@
+"""The runner process: `python -m workers.runner.child`, started by `Runner` in a sandbox.
+
+stdin carries `Setup`, then `Generate`/`Cancel`/`Shutdown`; stdout carries only events. The
+model is untrusted: whatever it raises becomes `SetupFailed` or `Done(error=True)`; whatever
+kills the process (a GGML_ASSERT abort) is seen by the parent as a dead child.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import BinaryIO
+
+from workers.engines.base import Engine, EngineError, GenerateRequest, SamplingParams
+from workers.runner.protocol import (
+    Cancel,
+    Done,
+    Event,
+    Generate,
+    ProtocolError,
+    Ready,
+    Setup,
+    SetupFailed,
+    Shutdown,
+    Token,
+    decode,
+    encode,
+)
+
+MAX_DETAIL = 2000
+
+
+class EventWriter:
+    """Writes events on a private duplicate of the original stdout, unbuffered."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+
+    def send(self, event: Event) -> None:
+        data = memoryview(encode(event))
+        with self._lock:
+            while data:
+                data = data[os.write(self._fd, data) :]
+
+
+def reserve_stdout() -> EventWriter:
+    """Keep fd 1 for events only: llama.cpp and torch print from C, so move fd 1 to stderr."""
+    sys.stdout.flush()
+    event_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return EventWriter(event_fd)
+
+
+def short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 1] + "…"
+
+
+def load(setup: Setup) -> Engine:
+    from workers.engines.loader import load_engine  # heavy imports happen after the fd swap
+
+    return load_engine(
+        Path(setup.bundle_dir), setup.format, device=setup.device, threads=setup.threads
+    )
+
+
+class Server:
+    """Serves one request at a time; a reader thread takes Cancel/Shutdown meanwhile."""
+
+    def __init__(self, engine: Engine, out: EventWriter, stdin: BinaryIO) -> None:
+        self.engine = engine
+        self.out = out
+        self.stdin = stdin
+        self.requests: queue.Queue[Generate | None] = queue.Queue()
+        self.cancelled: set[str] = set()
+        self.stopping = threading.Event()
+
+    def read_loop(self) -> None:
+        try:
+            for line in self.stdin:
+                event = decode(line)
+                if isinstance(event, Generate):
+                    self.requests.put(event)
+                elif isinstance(event, Cancel):
+                    self.cancelled.add(event.tag)  # set.add is atomic under the GIL
+                elif isinstance(event, Shutdown):
+                    break
+        except (ProtocolError, OSError) as exc:
+            print(f"runner: bad input, stopping: {exc}", file=sys.stderr)
+        # EOF counts as Shutdown: the parent is gone or done with us.
+        self.stopping.set()
+        self.requests.put(None)
+
+    def serve(self) -> None:
+        threading.Thread(target=self.read_loop, name="runner-stdin", daemon=True).start()
+        while (request := self.requests.get()) is not None:
+            self.out.send(self.run(request))
+            self.cancelled.discard(request.tag)
+
+    def run(self, g: Generate) -> Done:
+        params = SamplingParams(
+            max_tokens=g.max_tokens,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            top_k=g.top_k,
+            stop=tuple(g.stop),
+            seed=g.seed,
+        )
+        request = GenerateRequest(prompt=g.prompt, raw=g.raw, params=params)
+        started = time.perf_counter()
+        index = 0
+        try:
+            stream = self.engine.generate(request, lambda: self._is_cancelled(g.tag))
+            while True:
+                try:
+                    piece = next(stream)
+                except StopIteration as stop:
+                    result = stop.value
+                    break
+                self.out.send(Token(tag=g.tag, text=piece, index=index))
+                index += 1
+        except Exception as exc:
+            if isinstance(exc, EngineError):
+                code = exc.code or "INFERENCE_FAILED"
+            else:  # an engine bug, not a model-level refusal: keep the trace for the operator
+                code = "INFERENCE_FAILED"
+                traceback.print_exc(file=sys.stderr)
+            engine_ms = (time.perf_counter() - started) * 1000
+            return Done(tag=g.tag, error=True, code=code, detail=short(exc), engine_ms=engine_ms)
+        return Done(
+            tag=g.tag,
+            finish_reason=result.finish_reason,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            engine_ms=(time.perf_counter() - started) * 1000,
+        )
+
+    def _is_cancelled(self, tag: str) -> bool:
+        return tag in self.cancelled or self.stopping.is_set()
+
+
+def main() -> int:
+    out = reserve_stdout()
+    stdin = sys.stdin.buffer
+    try:
+        setup = decode(stdin.readline())
+        if not isinstance(setup, Setup):
+            raise ProtocolError(f"expected Setup, got {type(setup).__name__}")
+        started = time.perf_counter()
+        engine = load(setup)
+    except Exception as exc:
+        traceback.print_exc(file=sys.stderr)
+        out.send(SetupFailed(detail=short(exc)))
+        return 1
+    load_ms = (time.perf_counter() - started) * 1000
+    device = str(getattr(engine, "device", setup.device))
+    out.send(
+        Ready(
+            load_ms=load_ms,
+            context_length=engine.context_length,
+            has_chat_template=engine.has_chat_template,
+            device=device,
+        )
+    )
+    Server(engine, out, stdin).serve()
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stderr.flush()
+    # Skip interpreter teardown: engine destructors (llama.cpp, torch threads) can take
+    # seconds and the parent is waiting to reuse the slot.
+    os._exit(code)

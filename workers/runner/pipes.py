@@ -1,0 +1,167 @@
+"""The parent's end of one child's stdio (events, stderr ring) and one request in flight."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import queue
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from typing import IO
+
+from workers.engines.base import GenerateRequest
+from workers.runner.protocol import Done, Event, Generate, ProtocolError, Token, decode, encode
+
+STDERR_LINES = 200
+
+
+class PipeClosed(Exception):
+    """The child is gone (EOF), wrote a malformed event, or stopped reading its stdin."""
+
+
+class _Eof:
+    """Marks the end of the child's stdout in the event queue."""
+
+
+class ChildPipes:
+    """A reader thread per output stream; events are queued, stderr kept in a ring buffer."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdin and proc.stdout and proc.stderr
+        self._proc = proc
+        self._events: queue.Queue[Event | _Eof | ProtocolError] = queue.Queue()
+        self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
+        self._write_lock = threading.Lock()
+        self._readers = [
+            threading.Thread(target=fn, args=(stream,), daemon=True, name="runner-io")
+            for fn, stream in ((self._read_events, proc.stdout), (self._read_stderr, proc.stderr))
+        ]
+        for t in self._readers:
+            t.start()
+
+    def send(self, event: Event) -> None:
+        stdin = self._proc.stdin
+        assert stdin is not None
+        try:
+            with self._write_lock:
+                stdin.write(encode(event))
+                stdin.flush()
+        except (OSError, ValueError) as exc:  # ValueError: the pipe was closed by stop()
+            raise PipeClosed(f"runner stdin closed: {exc}") from exc
+
+    def next_event(self, timeout: float) -> Event | None:
+        """The next event, or None if none came within `timeout`; PipeClosed at EOF."""
+        try:
+            item = self._events.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return None
+        if isinstance(item, _Eof):
+            self._events.put(item)  # stays visible to any later reader
+            raise PipeClosed("runner closed its stdout")
+        if isinstance(item, ProtocolError):
+            raise PipeClosed(str(item))
+        return item
+
+    def pending(self) -> int:
+        return self._events.qsize()
+
+    def tail(self, lines: int = 20) -> str:
+        # A dead child's last words may still be in flight: let the reader drain them first.
+        if self._proc.poll() is not None:
+            self._readers[1].join(timeout=0.5)
+        return "\n".join(list(self._stderr)[-lines:])
+
+    def close(self) -> None:
+        """Call after the child is dead: the readers then reach EOF and finish."""
+        streams = [self._proc.stdin]
+        for t, stream in zip(self._readers, (self._proc.stdout, self._proc.stderr), strict=True):
+            t.join(timeout=2)
+            # A reader still blocked (a grandchild holds the pipe) owns the buffer's lock:
+            # closing under it would hang, so that stream is left to the daemon thread.
+            if not t.is_alive():
+                streams.append(stream)
+        for stream in streams:
+            if stream is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    stream.close()
+
+    def _read_events(self, stream: IO[bytes]) -> None:
+        try:
+            for line in stream:
+                try:
+                    self._events.put(decode(line))
+                except ProtocolError as exc:
+                    self._events.put(exc)
+                    return
+        except (OSError, ValueError):
+            pass
+        finally:
+            self._events.put(_Eof())
+
+    def _read_stderr(self, stream: IO[bytes]) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            for line in stream:
+                self._stderr.append(line.decode(errors="replace").rstrip())
+
+
+class Exchange:
+    """Bookkeeping for one request in flight: its deadline, its cancel, its consumer."""
+
+    def __init__(
+        self,
+        tag: str,
+        on_token: Callable[[Token], None],
+        timeout: float | None,
+        cancel_event: threading.Event | None,
+    ) -> None:
+        self.tag = tag
+        self.on_token = on_token
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.cancel_event = cancel_event
+        self.cancel_sent_at: float | None = None
+        self.timed_out = False
+        self.callback_error: Exception | None = None
+
+    def should_cancel(self) -> bool:
+        if self.cancel_sent_at is not None:
+            return False
+        self.timed_out = self.deadline is not None and time.monotonic() >= self.deadline
+        asked = self.cancel_event is not None and self.cancel_event.is_set()
+        return self.timed_out or asked or self.callback_error is not None
+
+    def cancel_ignored(self, grace_s: float) -> bool:
+        sent = self.cancel_sent_at
+        return sent is not None and time.monotonic() - sent > grace_s
+
+    def deliver(self, token: Token) -> None:
+        if self.callback_error is not None:
+            return
+        try:
+            self.on_token(token)
+        except Exception as exc:  # the consumer is gone (client hung up): cancel, stay warm
+            self.callback_error = exc
+
+    def finish(self, done: Done) -> Done:
+        if not self.timed_out:
+            return done
+        detail = f"execution timeout after {self.timeout}s"
+        return dataclasses.replace(done, error=True, code="TIMEOUT", detail=detail)
+
+
+def generate_event(tag: str, request: GenerateRequest) -> Generate:
+    p = request.params
+    return Generate(
+        tag=tag,
+        prompt=request.prompt,
+        raw=request.raw,
+        max_tokens=p.max_tokens,
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        stop=list(p.stop),
+        seed=p.seed,
+    )

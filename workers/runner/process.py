@@ -1,0 +1,274 @@
+"""`Runner`: owns one sandboxed child process and the event pipe to it.
+
+Two tiers of failure, as in cog: a model error arrives as `Done(error=True)` and the runner
+stays READY; a dead, silent or babbling child raises `RunnerFatal` and the runner is DEFUNCT
+for good (the pool drops it, it is never handed out or reported idle again).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from workers.engines.base import GenerateRequest
+from workers.runner.pipes import ChildPipes, Exchange, PipeClosed, generate_event
+from workers.runner.protocol import (
+    Cancel,
+    Done,
+    Event,
+    Ready,
+    Setup,
+    SetupFailed,
+    Shutdown,
+    Token,
+)
+from workers.runner.sandbox import Sandbox, SandboxConfig, runner_argv
+
+log = logging.getLogger("inferatech.runner")
+CANCEL_GRACE_S = 5.0
+STOP_GRACE_S = 3.0
+_POLL_S = 0.05  # how often a waiting generate() looks at its cancel_event
+
+
+class RunnerState(enum.Enum):
+    NEW = "new"
+    STARTING = "starting"
+    READY = "ready"
+    BUSY = "busy"
+    DEFUNCT = "defunct"
+
+
+class RunnerError(Exception):
+    pass
+
+
+class RunnerSetupFailed(RunnerError):
+    """The model did not load; `detail` holds the reason and the tail of the child's stderr."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class RunnerFatal(RunnerError):
+    """The child died or stopped answering mid-request; the runner is DEFUNCT."""
+
+
+class RunnerTimeout(RunnerFatal):
+    """The request ran out of time and the child ignored Cancel, so it was killed."""
+
+
+class InvalidState(RunnerError):
+    pass
+
+
+class Runner:
+    """One child process that owns one loaded model. One request at a time."""
+
+    def __init__(
+        self,
+        bundle_dir: Path,
+        fmt: str,
+        *,
+        sandbox: SandboxConfig | None = None,
+        device: str = "auto",
+        argv: Sequence[str] | None = None,
+    ) -> None:
+        self.bundle_dir = Path(bundle_dir)
+        self.fmt = fmt
+        self.device = device
+        self._sandbox_config = sandbox or SandboxConfig()
+        self._argv = list(argv) if argv else runner_argv()
+        self.state = RunnerState.NEW
+        self.ready: Ready | None = None
+        self.load_ms = 0.0  # the engine's own load time, reported by the child
+        self.startup_ms = 0.0  # spawn → Ready, as the caller sees it
+        self.last_used = time.monotonic()
+        self.sandbox: Sandbox | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._pipes: ChildPipes | None = None
+        self._lock = threading.Lock()  # guards state transitions
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def _assert_state(self, *allowed: RunnerState) -> None:
+        if self.state not in allowed:
+            raise InvalidState(f"runner is {self.state.value}, needs {[s.value for s in allowed]}")
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def tmpdir(self) -> Path | None:
+        return self.sandbox.tmpdir if self.sandbox else None
+
+    @property
+    def network_isolated(self) -> bool:
+        return bool(self.sandbox and self.sandbox.network_isolated)
+
+    def start(self, timeout: float = 120.0) -> Ready:
+        """Spawn the child and load the model; raises RunnerSetupFailed if it does not load."""
+        with self._lock:
+            self._assert_state(RunnerState.NEW)
+            self.state = RunnerState.STARTING
+        began = time.perf_counter()
+        try:
+            self.sandbox = Sandbox(self._sandbox_config)
+            self._proc = self.sandbox.popen(self._argv)
+            self._pipes = ChildPipes(self._proc)
+            threads = self._sandbox_config.threads
+            self._send(Setup(self.bundle_dir.as_posix(), self.fmt, self.device, threads))
+            event = self._next_event(timeout) or self._fatal("runner did not load in time")
+        except RunnerFatal as exc:  # died while loading: the message already has the tail
+            self._kill_and_clean()
+            raise RunnerSetupFailed(str(exc)) from exc
+        except (OSError, subprocess.SubprocessError) as exc:
+            self._kill_and_clean()
+            raise RunnerSetupFailed(f"runner did not start: {exc}") from exc
+        if not isinstance(event, Ready):
+            self._kill_and_clean()
+            reason = event.detail if isinstance(event, SetupFailed) else f"unexpected {event!r}"
+            raise RunnerSetupFailed(self._with_tail(reason))
+        self.ready, self.load_ms = event, event.load_ms
+        self.startup_ms = (time.perf_counter() - began) * 1000
+        self.last_used = time.monotonic()
+        with self._lock:
+            self._assert_state(RunnerState.STARTING)  # stop() may have raced us
+            self.state = RunnerState.READY
+        return event
+
+    def stop(self) -> None:
+        """Shutdown politely, then SIGKILL; remove the temp dir. Safe to call in any state."""
+        with self._lock:
+            was, self.state = self.state, RunnerState.DEFUNCT
+        if self._proc and self._proc.poll() is None and was is RunnerState.READY:
+            try:
+                self._send(Shutdown())
+                self._proc.wait(STOP_GRACE_S)
+            except (RunnerFatal, subprocess.TimeoutExpired):
+                pass
+        self._kill_and_clean()
+
+    def _kill_and_clean(self) -> None:
+        with self._lock:
+            self.state = RunnerState.DEFUNCT
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.kill()
+            self._proc.wait()
+        if self._pipes is not None:
+            self._pipes.close()
+        if self.sandbox is not None:
+            self.sandbox.cleanup()
+
+    # --- requests ------------------------------------------------------------------------
+
+    def generate(
+        self,
+        request: GenerateRequest,
+        tag: str,
+        on_token: Callable[[Token], None],
+        *,
+        timeout: float | None = None,
+        cancel_event: threading.Event | None = None,
+    ) -> Done:
+        """Run one request; returns its one Done. Raises RunnerFatal if the child dies.
+
+        On `timeout` the request is cancelled and its Done comes back with code TIMEOUT (the
+        token counts stay, for usage); if the child ignores Cancel it is killed. If `on_token`
+        raises, the request is cancelled, the runner stays warm, and the error is re-raised.
+        """
+        with self._lock:
+            self._assert_state(RunnerState.READY)
+            self.state = RunnerState.BUSY
+        exchange = Exchange(tag, on_token, timeout, cancel_event)
+        try:
+            self._send(generate_event(tag, request))
+            done = self._serve(exchange)
+        except BaseException:
+            # Fatal, or we stopped listening mid-request: the child's state is unknown.
+            self._kill_and_clean()
+            raise
+        finally:
+            self.last_used = time.monotonic()
+        with self._lock:
+            if self.state is RunnerState.BUSY:
+                self.state = RunnerState.READY
+        if exchange.callback_error is not None:
+            raise exchange.callback_error
+        return done
+
+    def _serve(self, ex: Exchange) -> Done:
+        while True:
+            if ex.should_cancel():
+                self._send(Cancel(ex.tag))
+                ex.cancel_sent_at = time.monotonic()
+            elif ex.cancel_ignored(CANCEL_GRACE_S):
+                kind = RunnerTimeout if ex.timed_out else RunnerFatal
+                raise kind(f"runner ignored Cancel for {CANCEL_GRACE_S:.0f}s; killed")
+            event = self._next_event(_POLL_S)
+            if isinstance(event, Token) and event.tag == ex.tag:
+                ex.deliver(event)
+            elif isinstance(event, Done) and event.tag == ex.tag:
+                return ex.finish(event)
+            elif event is not None:
+                self._fatal(f"unexpected event {event!r}")
+
+    # --- plumbing --------------------------------------------------------------------------
+
+    def _send(self, event: Event) -> None:
+        if self._pipes is None:
+            raise RunnerFatal("runner has no process")
+        try:
+            self._pipes.send(event)
+        except PipeClosed as exc:
+            self._fatal(str(exc))
+
+    def _next_event(self, timeout: float) -> Event | None:
+        assert self._pipes is not None
+        try:
+            return self._pipes.next_event(timeout)
+        except PipeClosed as exc:
+            self._fatal(self._exit_reason(str(exc)))
+
+    def _fatal(self, reason: str) -> NoReturn:
+        raise RunnerFatal(self._with_tail(reason))
+
+    def _exit_reason(self, fallback: str) -> str:
+        assert self._proc is not None
+        try:
+            code = self._proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            return fallback
+        if code < 0:
+            return f"runner killed by {signal.Signals(-code).name}"
+        return f"runner exited with code {code}"
+
+    def _with_tail(self, reason: str) -> str:
+        tail = self.stderr_tail()
+        return f"{reason}\n--- runner stderr (tail) ---\n{tail}" if tail else reason
+
+    def stderr_tail(self, lines: int = 20) -> str:
+        return self._pipes.tail(lines) if self._pipes else ""
+
+    def is_alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the child (0 once it is gone)."""
+        if self._proc is None or self._proc.poll() is not None:
+            return 0
+        try:
+            with open(f"/proc/{self._proc.pid}/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0
