@@ -186,7 +186,7 @@ def _server_commands(sub: Any) -> None:
     api.add_argument("--host", default="0.0.0.0")  # noqa: S104 - a server role in a container
     api.add_argument("--port", type=int, default=8000)
     worker = _add(sub, "worker", cmd_worker, help="run a Celery worker (production role)")
-    worker.add_argument("-Q", "--queues", default="validate,hooks")
+    worker.add_argument("-Q", "--queues", default="validate,background")
     worker.add_argument("-c", "--concurrency", type=int, default=1)
     _add(sub, "beat", cmd_beat, help="run Celery beat (production role)")
     _add(sub, "migrate", cmd_migrate, help="bring the database schema up to date")

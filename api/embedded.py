@@ -25,7 +25,13 @@ import httpx
 from api.cli_client import CliError
 from api.supervisor import Child, ChildDied, Supervisor
 
-SECRET_NAMES = ("secret_key", "key_pepper", "storage_events_secret", "webhook_secret")
+SECRET_NAMES = (
+    "secret_key",
+    "key_pepper",
+    "storage_events_secret",
+    "webhook_secret",
+    "operator_token",
+)
 # sun_path is 108 bytes on Linux; redis refuses longer socket paths.
 MAX_SOCKET_PATH = 100
 STARTUP_TIMEOUT_S = 60.0
@@ -162,7 +168,7 @@ def role_commands(opts: UpOptions) -> dict[str, list[str]]:
                 "--host", opts.host, "--port", str(opts.port)],
         # Prefork with one child: hard time limits need it, and a crash in a task kills only
         # the pool child, not the worker.
-        "worker": [*celery, "worker", "-Q", "validate,hooks", "-c", "1", "-l", "INFO",
+        "worker": [*celery, "worker", "-Q", "validate,background", "-c", "1", "-l", "INFO",
                    "--without-gossip", "--without-mingle", "-n", "embedded@%h"],
         # Inference: threads share one runner pool (runners are processes of their own), and
         # execution timeouts are enforced by the pool, not by Celery's prefork time limits.

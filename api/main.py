@@ -11,9 +11,10 @@ from fastapi import FastAPI
 from api import redaction
 from api.errors import RequestIdMiddleware, install_error_handlers
 from api.inference import router as inference
-from api.routes import accounts, health, keys, models, storage_events, uploads
+from api.inference.routing import WorkerDirectory
+from api.routes import accounts, health, keys, models, storage_events, uploads, workers
 from core.queue import make_celery
-from core.redis import make_async_redis
+from core.redis import get_redis, make_async_redis
 from core.settings import Settings, get_settings
 
 
@@ -25,6 +26,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.aredis = make_async_redis(settings)
+        app.state.workers = WorkerDirectory(get_redis(settings))
         try:
             yield
         finally:
@@ -34,7 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_celery(settings)
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
-    for module in (health, accounts, models, keys, uploads, storage_events, inference):
+    for module in (health, accounts, models, keys, uploads, storage_events, workers, inference):
         app.include_router(module.router)
     return app
 

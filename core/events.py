@@ -87,3 +87,16 @@ async def afollow(
         for entry_id, fields in reply[0][1]:
             last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
             yield last, _decode(fields)
+
+
+def read_heartbeats(client: redis.Redis) -> list[dict[str, Any]]:  # type: ignore[type-arg]
+    """Heartbeats of live workers; an expired one means a dead or stuck worker."""
+    from core.queue import HEARTBEAT_INDEX, HEARTBEAT_PREFIX
+
+    names = [
+        n.decode() if isinstance(n, bytes) else n for n in client.zrange(HEARTBEAT_INDEX, 0, -1)
+    ]
+    if not names:
+        return []
+    raw = client.mget([HEARTBEAT_PREFIX + n for n in names])
+    return [json.loads(r) for r in raw if r]

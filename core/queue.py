@@ -10,8 +10,18 @@ VALIDATE_QUEUE = "validate"
 VALIDATE_TASK = "inferatech.validate_model"
 INFER_QUEUE = "infer"
 INFER_TASK = "inferatech.infer"
-WEBHOOK_QUEUE = "hooks"
+BACKGROUND_QUEUE = "background"  # webhooks and maintenance: never on the inference path
+WEBHOOK_QUEUE = BACKGROUND_QUEUE
 WEBHOOK_TASK = "inferatech.deliver_webhook"
+PURGE_TASK = "inferatech.purge_expired_payloads"
+IDLE_MODELS_TASK = "inferatech.delete_idle_models"
+HEARTBEAT_PREFIX = "worker:"
+HEARTBEAT_INDEX = "workers"
+
+
+def direct_queue(nodename: str) -> str:
+    """The queue only one inference worker consumes (warm-aware routing sends here)."""
+    return f"{INFER_QUEUE}.{nodename}"
 
 
 def broker_url(redis_url: str) -> str:
@@ -51,6 +61,12 @@ def make_celery(settings: Settings) -> Celery:
             VALIDATE_TASK: {"queue": VALIDATE_QUEUE},
             INFER_TASK: {"queue": INFER_QUEUE},
             WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE},
+            PURGE_TASK: {"queue": BACKGROUND_QUEUE},
+            IDLE_MODELS_TASK: {"queue": BACKGROUND_QUEUE},
+        },
+        beat_schedule={
+            "purge-expired-payloads": {"task": PURGE_TASK, "schedule": 3600.0},
+            "delete-idle-models": {"task": IDLE_MODELS_TASK, "schedule": 6 * 3600.0},
         },
         worker_hijack_root_logger=False,
     )

@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     key_pepper: SecretStr = SecretStr(DEV_SECRET)
     storage_events_secret: SecretStr = SecretStr(DEV_SECRET)
 
+    operator_token: SecretStr | None = None
     signup_enabled: bool = True
     max_model_bytes: int = 8 * GiB
     max_files_per_model: int = 64
@@ -42,6 +43,7 @@ class Settings(BaseSettings):
     upload_url_expiry_s: int = 3600
     validation_time_limit_s: int = 1800
     validation_max_pickle_bytes: int = 64 * MiB
+    validation_smoke_test: bool = True
     log_level: str = "INFO"
 
     # Execution layer

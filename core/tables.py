@@ -163,6 +163,7 @@ class Job(SQLModel, table=True):
     attempts: int = Field(default=0)
     created_at: datetime = ts()
     expires_at: datetime | None = ts(nullable=True)
+    purged_at: datetime | None = ts(nullable=True)
     started_at: datetime | None = ts(nullable=True)
     finished_at: datetime | None = ts(nullable=True)
 

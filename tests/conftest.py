@@ -29,6 +29,7 @@ SECRETS = {
     "key_pepper": "test-pepper-0123456789abcdef",
     "storage_events_secret": "test-events-secret-0123456789",
     "webhook_secret": "test-webhook-secret-0123456789",
+    "operator_token": "test-operator-token-0123456789",
 }
 
 

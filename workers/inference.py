@@ -113,7 +113,9 @@ def run_job(job_id: str, ex: Executor) -> str:
                 error_message="cancelled before it started",
             ),
         )
-    lock = ex.redis.lock(f"lock:job:{job_id}", timeout=ctx.job.execution_timeout_s + 120)
+    # Outlives the runner's own timeout, so a redelivered copy of a dead worker's job can
+    # take over soon after; while the first copy runs, the lock keeps the second out.
+    lock = ex.redis.lock(f"lock:job:{job_id}", timeout=ctx.job.execution_timeout_s + 30)
     if not lock.acquire(blocking=False):
         return "busy"
     try:

@@ -52,6 +52,7 @@ class Lease(NamedTuple):
 @dataclass(frozen=True)
 class PoolStats:
     warm_models: list[str]
+    idle_models: list[str]  # models with a READY runner free right now
     runners: int
     busy: int
     cold_starts: int
@@ -265,6 +266,7 @@ class RunnerPool:
             ready = [s for s in self._slots if s.runner is not None]
             return PoolStats(
                 warm_models=sorted({s.key for s in ready if s.runner and s.runner.is_alive()}),
+                idle_models=sorted({s.key for s in self._slots if s.idle_ready()}),
                 runners=len(self._slots),
                 busy=sum(1 for s in self._slots if s.busy),
                 **self._counts,

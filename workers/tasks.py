@@ -6,9 +6,12 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from core import lifecycle
+from core.db import session_scope
 from core.errors import StorageError
-from core.queue import INFER_TASK, VALIDATE_TASK, WEBHOOK_TASK
+from core.queue import IDLE_MODELS_TASK, INFER_TASK, PURGE_TASK, VALIDATE_TASK, WEBHOOK_TASK
 from core.settings import get_settings
+from core.storage import get_storage
 from workers import inference, validation, webhooks
 from workers.celery_app import app
 
@@ -81,3 +84,23 @@ def deliver_webhook(self: Any, job_id: str) -> int:
     if attempt >= settings.webhook_max_attempts:
         return status
     raise self.retry(countdown=min(2 ** (attempt - 1), 600), exc=error)
+
+
+@app.task(name=PURGE_TASK, soft_time_limit=300, time_limit=360)  # type: ignore[untyped-decorator]
+def purge_expired_payloads() -> int:
+    """Retention: prompts and completions do not outlive their job's TTL."""
+    with session_scope(get_settings()) as session:
+        return lifecycle.purge_expired_payloads(session)
+
+
+@app.task(name=IDLE_MODELS_TASK, soft_time_limit=600, time_limit=660)  # type: ignore[untyped-decorator]
+def delete_idle_models() -> int:
+    """Retention: models not invoked for `model_idle_delete_days` are deleted."""
+    settings = get_settings()
+    storage = get_storage(settings)
+    deleted = 0
+    with session_scope(settings) as session:
+        for model in lifecycle.idle_models(session, settings.model_idle_delete_days):
+            lifecycle.delete_model(session=session, storage=storage, model=model)
+            deleted += 1
+    return deleted

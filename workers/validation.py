@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import uuid
+from functools import partial
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import update
 from sqlmodel import select
 
@@ -15,8 +17,10 @@ from core.settings import Settings
 from core.storage import get_storage
 from core.storage.base import ObjectStorage
 from core.tables import Model, ModelFile, ModelStatus, utcnow
-from validators.base import BundleReport
+from validators.base import BundleReport, Finding
 from validators.pipeline import BundleFile, validate_bundle
+from workers.smoke import smoke_test
+from workers.weight_cache import CachedFile
 
 log = logging.getLogger("inferatech.validation")
 
@@ -57,9 +61,38 @@ def run(model_id: str, settings: Settings) -> str:
             log.exception("validator crashed on %s", model_id)
             reject(model_id, settings, "VALIDATOR_ERROR", "the bundle could not be parsed safely")
             return "rejected"
+        if report.ok and settings.validation_smoke_test:
+            _smoke(model_id, settings, report, rows)
         return record(model_id, settings, report)
     finally:
         lock.release()
+
+
+def _smoke(model_id: str, settings: Settings, report: BundleReport, rows: list[ModelFile]) -> None:
+    """Load the model once in a runner; a failure becomes the report's LOAD_FAILED finding."""
+    storage = get_storage(settings)
+    keys = {r.path: r.object_key for r in rows}
+    files = [
+        CachedFile(f.path, f.sha256, f.size, partial(storage.open_read, keys[f.path]))
+        for f in report.files
+    ]
+    fmt = report.format.value if report.format else ""
+    try:
+        result = smoke_test(settings, report.sha256 or "", fmt, files)
+    except SoftTimeLimitExceeded:
+        raise
+    except Exception as exc:
+        if _is_transient(exc):
+            raise
+        # Fail closed, never stuck in `validating`: a model we cannot test gets no key.
+        log.exception("smoke test crashed on %s", model_id)
+        message = f"the test load failed in the worker ({type(exc).__name__}); quote the model id"
+        report.findings.append(Finding("LOAD_FAILED", message))
+        return
+    if result.ok:
+        report.metadata |= result.details
+    else:
+        report.findings.append(Finding("LOAD_FAILED", result.message))
 
 
 def _is_transient(exc: Exception) -> bool:

@@ -6,15 +6,17 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+from celery import Celery
 from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlmodel import Session
 
-from api.deps import CeleryDep, SessionDep, SettingsDep
+from api.deps import SessionDep, SettingsDep
 from api.inference import jobs as job_svc
 from api.inference.auth import authenticate_key, authorize_model, key_token
 from api.inference.protocol import InferRequest, JobCreate, JobCreated, JobPublic
+from api.inference.routing import WorkerDirectory
 from api.inference.serving import (
     Outcome,
     create_job,
@@ -33,15 +35,21 @@ router = APIRouter(tags=["inference"])
 Authorization = Annotated[str | None, Header()]
 
 
-def _start(
-    settings: Settings, celery: object, body: InferRequest, authorization: str | None
-) -> Job:
-
+def _start(request: Request, settings: Settings, body: InferRequest, auth: str | None) -> Job:
+    celery: Celery = request.app.state.celery
+    directory: WorkerDirectory = request.app.state.workers
     with Session(get_engine(settings), expire_on_commit=False) as session:
-        key = authenticate_key(session, settings, key_token(authorization, body.api_key))
+        key = authenticate_key(session, settings, key_token(auth, body.api_key))
         model = authorize_model(session, key, body.model_id)
+        queue = directory.queue_for(model.sha256 or model.id)
         return create_job(
-            session=session, settings=settings, celery=celery, key=key, model=model, req=body
+            session=session,
+            settings=settings,
+            celery=celery,
+            key=key,
+            model=model,
+            req=body,
+            queue=queue,
         )
 
 
@@ -50,12 +58,11 @@ async def infer(
     body: InferRequest,
     request: Request,
     settings: SettingsDep,
-    celery: CeleryDep,
     authorization: Authorization = None,
 ) -> JSONResponse | StreamingResponse:
     """Run one generation through the queue; JSON, or SSE with `"stream": true`."""
     started = time.perf_counter()
-    job = await run_in_threadpool(_start, settings, celery, body, authorization)
+    job = await run_in_threadpool(_start, request, settings, body, authorization)
     aredis = request.app.state.aredis
     outcome = Outcome()
     if not body.stream:
@@ -97,10 +104,10 @@ async def _sse(
 
 @router.post("/v1/jobs", status_code=202)
 async def submit(
-    body: JobCreate, settings: SettingsDep, celery: CeleryDep, authorization: Authorization = None
+    body: JobCreate, request: Request, settings: SettingsDep, authorization: Authorization = None
 ) -> JobCreated:
     """Queue a job; poll `GET /v1/jobs/{id}` or follow `/stream`."""
-    job = await run_in_threadpool(_start, settings, celery, body, authorization)
+    job = await run_in_threadpool(_start, request, settings, body, authorization)
     return JobCreated(id=job.id, status="queued")
 
 

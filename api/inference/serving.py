@@ -36,6 +36,7 @@ def create_job(
     key: ApiKey,
     model: Model,
     req: InferRequest,
+    queue: str = INFER_QUEUE,
 ) -> Job:
     """Persist the job, then enqueue it by name; a broker outage fails it with 503."""
     if len(req.prompt) > settings.max_prompt_chars:
@@ -64,7 +65,7 @@ def create_job(
     session.add(job)
     session.commit()
     try:
-        celery.send_task(INFER_TASK, args=[job.id], queue=INFER_QUEUE, task_id=job.id)
+        celery.send_task(INFER_TASK, args=[job.id], queue=queue, task_id=job.id)
     except Exception as exc:
         job.status, job.error_code = JobStatus.FAILED, "SERVICE_UNAVAILABLE"
         job.error_message, job.finished_at = "the task queue was unavailable", utcnow()

@@ -20,6 +20,7 @@ from core.errors import (
     UploadIncomplete,
 )
 from core.ids import new_id
+from core.lifecycle import delete_model as delete_model
 from core.queue import VALIDATE_QUEUE, VALIDATE_TASK
 from core.settings import Settings
 from core.storage.base import CompletedPart, ObjectStorage, UploadPlan, UploadRejected
@@ -262,16 +263,3 @@ def deliver_first_key(*, session: Session, settings: Settings, model: Model) -> 
     session.commit()
     session.refresh(model)
     return plaintext
-
-
-def delete_model(*, session: Session, storage: ObjectStorage, model: Model) -> None:
-    """Soft-delete the row, revoke its keys, remove its objects."""
-    now = utcnow()
-    model.status = ModelStatus.DELETED
-    model.deleted_at = model.updated_at = now
-    session.add(model)
-    for key in session.exec(select(ApiKey).where(ApiKey.model_id == model.id)):
-        key.revoked_at = key.revoked_at or now
-        session.add(key)
-    session.commit()
-    storage.delete_prefix(f"{model.account_id}/{model.id}/")

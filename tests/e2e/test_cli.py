@@ -52,6 +52,20 @@ def test_upload_gguf_reports_ready_with_api_key(
     assert READY_LINE.search(ready_upload.stdout), ready_upload.stdout
 
 
+def test_infer_with_printed_key_through_embedded_stack(
+    ready_upload: subprocess.CompletedProcess[str], stack: UpProcess
+) -> None:
+    match = READY_LINE.search(ready_upload.stdout)
+    assert match, ready_upload.stdout
+    model_id, key = match.groups()
+    body = {"model_id": model_id, "prompt": "Hello", "max_tokens": 8, "temperature": 0}
+    reply = httpx.post(
+        f"{stack.url}/v1/infer", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["completion_tokens"] >= 1
+
+
 def test_get_model_hides_api_key_after_upload_showed_it(
     ready_upload: subprocess.CompletedProcess[str], cli_env: dict[str, str]
 ) -> None:

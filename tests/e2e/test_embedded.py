@@ -134,6 +134,7 @@ def test_restart_up_reuses_secrets_file_with_mode_0600(restart: Restart) -> None
         "key_pepper",
         "storage_events_secret",
         "webhook_secret",
+        "operator_token",
     }
 
 

@@ -41,15 +41,37 @@ def postgres_database(name: str) -> Iterator[str]:
 
 @functools.cache
 def system_redis_url() -> str:
-    """A database index of the system Redis chosen per test process, flushed once.
+    """A database of the system Redis that no other live test session is using, flushed once.
 
-    Flushing again later would drop kombu's queue bindings under a running worker.
+    Concurrent pytest sessions on one machine must not share a database: their Celery
+    workers would take each other's tasks. Each session claims one with SET NX and keeps the
+    claim alive; flushing again later would drop kombu's bindings under a running worker.
     """
-    url = f"{SYSTEM_REDIS}/{os.getpid() % 14 + 1}"
-    client = redis.Redis.from_url(url, socket_connect_timeout=3)
-    client.ping()  # fails loudly when Redis is not running
-    client.flushdb()
-    return url
+    for db in range(1, 16):
+        url = f"{SYSTEM_REDIS}/{db}"
+        client = redis.Redis.from_url(url, socket_connect_timeout=3)
+        if client.set(CLAIM_KEY, os.getpid(), nx=True, ex=CLAIM_TTL_S) or _claim_is_stale(client):
+            client.flushdb()
+            client.set(CLAIM_KEY, os.getpid(), ex=CLAIM_TTL_S)
+            return url
+    raise RuntimeError("every database of the system Redis is claimed by a live test session")
+
+
+CLAIM_KEY = "inferatech:test-session"
+CLAIM_TTL_S = 3 * 3600
+
+
+def _claim_is_stale(client: redis.Redis) -> bool:  # type: ignore[type-arg]
+    owner = client.get(CLAIM_KEY)
+    if owner is None:
+        return True
+    try:
+        os.kill(int(owner), 0)
+    except (ValueError, ProcessLookupError):
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 @contextmanager
@@ -102,7 +124,7 @@ class Worker:
 def start_worker(
     settings: Settings,
     log_path: Path,
-    queues: str = "validate,hooks",
+    queues: str = "validate,background",
     pool: str = "solo",
     concurrency: int = 1,
 ) -> Worker:

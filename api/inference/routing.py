@@ -1,0 +1,47 @@
+"""Warm-aware routing: send a job to a worker that has its model warm and a free slot."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import redis
+
+from core.events import read_heartbeats
+from core.queue import INFER_QUEUE
+
+REFRESH_S = 1.0
+FRESH_S = 4.0  # a heartbeat older than this may be a dead worker: do not route to it
+
+
+class WorkerDirectory:
+    """The live workers' heartbeats, re-read at most once a second per API process."""
+
+    def __init__(self, client: redis.Redis) -> None:  # type: ignore[type-arg]
+        self._client = client
+        self._lock = threading.Lock()
+        self._beats: list[dict[str, Any]] = []
+        self._read_at = 0.0
+
+    def workers(self) -> list[dict[str, Any]]:
+        with self._lock:
+            if time.monotonic() - self._read_at > REFRESH_S:
+                self._beats = read_heartbeats(self._client)
+                self._read_at = time.monotonic()
+            return self._beats
+
+    def queue_for(self, model_key: str) -> str:
+        """A warm worker's own queue, else the shared one (any worker, cold start if needed)."""
+        try:
+            beats = self.workers()
+        except redis.RedisError:
+            return INFER_QUEUE
+        now = time.time()
+        fresh = [b for b in beats if now - b.get("at", 0) < FRESH_S and b.get("free_slots", 0) > 0]
+        idle = [b for b in fresh if model_key in b.get("idle_models", [])]
+        warm = idle or [b for b in fresh if model_key in b.get("warm_models", [])]
+        if not warm:
+            return INFER_QUEUE
+        best = max(warm, key=lambda b: (b.get("free_slots", 0), -b.get("busy", 0)))
+        return str(best["queue"])

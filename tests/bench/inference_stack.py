@@ -1,0 +1,260 @@
+"""A realistic platform for inference benchmarks, and the measuring helpers they share.
+
+The API runs as a real uvicorn process (as `inferatech api` starts it), a validate worker and
+an infer worker (threads pool) as real Celery processes; models are uploaded over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psutil  # type: ignore[import-untyped]
+import redis
+from sqlmodel import col, select
+
+from core.db import migrate, session_scope
+from core.settings import Settings
+from core.tables import Job
+from tests.conftest import make_settings
+from tests.utils.factories import Content, create_account, upload_model
+from tests.utils.services import free_port
+from tests.utils.stack import ROOT, SYSTEM_REDIS, Worker, env_for, start_worker
+
+# Database 15: `system_redis_url()` hands out 1-14 to test processes.
+BENCH_REDIS = f"{SYSTEM_REDIS}/15"
+RUNNER_MARK = "workers.runner.child"
+# Short, so the cold-start benchmark can wait out a teardown (the reaper ticks every 5 s).
+IDLE_TTL_S = 2
+# Engine threads per runner (and for the in-process baseline); the product default unless set.
+RUNNER_THREADS = os.environ.get("INFERATECH_BENCH_RUNNER_THREADS")
+
+
+@dataclass
+class ApiProcess:
+    """`python -m uvicorn --factory api.main:app_factory`, as `inferatech api` runs it."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+def start_api(settings: Settings, port: int, log_path: Path) -> ApiProcess:
+    cmd = [sys.executable, "-m", "uvicorn", "--factory", "api.main:app_factory",
+           "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env_for(settings), stdout=out, stderr=subprocess.STDOUT
+        )
+    api = ApiProcess(proc, port, log_path)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{api.url}/healthz", timeout=1).status_code == 200:
+                return api
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            api.stop()
+            raise RuntimeError(f"the API did not start:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.1)
+
+
+@dataclass
+class Deployed:
+    """A ready model as a user holds it: id, key and the file(s) it came from."""
+
+    model_id: str
+    key: str
+    fmt: str
+    path: Path  # the GGUF file or the bundle folder
+
+
+@dataclass
+class BenchStack:
+    settings: Settings
+    api: ApiProcess
+    validate_worker: Worker
+    infer_worker: Worker
+    http: httpx.Client
+    models: dict[str, Deployed] = field(default_factory=dict)
+
+    def deploy(self, fmt: str, path: Path, files: dict[str, Content]) -> Deployed:
+        token = create_account(self.http, f"bench-{fmt}")  # type: ignore[arg-type]
+        verdict = upload_model(self.http, token, files, name=f"bench-{fmt}")  # type: ignore[arg-type]
+        assert verdict["status"] == "ready", verdict
+        self.models[fmt] = Deployed(verdict["id"], verdict["api_key"], fmt, path)
+        return self.models[fmt]
+
+    def runner_count(self) -> int:
+        """Runner children of the infer worker alive right now."""
+        try:
+            kids = psutil.Process(self.infer_worker.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return 0
+        count = 0
+        for kid in kids:
+            with suppress(psutil.Error):
+                count += any(RUNNER_MARK in part for part in kid.cmdline())
+        return count
+
+    def wait_no_runners(self, timeout: float = 30) -> float:
+        """Wait until the pool tore every runner down; returns the seconds waited."""
+        began = time.monotonic()
+        while self.runner_count():
+            assert time.monotonic() - began < timeout, "runners were not torn down"
+            time.sleep(0.1)
+        return time.monotonic() - began
+
+    def timings(self, job_ids: list[str]) -> dict[str, dict[str, float]]:
+        with session_scope(self.settings) as s:
+            rows = s.exec(select(Job).where(col(Job.id).in_(job_ids)))
+            return {job.id: dict(job.timings or {}) for job in rows}
+
+
+@contextmanager
+def bench_stack(data_dir: Path) -> Iterator[BenchStack]:
+    """The whole platform on SQLite, file storage and a Redis database of its own."""
+    port = free_port()
+    settings = make_settings(
+        data_dir,
+        redis_url=BENCH_REDIS,
+        public_base_url=f"http://127.0.0.1:{port}",
+        runner_idle_ttl_s=IDLE_TTL_S,
+        **({"runner_threads": int(RUNNER_THREADS)} if RUNNER_THREADS else {}),
+    )
+    redis.Redis.from_url(BENCH_REDIS, socket_connect_timeout=3).flushdb()
+    migrate(settings)
+    validate = start_worker(settings, data_dir / "validate.log")
+    infer = start_worker(settings, data_dir / "infer.log", "infer", "threads", 8)
+    api = None
+    try:
+        api = start_api(settings, port, data_dir / "api.log")
+        with httpx.Client(base_url=api.url, timeout=120) as http:
+            yield BenchStack(settings, api, validate, infer, http)
+    finally:
+        if api is not None:
+            api.stop()
+        infer.stop()
+        validate.stop()
+
+
+# --- requests and statistics ------------------------------------------------------------
+
+
+def infer_body(model: Deployed, prompt: str, max_tokens: int, **extra: Any) -> dict[str, Any]:
+    """Greedy, so every run of the same request produces the same completion."""
+    return {"model_id": model.model_id, "prompt": prompt, "max_tokens": max_tokens,
+            "temperature": 0.0, "top_k": 40, "top_p": 1.0, "seed": 7, **extra}  # fmt: skip
+
+
+@dataclass
+class Reply:
+    job_id: str
+    completion: str
+    completion_tokens: int
+    total_ms: float
+    ttft_ms: float | None = None
+    cold: bool = False
+
+
+def post_infer(http: httpx.Client, model: Deployed, body: dict[str, Any]) -> Reply:
+    headers = {"Authorization": f"Bearer {model.key}"}
+    t0 = time.perf_counter()
+    resp = http.post("/v1/infer", json=body, headers=headers)
+    total = (time.perf_counter() - t0) * 1000
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    cold = resp.headers.get("x-cold-start") == "true"
+    return Reply(out["id"], out["completion"], out["completion_tokens"], total, cold=cold)
+
+
+def stream_infer(http: httpx.Client, model: Deployed, body: dict[str, Any]) -> Reply:
+    """Client-side time to the first `data:` token event, and to the end of the stream."""
+    headers = {"Authorization": f"Bearer {model.key}"}
+    pieces: list[str] = []
+    ttft = None
+    done: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    with http.stream("POST", "/v1/infer", json={**body, "stream": True}, headers=headers) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            event = json.loads(line[5:])
+            if "token" in event:
+                ttft = ttft if ttft is not None else (time.perf_counter() - t0) * 1000
+                pieces.append(event["token"])
+            elif event.get("done"):
+                done = event
+        total = (time.perf_counter() - t0) * 1000
+        job_id, cold = r.headers["x-job-id"], r.headers.get("x-cold-start") == "true"
+    assert "completion_tokens" in done, done
+    return Reply(job_id, "".join(pieces), done["completion_tokens"], total, ttft, cold)
+
+
+def api_floor(
+    http: httpx.Client, model: Deployed, body: dict[str, Any], n: int
+) -> dict[str, list[float]]:
+    """Round trips of the API alone: `/healthz` (HTTP floor) and `POST /v1/jobs` (auth, INSERT,
+    Celery publish), one job at a time."""
+    headers = {"Authorization": f"Bearer {model.key}"}
+    out: dict[str, list[float]] = {"healthz": [], "create": []}
+    for _ in range(n):
+        t0 = time.perf_counter()
+        assert http.get("/healthz").status_code == 200
+        out["healthz"].append((time.perf_counter() - t0) * 1000)
+        t0 = time.perf_counter()
+        resp = http.post("/v1/jobs", json=body, headers=headers)
+        out["create"].append((time.perf_counter() - t0) * 1000)
+        assert resp.status_code == 202, resp.text
+        with http.stream("GET", f"/v1/jobs/{resp.json()['id']}/stream", headers=headers) as r:
+            for line in r.iter_lines():  # let it finish before the next one
+                if line.startswith("data:") and '"done"' in line:
+                    break
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=float), q))
+
+
+def verdict(value: float, target: float) -> str:
+    return "PASS" if value <= target else "FAIL"
+
+
+def fresh_process_ms(code: str, *args: str) -> float:
+    """Milliseconds from spawning `python -c code` to the line it prints after its first token."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-s", "-c", code, *args], stdout=subprocess.PIPE, cwd=ROOT
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    elapsed = (time.perf_counter() - t0) * 1000
+    proc.stdout.read()
+    assert proc.wait(60) == 0 and line.startswith(b"first-token"), line
+    return elapsed

@@ -1,0 +1,342 @@
+"""The execution layer's cost against the engine alone, measured in the same run (issue 3).
+
+A real uvicorn API, a validate worker and an infer worker (threads pool) serve models uploaded
+over HTTP; each benchmark prints one table. Run with `make bench`. The latency targets are
+printed as PASS/FAIL, not asserted (a shared 2-core host is too noisy); correctness is asserted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.bench.inference_stack import (
+    BenchStack,
+    Deployed,
+    api_floor,
+    bench_stack,
+    fresh_process_ms,
+    infer_body,
+    pct,
+    post_infer,
+    stream_infer,
+    verdict,
+)
+from tests.utils.factories import bundle_dir
+from workers.engines.base import Engine, GenerateRequest, SamplingParams
+
+PROMPT = "Tell me a story about the sea."
+WARM_TOKENS, WARM_REQUESTS, STREAM_REQUESTS, WARMUP, FLOOR_REQUESTS = 32, 100, 50, 10, 30
+COLD_SAMPLES = 3
+TPUT_TOKENS, TPUT_LEVELS, LEVEL_S = 64, (1, 4, 16), 10.0
+
+GGUF_FIRST_TOKEN = """
+import sys
+import llama_cpp
+path, prompt, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+llm = llama_cpp.Llama(model_path=path, n_ctx=256, n_threads=threads, n_threads_batch=threads,
+                      verbose=False)
+next(iter(llm.generate(llm.tokenize(prompt.encode(), add_bos=True), temp=0.0)))
+print("first-token", flush=True)
+"""
+
+HF_FIRST_TOKEN = """
+import sys
+import torch
+path, prompt, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+torch.set_num_threads(threads)
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained(path)
+model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+with torch.no_grad():
+    int(model(tok(prompt, return_tensors="pt").input_ids).logits[0, -1].argmax())
+print("first-token", flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def infer_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BenchStack]:
+    from tests.utils.model_files import make_gguf, make_transformers_bundle
+
+    data = tmp_path_factory.mktemp("bench-infer")
+    with bench_stack(data) as stack:
+        gguf = make_gguf(data / "models" / "tiny.gguf")
+        stack.deploy("gguf", gguf, {"tiny.gguf": gguf})
+        hf = data / "models" / "hf"
+        make_transformers_bundle(hf)
+        stack.deploy("transformers", hf, bundle_dir(hf))
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def gguf_engine(infer_stack: BenchStack) -> Iterator[Engine]:
+    """The same file in this process, with the runner's device and thread count."""
+    from workers.engines.loader import load_engine
+
+    s = infer_stack.settings
+    model = infer_stack.models["gguf"]
+    engine = load_engine(model.path, "gguf", device=s.runner_device, threads=s.runner_threads)
+    yield engine
+    engine.close()  # type: ignore[attr-defined]
+
+
+# --- the engine alone -------------------------------------------------------------------
+
+
+@dataclass
+class EngineRun:
+    text: str
+    tokens: int
+    total_ms: float
+    ttft_ms: float
+
+
+def run_engine(engine: Engine, max_tokens: int) -> EngineRun:
+    """One generation as the runner child drives it, minus the pipe."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, top_k=40, top_p=1.0, seed=7)
+    pieces: list[str] = []
+    t0 = time.perf_counter()
+    ttft = 0.0
+    stream = engine.generate(GenerateRequest(prompt=PROMPT, params=params), lambda: False)
+    while True:
+        try:
+            piece = next(stream)
+        except StopIteration as stop:
+            result = stop.value
+            break
+        ttft = ttft or (time.perf_counter() - t0) * 1000
+        pieces.append(piece)
+    total = (time.perf_counter() - t0) * 1000
+    return EngineRun("".join(pieces), result.completion_tokens, total, ttft)
+
+
+def engine_runs(engine: Engine, max_tokens: int, n: int) -> list[EngineRun]:
+    for _ in range(3):  # warm caches and llama.cpp's buffers first
+        run_engine(engine, max_tokens)
+    return [run_engine(engine, max_tokens) for _ in range(n)]
+
+
+def _line(cells: list[str], widths: list[int]) -> str:
+    return "".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(cells, widths)))
+
+
+def show(title: str, header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"\n{title}  [host: {os.cpu_count()} CPUs, load average {load}]")
+    widths = [max(len(h) + 2, 12) for h in header]
+    widths[0] = max(len(str(r[0])) for r in [header, *rows]) + 2
+    print(_line(list(header), widths))
+    for row in rows:
+        print(_line([f"{c:.2f}" if isinstance(c, float) else str(c) for c in row], widths))
+
+
+# --- 1. warm overhead ---------------------------------------------------------------------
+
+
+@pytest.mark.bench
+def test_bench_warm_overhead(infer_stack: BenchStack, gguf_engine: Engine) -> None:
+    model = infer_stack.models["gguf"]
+    body = infer_body(model, PROMPT, WARM_TOKENS)
+    base = engine_runs(gguf_engine, WARM_TOKENS, WARM_REQUESTS)
+    for _ in range(WARMUP):
+        post_infer(infer_stack.http, model, body)
+    replies = [post_infer(infer_stack.http, model, body) for _ in range(WARM_REQUESTS)]
+    streams = [stream_infer(infer_stack.http, model, body) for _ in range(STREAM_REQUESTS)]
+    for reply in replies + streams:  # greedy: the platform answers exactly what the engine does
+        assert (reply.completion, reply.completion_tokens) == (base[0].text, base[0].tokens)
+    assert not any(r.cold for r in replies + streams), "a warm request hit a cold start"
+    timings = infer_stack.timings([r.job_id for r in replies])
+    engine_ms = statistics.median(b.total_ms for b in base)
+    overhead = [r.total_ms - engine_ms for r in replies]
+    ttft_engine = statistics.median(b.ttft_ms for b in base)
+    ttft_over = [s.ttft_ms - ttft_engine for s in streams if s.ttft_ms is not None]
+    rows = [
+        ("overhead p50 (client - engine)", pct(overhead, 50), 5.0, verdict(pct(overhead, 50), 5)),
+        ("overhead p99", pct(overhead, 99), 20.0, verdict(pct(overhead, 99), 20)),
+        ("TTFT overhead p50 (stream)", pct(ttft_over, 50), 5.0, verdict(pct(ttft_over, 50), 5)),
+        ("TTFT overhead p99 (stream)", pct(ttft_over, 99), "-", "-"),
+    ]
+    title = f"Warm overhead: GGUF, {WARM_TOKENS} tokens, greedy, concurrency 1, "
+    title += f"{WARM_REQUESTS} JSON + {STREAM_REQUESTS} SSE requests (ms)"
+    show(title, ("metric", "ms", "target", "result"), rows)
+    floor = api_floor(infer_stack.http, model, body, FLOOR_REQUESTS)
+    _show_breakdown(replies, timings, base, [s.ttft_ms or 0.0 for s in streams], floor)
+
+
+def _show_breakdown(
+    replies: list[Any],
+    timings: dict[str, dict[str, float]],
+    base: list[EngineRun],
+    client_ttft: list[float],
+    floor: dict[str, list[float]],
+) -> None:
+    def part(name: str, values: list[float]) -> tuple[str, float, float, float]:
+        return (name, pct(values, 50), pct(values, 99), statistics.fmean(values))
+
+    t = [timings[r.job_id] for r in replies]
+    total = [r.total_ms for r in replies]
+    runner_engine = [x["engine_ms"] for x in t]
+    engine_p50 = statistics.median(b.total_ms for b in base)
+    queue, run = [x["queue_ms"] for x in t], [x["run_ms"] for x in t]
+    rest = [c - q - r for c, q, r in zip(total, queue, run)]
+    rows = [
+        part("client end-to-end", total),
+        part("engine in-process (baseline)", [b.total_ms for b in base]),
+        part("engine_ms in the runner", runner_engine),
+        part("  runner engine - in-process", [e - engine_p50 for e in runner_engine]),
+        part("queue_ms (job row -> worker)", queue),
+        part("run_ms - engine_ms (pool+pipe+XADD)", [r - e for r, e in zip(run, runner_engine)]),
+        part("rest (API, mark_running, finish txn, XREAD)", rest),
+        part("  GET /healthz round trip (HTTP floor)", floor["healthz"]),
+        part("  POST /v1/jobs (auth+INSERT+publish)", floor["create"]),
+        part("client TTFT (stream)", client_ttft),
+        part("engine TTFT in-process", [b.ttft_ms for b in base]),
+    ]
+    show("Where the warm time goes (ms)", ("part", "p50", "p99", "mean"), rows)
+
+
+# --- 2. cold start -----------------------------------------------------------------------
+
+
+def _cold_samples(stack: BenchStack, model: Deployed) -> list[tuple[float, float, float]]:
+    """(client TTFT, client total, cold_start_ms) of first requests after a teardown."""
+    body = infer_body(model, PROMPT, WARM_TOKENS)
+    post_infer(stack.http, model, body)  # the weights are in the host cache from here on
+    samples = []
+    for _ in range(COLD_SAMPLES):
+        stack.wait_no_runners()
+        reply = stream_infer(stack.http, model, body)
+        assert reply.cold, "expected a cold start after the teardown"
+        cold_ms = stack.timings([reply.job_id])[reply.job_id]["cold_start_ms"]
+        samples.append((reply.ttft_ms or 0.0, reply.total_ms, cold_ms))
+    return samples
+
+
+def _cold_row(stack: BenchStack, fmt: str, code: str) -> tuple[Any, ...]:
+    model = stack.models[fmt]
+    threads = str(stack.settings.runner_threads)
+    path = model.path
+    base = statistics.median(
+        fresh_process_ms(code, str(path), PROMPT, threads) for _ in range(COLD_SAMPLES)
+    )
+    samples = _cold_samples(stack, model)
+    ttft = statistics.median(s[0] for s in samples)
+    total = statistics.median(s[1] for s in samples)
+    cold = statistics.median(s[2] for s in samples)
+    ratio = ttft / base
+    return (fmt, base, cold, ttft, total, ratio, verdict(ratio, 1.2))
+
+
+@pytest.mark.bench
+def test_bench_cold_start(infer_stack: BenchStack) -> None:
+    rows = [
+        _cold_row(infer_stack, "gguf", GGUF_FIRST_TOKEN),
+        _cold_row(infer_stack, "transformers", HF_FIRST_TOKEN),
+    ]
+    header = (
+        "format",
+        "fresh proc",
+        "cold_start",
+        "client TTFT",
+        "client total",
+        "ratio",
+        "<=1.2x",
+    )
+    title = f"Cold start after idle teardown, weights in host cache (median of {COLD_SAMPLES}, ms)"
+    show(title, header, rows)
+    print("fresh proc: `python -c` importing the library, loading the file and producing the")
+    print("first token, from spawn. ratio = client TTFT of the cold request / fresh proc.")
+
+
+# --- 3. throughput -------------------------------------------------------------------------
+
+
+@dataclass
+class Level:
+    concurrency: int
+    requests: int
+    tokens: int
+    seconds: float
+    p50_ms: float
+    cold_starts: int
+    max_runners: int
+
+    @property
+    def tps(self) -> float:
+        return self.tokens / self.seconds
+
+
+async def _drive(url: str, model: Deployed, body: dict[str, Any], concurrency: int) -> list[Any]:
+    headers = {"Authorization": f"Bearer {model.key}"}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    out: list[tuple[float, dict[str, Any], bool]] = []
+    deadline = time.perf_counter() + LEVEL_S
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
+
+        async def client() -> None:
+            while time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                resp = await http.post("/v1/infer", json=body, headers=headers)
+                assert resp.status_code == 200, resp.text
+                cold = resp.headers.get("x-cold-start") == "true"
+                out.append(((time.perf_counter() - t0) * 1000, resp.json(), cold))
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    return out
+
+
+def _watch(sample: Callable[[], int], stop: threading.Event, seen: list[int]) -> None:
+    while not stop.wait(0.5):
+        seen.append(sample())
+
+
+def _level(stack: BenchStack, body: dict[str, Any], expected: str, concurrency: int) -> Level:
+    model = stack.models["gguf"]
+    stop, seen = threading.Event(), [stack.runner_count()]
+    watcher = threading.Thread(target=_watch, args=(stack.runner_count, stop, seen), daemon=True)
+    watcher.start()
+    t0 = time.perf_counter()
+    out = asyncio.run(_drive(stack.api.url, model, body, concurrency))
+    seconds = time.perf_counter() - t0
+    stop.set()
+    watcher.join()
+    assert all(r["completion"] == expected for _, r, _ in out), "crossed or wrong outputs"
+    tokens = sum(r["completion_tokens"] for _, r, _ in out)
+    p50 = pct([ms for ms, _, _ in out], 50)
+    colds = sum(cold for _, _, cold in out)
+    return Level(concurrency, len(out), tokens, seconds, p50, colds, max(seen))
+
+
+@pytest.mark.bench
+def test_bench_throughput(infer_stack: BenchStack, gguf_engine: Engine) -> None:
+    model = infer_stack.models["gguf"]
+    body = infer_body(model, PROMPT, TPUT_TOKENS)
+    t0, runs = time.perf_counter(), engine_runs(gguf_engine, TPUT_TOKENS, 1)
+    while time.perf_counter() - t0 < LEVEL_S / 2:
+        runs.append(run_engine(gguf_engine, TPUT_TOKENS))
+    engine_tps = sum(r.tokens for r in runs) / (sum(r.total_ms for r in runs) / 1000)
+    post_infer(infer_stack.http, model, body)  # warm
+    levels = [_level(infer_stack, body, runs[0].text, c) for c in TPUT_LEVELS]
+    rows = [(f"engine alone, sequential ({len(runs)} calls)", engine_tps, "-", "-", "-", "-", "1", "-")]  # fmt: skip
+    for lv in levels:
+        cost = (1 - lv.tps / engine_tps) * 100
+        rows.append((f"platform c={lv.concurrency} ({lv.requests} req)", lv.tps, cost,
+                     verdict(cost, 10), lv.p50_ms, lv.cold_starts, str(lv.max_runners),
+                     f"{lv.seconds:.1f}s"))  # fmt: skip
+    header = ("setup", "tok/s", "cost %", "<=10 %", "p50 ms", "cold", "runners", "wall")
+    title = f"Throughput: GGUF, {TPUT_TOKENS} tokens/request, ~{LEVEL_S:.0f} s per level"
+    show(title, header, rows)
+    per_request = levels[0].seconds / levels[0].requests * 1000 - 1000 * TPUT_TOKENS / engine_tps
+    print("Baseline: the same engine in this process, calls one after another (one runner serves")
+    print("one request at a time); runners = most runner processes seen during the level.")
+    print(f"Fixed cost per request at c=1: {per_request:.1f} ms; for a generation the engine takes")
+    print(f"1 s over, that is a {per_request / (1000 + per_request) * 100:.1f} % throughput cost.")

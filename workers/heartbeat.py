@@ -1,0 +1,93 @@
+"""Worker heartbeats on Redis: host, warm models, free slots and hardware, for routing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from typing import Any
+
+import redis
+
+from core.queue import HEARTBEAT_INDEX, HEARTBEAT_PREFIX, direct_queue
+from workers.pool import RunnerPool
+
+log = logging.getLogger("inferatech.heartbeat")
+INTERVAL_S = 2.0
+TTL_S = 6
+
+
+def hardware() -> dict[str, Any]:
+    """What this host offers; GPUs through nvidia-smi so the worker needs no torch import."""
+    gpus: list[str] = []
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=5)  # noqa: S603
+            gpus = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+        except (OSError, subprocess.SubprocessError):
+            gpus = []
+    return {"cpus": os.cpu_count() or 1, "gpus": gpus}
+
+
+def snapshot(nodename: str, pool: RunnerPool, hw: dict[str, Any]) -> dict[str, Any]:
+    stats = pool.stats()
+    return {
+        "name": nodename,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "queue": direct_queue(nodename),
+        "warm_models": stats.warm_models,
+        "idle_models": stats.idle_models,
+        "runners": stats.runners,
+        "busy": stats.busy,
+        "free_slots": max(pool.config.max_runners - stats.busy, 0),
+        "cold_starts": stats.cold_starts,
+        "hits": stats.hits,
+        "hardware": hw,
+        "at": time.time(),
+    }
+
+
+def publish(client: redis.Redis, beat: dict[str, Any]) -> None:  # type: ignore[type-arg]
+    now = time.time()
+    pipe = client.pipeline(transaction=False)
+    pipe.set(HEARTBEAT_PREFIX + beat["name"], json.dumps(beat), ex=TTL_S)
+    pipe.zadd(HEARTBEAT_INDEX, {beat["name"]: now})
+    pipe.zremrangebyscore(HEARTBEAT_INDEX, "-inf", now - 3600)
+    pipe.execute()
+
+
+class Heartbeat:
+    """A daemon thread publishing this worker's snapshot every INTERVAL_S."""
+
+    def __init__(self, nodename: str, pool: RunnerPool, client: redis.Redis) -> None:  # type: ignore[type-arg]
+        self.nodename, self.pool, self.client = nodename, pool, client
+        self._stop = threading.Event()
+        self._hw = hardware()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.client.delete(HEARTBEAT_PREFIX + self.nodename)
+            self.client.zrem(HEARTBEAT_INDEX, self.nodename)
+        except redis.RedisError:
+            pass
+
+    def _run(self) -> None:
+        while True:
+            try:
+                publish(self.client, snapshot(self.nodename, self.pool, self._hw))
+            except redis.RedisError as exc:  # keep beating once Redis is back
+                log.warning("heartbeat failed: %s", type(exc).__name__)
+            if self._stop.wait(INTERVAL_S):
+                return
