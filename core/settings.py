@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GiB = 1024**3
@@ -55,7 +56,8 @@ class Settings(BaseSettings):
     runner_idle_ttl_s: int = 300
     runner_max: int = 4
     runner_memory_budget_bytes: int = 16 * GiB
-    runner_threads: int = 2
+    # Engine threads per runner: the cores shared out among the runners a worker may hold.
+    runner_threads: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 1) // 4))
     runner_device: str = "auto"
     weight_cache_dir: Path | None = None
     weight_cache_budget_bytes: int = 50 * GiB

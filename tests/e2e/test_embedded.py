@@ -64,6 +64,10 @@ def restart() -> Iterator[Restart]:
         secrets_before = (data / "secrets.json").read_text()
         reply = httpx.post(f"{first.url}/v1/accounts", json={"name": "persisted"}, timeout=10)
         recorded, tree = first.pids(), first.tree()
+        deadline = time.monotonic() + 15  # the worker forks its pool child a moment after ready
+        while len(tree) <= len(recorded) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            tree = first.tree()
     finally:
         first_rc = first.stop(signal.SIGINT)
     assert reply.status_code == 201, reply.text

@@ -87,7 +87,9 @@ def test_idle_runner_torn_down_after_ttl(make_pool: MakePool, gguf_dir: Path) ->
     assert pool.reap_idle() == 0  # not idle long enough yet
     pool.start_reaper()
     deadline = time.monotonic() + 10
-    while not (pool.stats().reaped and gone(pid or 0)) and time.monotonic() < deadline:
+    while time.monotonic() < deadline and not (
+        pool.stats().reaped and gone(pid or 0) and tmp is not None and not tmp.exists()
+    ):
         time.sleep(0.1)
     assert pool.stats().runners == 0 and pool.stats().reaped == 1
     assert gone(pid or 0) and not runner_processes()

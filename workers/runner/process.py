@@ -261,7 +261,15 @@ class Runner:
         return self._pipes.tail(lines) if self._pipes else ""
 
     def is_alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        if self._proc is None or self._proc.poll() is not None:
+            return False
+        # poll() answers None while another thread blocks in wait(): read the kernel's view.
+        try:
+            with open(f"/proc/{self._proc.pid}/stat", "rb") as stat:
+                state = stat.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        return state not in (b"Z", b"X")
 
     def rss_bytes(self) -> int:
         """Resident memory of the child (0 once it is gone)."""
