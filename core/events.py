@@ -35,6 +35,15 @@ def publish(client: redis.Redis, job_id: str, event: dict[str, Any]) -> None:  #
     pipe.execute()
 
 
+def publish_many(client: redis.Redis, job_id: str, batch: list[dict[str, Any]]) -> None:  # type: ignore[type-arg]
+    """Append several events in one round trip, in order."""
+    key = stream_key(job_id)
+    pipe = client.pipeline(transaction=False)
+    for event in batch:
+        pipe.xadd(key, {"e": json.dumps(event, separators=(",", ":"))}, maxlen=STREAM_MAXLEN)
+    pipe.execute()
+
+
 def follow(
     client: redis.Redis,  # type: ignore[type-arg]
     job_id: str,

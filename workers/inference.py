@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from datetime import datetime
@@ -194,9 +195,11 @@ def _generate(ex: Executor, ctx: JobContext, runner: Any, started: float, texts:
     watcher = threading.Thread(target=_watch_cancel, args=(ex, job.id, stop, cancel), daemon=True)
     watcher.start()
 
+    publisher = TokenPublisher(ex, job.id)
+
     def on_token(tok: Token) -> None:
         texts.append(tok.text)
-        events.publish(ex.redis, job.id, {"type": "token", "text": tok.text, "index": tok.index})
+        publisher.put({"type": "token", "text": tok.text, "index": tok.index})
 
     remaining = job.execution_timeout_s - (time.perf_counter() - started)
     try:
@@ -210,6 +213,42 @@ def _generate(ex: Executor, ctx: JobContext, runner: Any, started: float, texts:
         return done
     finally:
         stop.set()
+        publisher.close()  # every token is on the stream before the terminal event
+
+
+class TokenPublisher:
+    """Publishes token events from its own thread, one pipeline per backlog.
+
+    A lone token goes out at once (streaming latency); tokens that arrive faster than Redis
+    round trips are batched instead of queueing one round trip each behind the engine.
+    """
+
+    def __init__(self, ex: Executor, job_id: str) -> None:
+        self._ex, self._job_id = ex, job_id
+        self._queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="token-publisher", daemon=True)
+        self._thread.start()
+
+    def put(self, event: dict[str, Any]) -> None:
+        self._queue.put(event)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while not self._queue.empty() and batch[-1] is not None:
+                batch.append(self._queue.get_nowait())
+            ready = [e for e in batch if e is not None]
+            if ready:
+                try:
+                    events.publish_many(self._ex.redis, self._job_id, ready)
+                except Exception:  # a Redis blip loses stream events, never the job
+                    log.warning("could not publish %d token events of %s", len(ready), self._job_id)
+            if batch[-1] is None:
+                return
 
 
 def _watch_cancel(

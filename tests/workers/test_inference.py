@@ -147,9 +147,11 @@ def test_run_job_cancel_while_running_records_partial_usage(
     deadline = time.monotonic() + 30
     while executor.redis.xlen(events.stream_key(job_id)) < 3 and time.monotonic() < deadline:
         time.sleep(0.02)
+    seen_before_cancel = executor.redis.xlen(events.stream_key(job_id))
     events.request_cancel(executor.redis, job_id)
     thread.join(30)
-    assert outcome == ["cancelled"]
+    job = job_row(stack, job_id)
+    assert outcome == ["cancelled"], (seen_before_cancel, job.timings, job.completion_tokens)
     (usage,) = usage_rows(stack, job_id)
     assert 1 <= usage.completion_tokens < 200
 
