@@ -8,7 +8,7 @@ replay from the start, so a client may connect late.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import redis
@@ -44,26 +44,6 @@ def publish_many(client: redis.Redis, job_id: str, batch: list[dict[str, Any]]) 
     pipe.execute()
 
 
-def follow(
-    client: redis.Redis,  # type: ignore[type-arg]
-    job_id: str,
-    *,
-    after: str = "0",
-    block_ms: int = 1000,
-) -> Iterator[tuple[str, dict[str, Any] | None]]:
-    """Yield `(entry_id, event)` forever; `event` is None on an idle wake-up (heartbeat)."""
-    key = stream_key(job_id)
-    last = after
-    while True:
-        reply = client.xread({key: last}, count=256, block=block_ms)
-        if not reply:
-            yield last, None
-            continue
-        for entry_id, fields in reply[0][1]:
-            last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-            yield last, _decode(fields)
-
-
 def request_cancel(client: redis.Redis, job_id: str, ttl_s: int = STREAM_TTL_S) -> None:  # type: ignore[type-arg]
     client.set(cancel_key(job_id), b"1", ex=ttl_s)
 
@@ -85,7 +65,10 @@ async def afollow(
     after: str = "0",
     block_ms: int = 1000,
 ) -> AsyncIterator[tuple[str, dict[str, Any] | None]]:
-    """The asyncio twin of `follow`, for the API (one blocked XREAD per waiting request)."""
+    """Yield `(entry_id, event)` forever; `event` is None on an idle wake-up (a heartbeat).
+
+    One blocked XREAD per waiting request, on the API's event loop.
+    """
     key = stream_key(job_id)
     last = after
     while True:
