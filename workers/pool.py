@@ -80,6 +80,7 @@ class RunnerPool:
         self._min_warm = dict(self.config.min_warm)
         self._bundles: dict[str, tuple[Path, str]] = {}
         self._cold_s: dict[str, float] = {}  # last cold start per model
+        self._sizes: dict[str, int] = {}  # bundle bytes per model, the memory estimate
         self._slots: list[_Slot] = []
         self._cond = threading.Condition()
         self._counts = {"cold_starts": 0, "hits": 0, "evictions": 0, "reaped": 0}
@@ -103,7 +104,10 @@ class RunnerPool:
     ) -> tuple[_Slot, bool, float]:
         began = time.monotonic()
         deadline = began + (timeout or self.config.acquire_timeout_s)
-        estimate = _bundle_bytes(bundle_dir)
+        # Bundles are content-addressed, so their size never changes: walk the folder once.
+        estimate = self._sizes.get(key)
+        if estimate is None:
+            estimate = self._sizes[key] = _bundle_bytes(bundle_dir)
         while True:
             victim: _Slot | None = None
             with self._cond:

@@ -97,3 +97,19 @@ def bundle_dir(directory: Path) -> dict[str, Content]:
     return {
         p.relative_to(directory).as_posix(): p for p in sorted(directory.rglob("*")) if p.is_file()
     }
+
+
+def validating_model(client: TestClient, settings: Any, files: dict[str, Content]) -> str:
+    """Files uploaded, row set to `validating` by hand, no task queued: for in-process runs."""
+    from core.db import session_scope
+    from core.tables import Model, ModelStatus
+
+    token = create_account(client)
+    created = declare(client, token, "m", files)
+    upload_files(client, created, files)
+    with session_scope(settings) as s:
+        model = s.get(Model, created["id"])
+        assert model is not None
+        model.status = ModelStatus.VALIDATING
+        s.add(model)
+    return str(created["id"])

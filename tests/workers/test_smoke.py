@@ -20,9 +20,8 @@ from tests.utils.factories import (
     Content,
     bundle_dir,
     create_account,
-    declare,
-    upload_files,
     upload_model,
+    validating_model,
 )
 from tests.utils.stack import StackInfo
 from tests.workers.conftest import fault_argv, runner_processes
@@ -50,16 +49,7 @@ def _details(stack: StackInfo, model_id: str) -> tuple[ModelStatus, dict[str, An
 
 
 def _validating_model(client: TestClient, stack: StackInfo, files: dict[str, Content]) -> str:
-    """Files uploaded, row set to `validating` by hand, no task queued: for in-process runs."""
-    token = create_account(client)
-    created = declare(client, token, "m", files)
-    upload_files(client, created, files)
-    with session_scope(stack.settings) as s:
-        model = s.get(Model, created["id"])
-        assert model is not None
-        model.status = ModelStatus.VALIDATING
-        s.add(model)
-    return str(created["id"])
+    return validating_model(client, stack.settings, files)
 
 
 def _runner_children(worker_pid: int) -> list[psutil.Process]:

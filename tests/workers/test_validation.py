@@ -10,23 +10,13 @@ from fastapi.testclient import TestClient
 from core.db import session_scope
 from core.redis import get_redis
 from core.tables import Model, ModelStatus
-from tests.utils.factories import create_account, declare, upload_files
+from tests.utils.factories import validating_model
 from tests.utils.stack import StackInfo
 from workers import validation
 
 
 def _validating_model(client: TestClient, stack: StackInfo, gguf: Path) -> str:
-    """A model whose files are uploaded and whose row says `validating`, with no task queued."""
-    token = create_account(client)
-    files = {"tiny.gguf": gguf}
-    created = declare(client, token, "m", files)
-    upload_files(client, created, files)
-    with session_scope(stack.settings) as s:
-        model = s.get(Model, created["id"])
-        assert model is not None
-        model.status = ModelStatus.VALIDATING
-        s.add(model)
-    return str(created["id"])
+    return validating_model(client, stack.settings, {"tiny.gguf": gguf})
 
 
 def _status(stack: StackInfo, model_id: str) -> ModelStatus:
