@@ -1,7 +1,8 @@
 """A runner child with one injected fault, for the cog-style failure fixtures.
 
 `python -m tests.workers.fault_child MODE` behaves like `workers.runner.child` but wraps the
-engine the real loader returns: `slow` sleeps between tokens, `exit_in_generate` calls
+engine the real loader returns: `slow` sleeps between tokens,
+`slow_endless` also never stops on its own, `exit_in_generate` calls
 os._exit after two tokens, `ignore_cancel` never stops, `raise_in_generate` raises a bare
 RuntimeError, `print_in_setup` writes junk to stdout from Python and from C before loading.
 """
@@ -41,13 +42,15 @@ class Faulty:
             for piece in self.inner.generate(request, check):
                 if MODE == "exit_in_generate" and n == 2:
                     os._exit(3)
-                if MODE in ("slow", "ignore_cancel"):
+                if MODE in ("slow", "slow_endless", "ignore_cancel"):
                     time.sleep(0.05)
                 if check():
                     return GenerationResult("cancelled", 1, n)
                 n += 1
                 yield piece
-            if MODE != "ignore_cancel":
+            # Endless modes start over when the model stops, so only cancel (or a timeout) ends
+            # them: a tiny random model may emit end-of-sequence after a handful of tokens.
+            if MODE not in ("ignore_cancel", "slow_endless"):
                 return GenerationResult("length", 1, n)
 
 

@@ -139,7 +139,7 @@ def test_run_job_with_runner_crash_fails_and_worker_goes_on(
 def test_run_job_cancel_while_running_records_partial_usage(
     stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
 ) -> None:
-    faulty(executor, "slow")  # 50 ms a token: 200 tokens take 10 s, plenty of time to cancel
+    faulty(executor, "slow_endless")  # 50 ms a token until cancelled: plenty of time
     job_id = make_job(stack, gguf_ready, params={"max_tokens": 200})
     outcome: list[str] = []
     thread = threading.Thread(target=lambda: outcome.append(inference.run_job(job_id, executor)))
@@ -159,7 +159,7 @@ def test_run_job_cancel_while_running_records_partial_usage(
 def test_run_job_past_execution_timeout_times_out(
     stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
 ) -> None:
-    faulty(executor, "slow")
+    faulty(executor, "slow_endless")
     job_id = make_job(stack, gguf_ready, execution_timeout_s=1)
     assert inference.run_job(job_id, executor) == "timed_out"
     job = job_row(stack, job_id)
