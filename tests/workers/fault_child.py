@@ -48,9 +48,15 @@ class Faulty:
                     return GenerationResult("cancelled", 1, n)
                 n += 1
                 yield piece
-            # Endless modes start over when the model stops, so only cancel (or a timeout) ends
-            # them: a tiny random model may emit end-of-sequence after a handful of tokens.
-            if MODE not in ("ignore_cancel", "slow_endless"):
+            if MODE == "slow_endless":
+                # A tiny random model may emit end-of-sequence after a few tokens: keep going
+                # with filler, without re-entering the engine, until cancelled or timed out.
+                while not check():
+                    time.sleep(0.05)
+                    n += 1
+                    yield "."
+                return GenerationResult("cancelled", 1, n)
+            if MODE != "ignore_cancel":
                 return GenerationResult("length", 1, n)
 
 
