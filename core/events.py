@@ -41,6 +41,8 @@ def publish_many(client: redis.Redis, job_id: str, batch: list[dict[str, Any]]) 
     pipe = client.pipeline(transaction=False)
     for event in batch:
         pipe.xadd(key, {"e": json.dumps(event, separators=(",", ":"))}, maxlen=STREAM_MAXLEN)
+    if any(event.get("type") in ("done", "status") for event in batch):
+        pipe.expire(key, STREAM_TTL_S)
     pipe.execute()
 
 

@@ -26,6 +26,9 @@ from workers.weight_cache import CachedFile, WeightCache
 
 log = logging.getLogger("inferatech.inference")
 CANCEL_POLL_S = 0.1
+# Nobody streams a deferred job: its runner may hand tokens over in batches this far apart
+# (a runner that dies mid-way then loses at most this much of the usage count).
+COALESCE_MS = 50.0
 
 
 class Executor:
@@ -88,42 +91,45 @@ def request_of(params: dict[str, Any]) -> GenerateRequest:
     )
 
 
-def run_job(job_id: str, ex: Executor) -> str:
-    """Idempotent by job id: a job already ended is skipped, a live one runs once at a time."""
-    ctx = jobs.load(ex.settings, job_id)
-    if ctx is None or ctx.job.status not in jobs.LIVE:
-        return "skipped"
-    now = utcnow()
-    if ctx.job.expires_at and now > ctx.job.expires_at:
-        return _end(
-            ex,
-            ctx,
-            Terminal(
-                JobStatus.TIMED_OUT,
-                error_code="TIMEOUT",
-                error_message="the job's TTL expired before it ran",
-            ),
-        )
+def run_job(job_id: str, ex: Executor, timeout_s: float | None = None, *, live: bool = True) -> str:
+    """Idempotent by job id: a job already ended is skipped, a live one runs once at a time.
+
+    `timeout_s` is the job's execution timeout as the API enqueued it (it sizes the lock
+    before the job row is read); without it the longest allowed timeout is assumed. `live`
+    False (nobody streams the job) publishes its tokens with the terminal event, at once.
+    """
     if events.cancel_requested(ex.redis, job_id):
-        return _end(
-            ex,
-            ctx,
-            Terminal(
-                JobStatus.CANCELLED,
-                error_code="JOB_CANCELLED",
-                error_message="cancelled before it started",
-            ),
+        ctx = jobs.load(ex.settings, job_id)
+        if ctx is None or ctx.job.status not in jobs.LIVE:
+            return "skipped"
+        cancelled = Terminal(
+            JobStatus.CANCELLED,
+            error_code="JOB_CANCELLED",
+            error_message="cancelled before it started",
         )
+        return _end(ex, ctx, cancelled)
     # Outlives the runner's own timeout, so a redelivered copy of a dead worker's job can
     # take over soon after; while the first copy runs, the lock keeps the second out.
-    lock = ex.redis.lock(f"lock:job:{job_id}", timeout=ctx.job.execution_timeout_s + 30)
+    lock_s = (timeout_s or ex.settings.max_execution_timeout_s) + 30
+    lock = ex.redis.lock(f"lock:job:{job_id}", timeout=lock_s)
     if not lock.acquire(blocking=False):
         return "busy"
     try:
-        if not jobs.mark_running(ex.settings, ctx.job):
+        now = utcnow()
+        claim = jobs.claim(ex.settings, job_id)
+        ctx = claim.ctx
+        if ctx is None:
             return "skipped"
+        if claim.expired:
+            expired = Terminal(
+                JobStatus.TIMED_OUT,
+                error_code="TIMEOUT",
+                error_message="the job's TTL expired before it ran",
+            )
+            return _end(ex, ctx, expired)
         try:
-            end = _execute(ex, ctx, queue_ms=_ms(ctx.job.created_at, now))
+            queue_ms = _ms(ctx.job.created_at, now)
+            end, publisher = _execute(ex, ctx, queue_ms=queue_ms, live=live)
         except Exception:
             # Never leave a client waiting on a job that cannot end: fail it, then re-raise.
             log.exception("job %s crashed in the worker", job_id)
@@ -137,16 +143,36 @@ def run_job(job_id: str, ex: Executor) -> str:
                 ),
             )
             raise
-        return _end(ex, ctx, end)
+        return _end(ex, ctx, end, publisher)
     finally:
         lock.release()
 
 
-def _execute(ex: Executor, ctx: JobContext, *, queue_ms: float) -> Terminal:
+def _execute(
+    ex: Executor, ctx: JobContext, *, queue_ms: float, live: bool = True
+) -> tuple[Terminal, TokenPublisher]:
+    """The run's terminal state, and its publisher still flushing (`_end` joins it)."""
     job = ctx.job
     timings: dict[str, Any] = {"queue_ms": queue_ms}
     started = time.perf_counter()
     texts: list[str] = []  # pieces streamed so far: usage of a job whose runner died mid-way
+    publisher = TokenPublisher(ex, job.id, live=live)
+    try:
+        return _run(ex, ctx, publisher, timings, started, texts), publisher
+    except BaseException:
+        publisher.close()
+        raise
+
+
+def _run(
+    ex: Executor,
+    ctx: JobContext,
+    publisher: TokenPublisher,
+    timings: dict[str, Any],
+    started: float,
+    texts: list[str],
+) -> Terminal:
+    queue_ms = timings["queue_ms"]
     try:
         model = ctx.model
         with (
@@ -158,12 +184,9 @@ def _execute(ex: Executor, ctx: JobContext, *, queue_ms: float) -> Terminal:
             ),
         ):
             timings["cold_start_ms"] = round(cold_ms, 3) if cold else 0.0
-            events.publish(
-                ex.redis,
-                job.id,
-                {"type": "status", "status": "running", "queue_ms": queue_ms, "cold_start": cold},
-            )
-            done = _generate(ex, ctx, runner, started, texts)
+            status = {"type": "status", "status": "running", "queue_ms": queue_ms}
+            publisher.put({**status, "cold_start": cold})
+            done = _generate(ex, ctx, runner, publisher, started, texts)
     except RunnerSetupFailed as exc:
         return Terminal(
             JobStatus.FAILED, error_code="LOAD_FAILED", error_message=str(exc), timings=timings
@@ -188,14 +211,19 @@ def _execute(ex: Executor, ctx: JobContext, *, queue_ms: float) -> Terminal:
     return _terminal_of(done, timings, "".join(texts))
 
 
-def _generate(ex: Executor, ctx: JobContext, runner: Any, started: float, texts: list[str]) -> Done:
+def _generate(
+    ex: Executor,
+    ctx: JobContext,
+    runner: Any,
+    publisher: TokenPublisher,
+    started: float,
+    texts: list[str],
+) -> Done:
     job = ctx.job
     stop = threading.Event()
     cancel = threading.Event()
     watcher = threading.Thread(target=_watch_cancel, args=(ex, job.id, stop, cancel), daemon=True)
     watcher.start()
-
-    publisher = TokenPublisher(ex, job.id)
 
     def on_token(tok: Token) -> None:
         texts.append(tok.text)
@@ -209,32 +237,50 @@ def _generate(ex: Executor, ctx: JobContext, runner: Any, started: float, texts:
             on_token,
             timeout=max(remaining, 1.0),
             cancel_event=cancel,
+            coalesce_ms=0.0 if publisher.live else COALESCE_MS,
         )
         return done
     finally:
         stop.set()
-        publisher.close()  # every token is on the stream before the terminal event
+        publisher.end()  # flushes while the terminal state commits; `_end` joins it
 
 
 class TokenPublisher:
-    """Publishes token events from its own thread, one pipeline per backlog.
+    """Publishes a running job's events (status, tokens) to its stream.
 
-    A lone token goes out at once (streaming latency); tokens that arrive faster than Redis
-    round trips are batched instead of queueing one round trip each behind the engine.
+    Live (someone may be streaming): from its own thread, one pipeline per backlog: a lone
+    token goes out at once, tokens that arrive faster than Redis round trips are batched.
+    Deferred (a non-streaming `/v1/infer`, whose caller reads only the end): events are held
+    and go out with the terminal event in one round trip, so no per-token traffic at all.
     """
 
-    def __init__(self, ex: Executor, job_id: str) -> None:
-        self._ex, self._job_id = ex, job_id
+    def __init__(self, ex: Executor, job_id: str, *, live: bool = True) -> None:
+        self._ex, self._job_id, self.live = ex, job_id, live
+        self._held: list[dict[str, Any]] = []
         self._queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="token-publisher", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if live:
+            self._thread = threading.Thread(target=self._run, name="token-publisher", daemon=True)
+            self._thread.start()
 
     def put(self, event: dict[str, Any]) -> None:
-        self._queue.put(event)
+        if self.live:
+            self._queue.put(event)
+        else:
+            self._held.append(event)
 
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+    def end(self) -> None:
+        """No more events; a live publisher flushes what is queued and exits."""
+        if self._thread is not None:
+            self._queue.put(None)
+
+    def close(self) -> list[dict[str, Any]]:
+        """End, wait until every live event is on the stream; returns the held ones."""
+        self.end()
+        if self._thread is not None:
+            self._thread.join()
+        held, self._held = self._held, []
+        return held
 
     def _run(self) -> None:
         while True:
@@ -285,10 +331,20 @@ def _terminal_of(done: Done, timings: dict[str, Any], text: str) -> Terminal:
     return end
 
 
-def _end(ex: Executor, ctx: JobContext, end: Terminal) -> str:
-    if not jobs.finish(ex.settings, ctx, end):
+def _end(
+    ex: Executor, ctx: JobContext, end: Terminal, publisher: TokenPublisher | None = None
+) -> str:
+    held: list[dict[str, Any]] = []
+    try:
+        finished = jobs.finish(ex.settings, ctx, end)
+    finally:
+        if publisher is not None:
+            held = publisher.close()  # every token is on the stream before the terminal event
+    if not finished:
+        if held:
+            events.publish_many(ex.redis, ctx.job.id, held)
         return "skipped"
-    events.publish(ex.redis, ctx.job.id, end.event())
+    events.publish_many(ex.redis, ctx.job.id, [*held, end.event()])
     if ctx.job.webhook_url:
         from workers.celery_app import app
 

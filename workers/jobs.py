@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import update
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from core.db import session_scope, update_rows
 from core.ids import new_id
@@ -49,31 +51,52 @@ class Terminal:
         return ev
 
 
+def _context(s: Session, job: Job) -> JobContext:
+    model = s.get(Model, job.model_id)
+    assert model is not None
+    files = list(s.exec(select(ModelFile).where(ModelFile.model_id == model.id)))
+    key = s.get(ApiKey, job.api_key_id) if job.api_key_id else None
+    account = s.get(Account, job.account_id)
+    customer = (key.billed_customer_id if key else None) or (
+        account.stripe_customer_id if account else None
+    )
+    return JobContext(job=job, model=model, files=files, customer=customer)
+
+
 def load(settings: Settings, job_id: str) -> JobContext | None:
     with session_scope(settings) as s:
         job = s.get(Job, job_id)
-        if job is None:
-            return None
-        model = s.get(Model, job.model_id)
-        assert model is not None
-        files = list(s.exec(select(ModelFile).where(ModelFile.model_id == model.id)))
-        key = s.get(ApiKey, job.api_key_id) if job.api_key_id else None
-        account = s.get(Account, job.account_id)
-        customer = (key.billed_customer_id if key else None) or (
-            account.stripe_customer_id if account else None
-        )
-        return JobContext(job=job, model=model, files=files, customer=customer)
+        return None if job is None else _context(s, job)
 
 
-def mark_running(settings: Settings, job: Job) -> bool:
-    """`queued → running` (or a redelivered `running` job taken over) exactly once at a time."""
+@dataclass
+class Claim:
+    """What `claim` found: a context to run, or why not (`ctx` is then set only to end it)."""
+
+    ctx: JobContext | None
+    expired: bool = False
+
+
+def claim(settings: Settings, job_id: str) -> Claim:
+    """`queued → running` (or a redelivered `running` job taken over) in one transaction.
+
+    The compare-and-set and the reads a run needs share one commit (the hot path of every
+    request). A job whose TTL ran out is not claimed: `expired` asks the caller to end it.
+    """
     with session_scope(settings) as s:
+        job = s.get(Job, job_id)
+        if job is None or job.status not in LIVE:
+            return Claim(None)
+        if job.expires_at and utcnow() > job.expires_at:
+            return Claim(_context(s, job), expired=True)
         stmt = (
             update(Job)
             .where(col(Job.id) == job.id, col(Job.status).in_(LIVE))
             .values(status=JobStatus.RUNNING, started_at=utcnow(), attempts=Job.attempts + 1)
         )
-        return update_rows(s, stmt) == 1
+        if update_rows(s, stmt) != 1:
+            return Claim(None)
+        return Claim(_context(s, job))
 
 
 def finish(settings: Settings, ctx: JobContext, end: Terminal) -> bool:
@@ -110,10 +133,29 @@ def finish(settings: Settings, ctx: JobContext, end: Terminal) -> bool:
                 )
             )
         now = utcnow()
-        update_rows(
-            s, update(Model).where(col(Model.id) == job.model_id).values(last_invoked_at=now)
-        )
-        if job.api_key_id:
+        if _due(f"model:{job.model_id}"):
+            model_row = update(Model).where(col(Model.id) == job.model_id)
+            update_rows(s, model_row.values(last_invoked_at=now))
+        if job.api_key_id and _due(f"key:{job.api_key_id}"):
             key_row = update(ApiKey).where(col(ApiKey.id) == job.api_key_id)
             update_rows(s, key_row.values(last_used_at=now))
     return True
+
+
+# `last_invoked_at` (idle deletion, days) and `last_used_at` (shown to owners) need not move on
+# every request: each worker process writes them at most once a minute per model and key,
+# which keeps two UPDATEs off the hot path.
+TOUCH_EVERY_S = 60.0
+_touched: dict[str, float] = {}
+_touch_lock = threading.Lock()
+
+
+def _due(name: str) -> bool:
+    now = time.monotonic()
+    with _touch_lock:
+        if now - _touched.get(name, -TOUCH_EVERY_S) < TOUCH_EVERY_S:
+            return False
+        if len(_touched) > 100_000:  # a long-lived worker serving many keys
+            _touched.clear()
+        _touched[name] = now
+        return True

@@ -50,9 +50,10 @@ def validate_model(self: Any, model_id: str) -> str:
     reject_on_worker_lost=True,
     max_retries=None,
 )
-def infer(self: Any, job_id: str) -> str:
-    """Run one inference job (idempotent by job id)."""
-    outcome = inference.run_job(job_id, inference.executor_for(get_settings()))
+def infer(self: Any, job_id: str, timeout_s: float | None = None, live: bool = True) -> str:
+    """Run one inference job (idempotent by job id); `live` False: nobody streams it."""
+    ex = inference.executor_for(get_settings())
+    outcome = inference.run_job(job_id, ex, timeout_s, live=live)
     if outcome == "busy":  # another worker holds the job: look again later
         raise self.retry(countdown=5)
     return outcome

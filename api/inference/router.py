@@ -50,6 +50,7 @@ def _start(request: Request, settings: Settings, body: InferRequest, auth: str |
             model=model,
             req=body,
             queue=queue,
+            live=isinstance(body, JobCreate) or body.stream,
         )
 
 

@@ -37,8 +37,13 @@ def create_job(
     model: Model,
     req: InferRequest,
     queue: str = INFER_QUEUE,
+    live: bool = True,
 ) -> Job:
-    """Persist the job, then enqueue it by name; a broker outage fails it with 503."""
+    """Persist the job, then enqueue it by name; a broker outage fails it with 503.
+
+    `live` False (a non-streaming `/v1/infer`: only this request ever reads the job) lets the
+    worker publish the tokens with the terminal event instead of one by one.
+    """
     if len(req.prompt) > settings.max_prompt_chars:
         raise job_error("INVALID_REQUEST", f"prompt is over {settings.max_prompt_chars} characters")
     if req.max_tokens > settings.max_completion_tokens:
@@ -65,7 +70,13 @@ def create_job(
     session.add(job)
     session.commit()
     try:
-        celery.send_task(INFER_TASK, args=[job.id], queue=queue, task_id=job.id)
+        celery.send_task(
+            INFER_TASK,
+            args=[job.id],
+            kwargs={"timeout_s": job.execution_timeout_s, "live": live},
+            queue=queue,
+            task_id=job.id,
+        )
     except Exception as exc:
         job.status, job.error_code = JobStatus.FAILED, "SERVICE_UNAVAILABLE"
         job.error_message, job.finished_at = "the task queue was unavailable", utcnow()

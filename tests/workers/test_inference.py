@@ -165,3 +165,57 @@ def test_run_job_past_execution_timeout_times_out(
     job = job_row(stack, job_id)
     assert job.status is JobStatus.TIMED_OUT and job.error_code == "TIMEOUT"
     assert job.completion_tokens >= 1
+
+
+def stream_events(ex: inference.Executor, job_id: str) -> list[dict[str, Any]]:
+    import json
+
+    return [json.loads(f[b"e"]) for _, f in ex.redis.xrange(events.stream_key(job_id))]
+
+
+def test_deferred_job_publishes_status_tokens_and_done_in_order(
+    stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
+) -> None:
+    """Nobody streams a non-streaming /v1/infer: its events go out together at the end."""
+    live_id, deferred_id = make_job(stack, gguf_ready), make_job(stack, gguf_ready)
+    assert inference.run_job(live_id, executor) == "succeeded"
+    assert inference.run_job(deferred_id, executor, 600, live=False) == "succeeded"
+    live, deferred = stream_events(executor, live_id), stream_events(executor, deferred_id)
+    assert [e["type"] for e in deferred] == [e["type"] for e in live]
+    assert deferred[0]["type"] == "status" and deferred[-1]["type"] == "done"
+    tokens = [e for e in deferred if e["type"] == "token"]
+    assert [t["index"] for t in tokens] == list(range(len(tokens)))
+    job = job_row(stack, deferred_id)
+    assert job.result is not None and "".join(t["text"] for t in tokens) == job.result["completion"]
+    assert job.result == job_row(stack, live_id).result  # greedy: same answer either way
+    # (a piece may hold several tokens or none: count what the model's tokenizer counted)
+    assert deferred[-1]["result"] == live[-1]["result"]
+    assert deferred[-1]["result"]["completion_tokens"] == job.completion_tokens
+    assert len(usage_rows(stack, deferred_id)) == 1
+
+
+def test_finish_touches_model_and_key_at_most_once_a_minute(
+    stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
+) -> None:
+    from core.tables import ApiKey, Model
+    from workers import jobs
+
+    jobs._touched.clear()
+    first = make_job(stack, gguf_ready)
+    assert inference.run_job(first, executor) == "succeeded"
+    with session_scope(stack.settings) as s:
+        model, key = s.get(Model, gguf_ready["id"]), s.get(ApiKey, job_row(stack, first).api_key_id)
+        assert model is not None and key is not None
+        touched = (model.last_invoked_at, key.last_used_at)
+    assert touched[0] is not None and touched[1] is not None
+    assert inference.run_job(make_job(stack, gguf_ready), executor) == "succeeded"
+    with session_scope(stack.settings) as s:
+        model, key = s.get(Model, gguf_ready["id"]), s.get(ApiKey, key.id)
+        assert model is not None and key is not None
+        assert (model.last_invoked_at, key.last_used_at) == touched  # no second write
+    jobs._touched.clear()  # the next finish writes again
+    assert inference.run_job(make_job(stack, gguf_ready), executor) == "succeeded"
+    with session_scope(stack.settings) as s:
+        model = s.get(Model, gguf_ready["id"])
+        assert model is not None and model.last_invoked_at is not None
+        assert model.last_invoked_at > touched[0]

@@ -294,3 +294,41 @@ def test_runner_lifecycle_state_machine(gguf_dir: Path) -> None:
         RunnerLifecycle,
         settings=settings(max_examples=3, stateful_step_count=8, deadline=None),
     )
+
+
+def test_token_sink_holds_tokens_until_its_window_or_the_end() -> None:
+    """Coalesced tokens reach the pipe together; uncoalesced ones one by one, at once."""
+    from workers.runner.child import EventWriter, TokenSink
+    from workers.runner.protocol import decode
+
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    try:
+        held = TokenSink(EventWriter(write_fd), coalesce_ms=60_000)
+        for i in range(5):
+            held.add(Token(tag="t", text=f"w{i}", index=i))
+        with pytest.raises(BlockingIOError):
+            os.read(read_fd, 65536)  # nothing written yet
+        held.flush()
+        lines = os.read(read_fd, 65536).splitlines(keepends=True)
+        assert [decode(line) for line in lines] == [
+            Token(tag="t", text=f"w{i}", index=i) for i in range(5)
+        ]
+        at_once = TokenSink(EventWriter(write_fd), coalesce_ms=0)
+        at_once.add(Token(tag="t", text="x", index=0))
+        assert decode(os.read(read_fd, 65536)) == Token(tag="t", text="x", index=0)
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+def test_coalesced_generation_delivers_the_same_tokens(
+    make_runner: MakeRunner, gguf_dir: Path
+) -> None:
+    runner = make_runner(gguf_dir)
+    runner.start()
+    live_done, live = collect(runner, greedy("The quick brown fox", 24), "live")
+    done, batched = collect(runner, greedy("The quick brown fox", 24), "batch", coalesce_ms=60_000)
+    assert not done.error and done.completion_tokens == live_done.completion_tokens == 24
+    assert [(t.index, t.text) for t in batched] == [(t.index, t.text) for t in live]
+    assert runner.state is RunnerState.READY

@@ -43,10 +43,37 @@ class EventWriter:
         self._lock = threading.Lock()
 
     def send(self, event: Event) -> None:
-        data = memoryview(encode(event))
+        self.write(encode(event))
+
+    def write(self, raw: bytes) -> None:
+        data = memoryview(raw)
         with self._lock:
             while data:
                 data = data[os.write(self._fd, data) :]
+
+
+class TokenSink:
+    """A request's tokens: written at once, or together every `coalesce_ms` (and at the end)."""
+
+    def __init__(self, out: EventWriter, coalesce_ms: float) -> None:
+        self._out = out
+        self._every_s = coalesce_ms / 1000
+        self._held = bytearray()
+        self._sent_at = time.monotonic()
+
+    def add(self, token: Token) -> None:
+        if not self._every_s:
+            self._out.send(token)
+            return
+        self._held += encode(token)
+        if time.monotonic() - self._sent_at >= self._every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._held:
+            self._out.write(bytes(self._held))
+            self._held.clear()
+        self._sent_at = time.monotonic()
 
 
 def reserve_stdout() -> EventWriter:
@@ -116,6 +143,7 @@ class Server:
         request = GenerateRequest(prompt=g.prompt, raw=g.raw, params=params)
         started = time.perf_counter()
         index = 0
+        sink = TokenSink(self.out, g.coalesce_ms)
         try:
             stream = self.engine.generate(request, lambda: self._is_cancelled(g.tag))
             while True:
@@ -124,9 +152,10 @@ class Server:
                 except StopIteration as stop:
                     result = stop.value
                     break
-                self.out.send(Token(tag=g.tag, text=piece, index=index))
+                sink.add(Token(tag=g.tag, text=piece, index=index))
                 index += 1
         except Exception as exc:
+            sink.flush()
             if isinstance(exc, EngineError):
                 code = exc.code or "INFERENCE_FAILED"
             else:  # an engine bug, not a model-level refusal: keep the trace for the operator
@@ -134,6 +163,7 @@ class Server:
                 traceback.print_exc(file=sys.stderr)
             engine_ms = (time.perf_counter() - started) * 1000
             return Done(tag=g.tag, error=True, code=code, detail=short(exc), engine_ms=engine_ms)
+        sink.flush()
         return Done(
             tag=g.tag,
             finish_reason=result.finish_reason,

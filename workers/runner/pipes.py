@@ -152,9 +152,10 @@ class Exchange:
         return dataclasses.replace(done, error=True, code="TIMEOUT", detail=detail)
 
 
-def generate_event(tag: str, request: GenerateRequest) -> Generate:
+def generate_event(tag: str, request: GenerateRequest, coalesce_ms: float = 0.0) -> Generate:
     p = request.params
     return Generate(
+        coalesce_ms=coalesce_ms,
         tag=tag,
         prompt=request.prompt,
         raw=request.raw,

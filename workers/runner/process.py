@@ -180,19 +180,21 @@ class Runner:
         *,
         timeout: float | None = None,
         cancel_event: threading.Event | None = None,
+        coalesce_ms: float = 0.0,
     ) -> Done:
         """Run one request; returns its one Done. Raises RunnerFatal if the child dies.
 
         On `timeout` the request is cancelled and its Done comes back with code TIMEOUT (the
         token counts stay, for usage); if the child ignores Cancel it is killed. If `on_token`
         raises, the request is cancelled, the runner stays warm, and the error is re-raised.
+        `coalesce_ms` > 0 lets the child deliver tokens in batches (nobody streams them).
         """
         with self._lock:
             self._assert_state(RunnerState.READY)
             self.state = RunnerState.BUSY
         exchange = Exchange(tag, on_token, timeout, cancel_event)
         try:
-            self._send(generate_event(tag, request))
+            self._send(generate_event(tag, request, coalesce_ms))
             done = self._serve(exchange)
         except BaseException:
             # Fatal, or we stopped listening mid-request: the child's state is unknown.

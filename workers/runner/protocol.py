@@ -30,6 +30,9 @@ class Generate:  # from parent
     top_k: int = 40
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    # 0: write each token at once (someone streams). Otherwise tokens are written together at
+    # most every `coalesce_ms`, which spares the worker a wake-up per token.
+    coalesce_ms: float = 0.0
 
 
 @dataclass(frozen=True)
