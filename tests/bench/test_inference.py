@@ -13,6 +13,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,7 @@ PROMPT = "Tell me a story about the sea."
 WARM_TOKENS, WARM_REQUESTS, STREAM_REQUESTS, WARMUP, FLOOR_REQUESTS = 32, 100, 50, 10, 30
 COLD_SAMPLES = 3
 TPUT_TOKENS, TPUT_LEVELS, LEVEL_S = 64, (1, 4, 16), 10.0
+SMALL = "gguf-28m"  # the benchmark shape, Q8_0: a token costs the engine milliseconds
 
 GGUF_FIRST_TOKEN = """
 import sys
@@ -65,28 +67,38 @@ print("first-token", flush=True)
 
 @pytest.fixture(scope="module")
 def infer_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BenchStack]:
-    from tests.utils.model_files import make_gguf, make_transformers_bundle
+    from tests.utils.model_files import BENCH_SHAPE, make_gguf, make_transformers_bundle
 
     data = tmp_path_factory.mktemp("bench-infer")
     with bench_stack(data) as stack:
         gguf = make_gguf(data / "models" / "tiny.gguf")
         stack.deploy("gguf", gguf, {"tiny.gguf": gguf})
+        small = make_gguf(data / "models" / "small.gguf", quant="q8_0", shape=BENCH_SHAPE)
+        stack.deploy(SMALL, small, {"small.gguf": small})
         hf = data / "models" / "hf"
         make_transformers_bundle(hf)
         stack.deploy("transformers", hf, bundle_dir(hf))
         yield stack
 
 
-@pytest.fixture(scope="module")
-def gguf_engine(infer_stack: BenchStack) -> Iterator[Engine]:
+@contextmanager
+def engine_of(stack: BenchStack, name: str) -> Iterator[Engine]:
     """The same file in this process, with the runner's device and thread count."""
     from workers.engines.loader import load_engine
 
-    s = infer_stack.settings
-    model = infer_stack.models["gguf"]
+    s = stack.settings
+    model = stack.models[name]
     engine = load_engine(model.path, "gguf", device=s.runner_device, threads=s.runner_threads)
-    yield engine
-    engine.close()  # type: ignore[attr-defined]
+    try:
+        yield engine
+    finally:
+        engine.close()  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def gguf_engine(infer_stack: BenchStack) -> Iterator[Engine]:
+    with engine_of(infer_stack, "gguf") as engine:
+        yield engine
 
 
 # --- the engine alone -------------------------------------------------------------------
@@ -299,8 +311,10 @@ def _watch(sample: Callable[[], int], stop: threading.Event, seen: list[int]) ->
         seen.append(sample())
 
 
-def _level(stack: BenchStack, body: dict[str, Any], expected: str, concurrency: int) -> Level:
-    model = stack.models["gguf"]
+def _level(
+    stack: BenchStack, name: str, body: dict[str, Any], expected: str, concurrency: int
+) -> Level:
+    model = stack.models[name]
     stop, seen = threading.Event(), [stack.runner_count()]
     watcher = threading.Thread(target=_watch, args=(stack.runner_count, stop, seen), daemon=True)
     watcher.start()
@@ -316,16 +330,18 @@ def _level(stack: BenchStack, body: dict[str, Any], expected: str, concurrency: 
     return Level(concurrency, len(out), tokens, seconds, p50, colds, max(seen))
 
 
+@pytest.mark.parametrize("name", ["gguf", SMALL])
 @pytest.mark.bench
-def test_bench_throughput(infer_stack: BenchStack, gguf_engine: Engine) -> None:
-    model = infer_stack.models["gguf"]
+def test_bench_throughput(infer_stack: BenchStack, name: str) -> None:
+    model = infer_stack.models[name]
     body = infer_body(model, PROMPT, TPUT_TOKENS)
-    t0, runs = time.perf_counter(), engine_runs(gguf_engine, TPUT_TOKENS, 1)
-    while time.perf_counter() - t0 < LEVEL_S / 2:
-        runs.append(run_engine(gguf_engine, TPUT_TOKENS))
+    with engine_of(infer_stack, name) as engine:
+        t0, runs = time.perf_counter(), engine_runs(engine, TPUT_TOKENS, 1)
+        while time.perf_counter() - t0 < LEVEL_S / 2:
+            runs.append(run_engine(engine, TPUT_TOKENS))
     engine_tps = sum(r.tokens for r in runs) / (sum(r.total_ms for r in runs) / 1000)
     post_infer(infer_stack.http, model, body)  # warm
-    levels = [_level(infer_stack, body, runs[0].text, c) for c in TPUT_LEVELS]
+    levels = [_level(infer_stack, name, body, runs[0].text, c) for c in TPUT_LEVELS]
     rows = [(f"engine alone, sequential ({len(runs)} calls)", engine_tps, "-", "-", "-", "-", "1", "-")]  # fmt: skip
     for lv in levels:
         cost = (1 - lv.tps / engine_tps) * 100
@@ -333,7 +349,7 @@ def test_bench_throughput(infer_stack: BenchStack, gguf_engine: Engine) -> None:
                      verdict(cost, 10), lv.p50_ms, lv.cold_starts, str(lv.max_runners),
                      f"{lv.seconds:.1f}s"))  # fmt: skip
     header = ("setup", "tok/s", "cost %", "<=10 %", "p50 ms", "cold", "runners", "wall")
-    title = f"Throughput: GGUF, {TPUT_TOKENS} tokens/request, ~{LEVEL_S:.0f} s per level"
+    title = f"Throughput: {name}, {TPUT_TOKENS} tokens/request, ~{LEVEL_S:.0f} s per level"
     show(title, header, rows)
     per_request = levels[0].seconds / levels[0].requests * 1000 - 1000 * TPUT_TOKENS / engine_tps
     print("Baseline: the same engine in this process, calls one after another (one runner serves")

@@ -105,27 +105,38 @@ def make_tokenizer(out_dir: Path) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def llama_config() -> LlamaConfig:
-    """The tiny Llama configuration shared by every format."""
+# A bigger shape for benchmarks, where a token should cost the engine milliseconds, as in a
+# real model, not the tiny one's tenth of a millisecond (~28 M parameters).
+BENCH_SHAPE: tuple[tuple[str, int], ...] = (
+    ("hidden_size", 512),
+    ("intermediate_size", 1536),
+    ("num_hidden_layers", 8),
+    ("num_attention_heads", 8),
+    ("num_key_value_heads", 8),
+)
+
+
+def llama_config(shape: tuple[tuple[str, int], ...] = ()) -> LlamaConfig:
+    """The tiny Llama configuration shared by every format (`shape` overrides its sizes)."""
     tokenizer = load_tokenizer()
     return LlamaConfig(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **LLAMA_KW,
+        **{**LLAMA_KW, **dict(shape)},
     )
 
 
 @functools.cache
-def _state_dict(seed: int) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in _build_model(seed).state_dict().items()}
+def _state_dict(seed: int, shape: tuple[tuple[str, int], ...] = ()) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in _build_model(seed, shape).state_dict().items()}
 
 
-def _build_model(seed: int) -> LlamaForCausalLM:
+def _build_model(seed: int, shape: tuple[tuple[str, int], ...] = ()) -> LlamaForCausalLM:
     with torch.random.fork_rng():  # leave the caller's global RNG untouched
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(llama_config())
+        model = LlamaForCausalLM(llama_config(shape))
     model.eval()
     return model
 
@@ -237,18 +248,24 @@ def _gguf_tokenizer(writer: Any) -> None:
     writer.add_chat_template(CHAT_TEMPLATE)
 
 
-def make_gguf(path: Path, *, quant: GgufQuant = "f32", seed: int = 0) -> Path:
+def make_gguf(
+    path: Path,
+    *,
+    quant: GgufQuant = "f32",
+    seed: int = 0,
+    shape: tuple[tuple[str, int], ...] = (),
+) -> Path:
     """A llama-architecture GGUF of the tiny Llama, tokenizer and chat template inside."""
     import gguf
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    config = llama_config()
+    config = llama_config(shape)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     writer = gguf.GGUFWriter(str(path), "llama")
     _gguf_metadata(writer, config, quant)
     _gguf_tokenizer(writer)
-    for hf_name, tensor in _state_dict(seed).items():
+    for hf_name, tensor in _state_dict(seed, shape).items():
         w = tensor.float().numpy()
         if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             w = _permute_qk(w, config.num_attention_heads)
