@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     # Engine threads per runner: the cores shared out among the runners a worker may hold.
     runner_threads: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 1) // 4))
     runner_device: str = "auto"
+    # Blank runners kept spawned per worker (no model, no user data): cold starts skip
+    # Python's start-up and engine imports. 0 spawns every runner on demand.
+    runner_spares: int = Field(default=1, ge=0, le=8)
     weight_cache_dir: Path | None = None
     weight_cache_budget_bytes: int = 50 * GiB
     model_idle_delete_days: int = 7

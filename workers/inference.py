@@ -47,6 +47,7 @@ class Executor:
             memory_budget_bytes=settings.runner_memory_budget_bytes,
             device=settings.runner_device,
             threads=settings.runner_threads,
+            spares=settings.runner_spares,
         )
         self.pool.start_reaper()
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from workers.runner.process import Runner, RunnerState
+from workers.runner.process import Runner, RunnerSetupFailed, RunnerState
 from workers.runner.sandbox import SandboxConfig
 
 log = logging.getLogger("inferatech.pool")
@@ -41,6 +41,9 @@ class PoolConfig:
     threads: int = 1  # per runner: engine threads and OMP/MKL thread counts
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     runner_argv: Sequence[str] | None = None  # tests swap in a fault-injecting child
+    # Blank runner processes kept spawned (sandboxed, engines imported, no model): a cold
+    # start then only loads the weights. They hold no model and no user data.
+    spares: int = 0
 
 
 class Lease(NamedTuple):
@@ -86,6 +89,9 @@ class RunnerPool:
         self._counts = {"cold_starts": 0, "hits": 0, "evictions": 0, "reaped": 0}
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
+        self._spares: list[Runner] = []
+        self._spare_lock = threading.Lock()
+        self._refilling = threading.Event()
 
     @contextmanager
     def acquire(
@@ -140,15 +146,73 @@ class RunnerPool:
             self._cold_s[key] = cold_s
         return slot, True, cold_s * 1000
 
-    def _start_into(self, slot: _Slot, bundle_dir: Path, fmt: str) -> None:
-        """Cold start outside the lock; a failed start gives its reserved place back."""
-        runner = Runner(
+    def _new_runner(self, bundle_dir: Path, fmt: str) -> Runner:
+        return Runner(
             bundle_dir,
             fmt,
             sandbox=dataclasses.replace(self.config.sandbox, threads=self.config.threads),
             device=self.config.device,
             argv=self.config.runner_argv,
         )
+
+    def _take_spare(self) -> Runner | None:
+        """A live spare, if one is ready (a refill is started in the background)."""
+        spare = None
+        with self._spare_lock:
+            while self._spares and spare is None:
+                candidate = self._spares.pop()
+                if candidate.is_alive():
+                    spare = candidate
+                else:
+                    candidate.stop()
+        self.refill_spares(wait=False)
+        return spare
+
+    def refill_spares(self, *, wait: bool = True) -> int:
+        """Spawn spares up to `config.spares`; in a background thread unless `wait`."""
+        if not self.config.spares or self._stop.is_set():
+            return 0
+        if not wait:
+            if not self._refilling.is_set():
+                self._refilling.set()
+                threading.Thread(target=self._refill, name="pool-spares", daemon=True).start()
+            return 0
+        self._refilling.set()
+        return self._refill()
+
+    def _refill(self) -> int:
+        spawned = 0
+        try:
+            while not self._stop.is_set():
+                with self._spare_lock:
+                    if len(self._spares) >= self.config.spares:
+                        return spawned
+                spare = self._new_runner(Path(), "")
+                spare.spawn()
+                with self._spare_lock:
+                    if self._stop.is_set():
+                        spare.stop()
+                        return spawned
+                    self._spares.append(spare)
+                spawned += 1
+            return spawned
+        except RunnerSetupFailed:
+            log.exception("could not spawn a spare runner")
+            return spawned
+        finally:
+            self._refilling.clear()
+
+    def spare_count(self) -> int:
+        with self._spare_lock:
+            return len(self._spares)
+
+    def _start_into(self, slot: _Slot, bundle_dir: Path, fmt: str) -> None:
+        """Cold start outside the lock; a failed start gives its reserved place back."""
+        runner = self._take_spare()
+        if runner is not None:
+            runner.assign(bundle_dir, fmt)
+        else:
+            runner = self._new_runner(bundle_dir, fmt)
         try:
             runner.start(timeout=self.config.start_timeout_s)
         except BaseException:
@@ -253,6 +317,7 @@ class RunnerPool:
         return started
 
     def start_reaper(self) -> None:
+        self.refill_spares(wait=False)
         if self._reaper is None:
             self._reaper = threading.Thread(target=self._reap_loop, name="pool-reaper", daemon=True)
             self._reaper.start()
@@ -286,6 +351,10 @@ class RunnerPool:
             self._cond.notify_all()
         for s in slots:
             _stop(s)
+        with self._spare_lock:
+            spares, self._spares = self._spares, []
+        for spare in spares:
+            spare.stop()
 
 
 def _last_used(slot: _Slot) -> float:

@@ -172,3 +172,46 @@ def test_concurrent_requests_on_two_models_are_not_crossed(
         got = list(ex.map(lambda job: complete(pool, job[0], *models[job[0]], job[1]), jobs))
     assert got == [expected[j] for j in jobs]
     assert pool.stats().runners <= 4
+
+
+def _name(pid: int) -> str:
+    import psutil  # type: ignore[import-untyped]
+
+    return str(psutil.Process(pid).name())
+
+
+def test_cold_start_loads_into_a_spare_and_a_new_spare_follows(
+    make_pool: MakePool, gguf_dir: Path
+) -> None:
+    pool = make_pool(spares=1)
+    assert pool.refill_spares() == 1 and pool.spare_count() == 1
+    (spare_pid,) = [p.pid for p in runner_processes()]
+    deadline = time.monotonic() + 30  # the name is set once it found no Setup waiting
+    while _name(spare_pid) != "ift-spare" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _name(spare_pid) == "ift-spare"
+    with pool.acquire(A, gguf_dir, "gguf") as (runner, cold, _):
+        assert cold and runner.pid == spare_pid and _name(spare_pid) == "ift-runner"
+    # Same text as a runner spawned for the request: the spare is an ordinary runner.
+    other = make_pool()
+    assert complete(pool, A, gguf_dir, "gguf", "Once") == complete(
+        other, A, gguf_dir, "gguf", "Once"
+    )
+    other.close()
+    deadline = time.monotonic() + 30
+    while pool.spare_count() < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pool.spare_count() == 1 and pool.stats().runners == 1  # spares are not runners
+    pool.close()
+    assert not runner_processes()
+
+
+def test_a_dead_spare_is_skipped(make_pool: MakePool, gguf_dir: Path) -> None:
+    pool = make_pool(spares=1)
+    pool.refill_spares()
+    (spare_pid,) = [p.pid for p in runner_processes()]
+    os.kill(spare_pid, signal.SIGKILL)
+    while not gone(spare_pid):
+        time.sleep(0.05)
+    with pool.acquire(A, gguf_dir, "gguf") as (runner, cold, _):
+        assert cold and runner.pid != spare_pid and runner.state is RunnerState.READY

@@ -7,8 +7,11 @@ kills the process (a GGML_ASSERT abort) is seen by the parent as a dead child.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import queue
+import select
 import sys
 import threading
 import time
@@ -88,6 +91,33 @@ def reserve_stdout() -> EventWriter:
 def short(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}"
     return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 1] + "…"
+
+
+SPARE_NAME, RUNNER_NAME = b"ift-spare", b"ift-runner"
+PR_SET_NAME = 15
+
+
+def set_process_name(name: bytes) -> None:
+    """What `ps -o comm` shows: a spare waiting for a model, or a runner that has one."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+
+
+def preload_while_waiting(stdin: BinaryIO) -> None:
+    """A spare runner (spawned before any request) imports its engines while it waits.
+
+    A runner started for a request finds its Setup already on stdin and skips this; a spare
+    is idle, so llama.cpp's import (a few hundred ms) leaves a later cold start's path.
+    """
+    if select.select([stdin], [], [], 0)[0]:
+        return
+    set_process_name(SPARE_NAME)
+    try:
+        import llama_cpp  # noqa: F401
+
+        import workers.engines.loader  # noqa: F401
+    except Exception:  # an engine this host lacks: its Setup will say so
+        traceback.print_exc(file=sys.stderr)
 
 
 def load(setup: Setup) -> Engine:
@@ -179,8 +209,10 @@ class Server:
 def main() -> int:
     out = reserve_stdout()
     stdin = sys.stdin.buffer
+    preload_while_waiting(stdin)
     try:
         setup = decode(stdin.readline())
+        set_process_name(RUNNER_NAME)
         if not isinstance(setup, Setup):
             raise ProtocolError(f"expected Setup, got {type(setup).__name__}")
         started = time.perf_counter()

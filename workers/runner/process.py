@@ -122,9 +122,8 @@ class Runner:
             self.state = RunnerState.STARTING
         began = time.perf_counter()
         try:
-            self.sandbox = Sandbox(self._sandbox_config)
-            self._proc = self.sandbox.popen(self._argv)
-            self._pipes = ChildPipes(self._proc)
+            if self._proc is None:
+                self._spawn()
             threads = self._sandbox_config.threads
             self._send(Setup(self.bundle_dir.as_posix(), self.fmt, self.device, threads))
             event = self._next_event(timeout) or self._fatal("runner did not load in time")
@@ -145,6 +144,26 @@ class Runner:
             self._assert_state(RunnerState.STARTING)  # stop() may have raced us
             self.state = RunnerState.READY
         return event
+
+    def spawn(self) -> None:
+        """Start the child without a model (a spare); `start` later loads one into it."""
+        with self._lock:
+            self._assert_state(RunnerState.NEW)
+        try:
+            self._spawn()
+        except (OSError, subprocess.SubprocessError) as exc:
+            self._kill_and_clean()
+            raise RunnerSetupFailed(f"runner did not start: {exc}") from exc
+
+    def assign(self, bundle_dir: Path, fmt: str) -> None:
+        """The model a spare will load at `start`."""
+        self._assert_state(RunnerState.NEW)
+        self.bundle_dir, self.fmt = Path(bundle_dir), fmt
+
+    def _spawn(self) -> None:
+        self.sandbox = Sandbox(self._sandbox_config)
+        self._proc = self.sandbox.popen(self._argv)
+        self._pipes = ChildPipes(self._proc)
 
     def stop(self) -> None:
         """Shutdown politely, then SIGKILL; remove the temp dir. Safe to call in any state."""
