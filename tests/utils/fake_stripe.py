@@ -382,7 +382,10 @@ def _handler_for(fake: FakeStripe) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Length", str(len(payload)))
             self.send_header("Request-Id", f"req_{secrets.token_hex(6)}")
             self.end_headers()
-            self.wfile.write(payload)
+            try:
+                self.wfile.write(payload)
+            except (BrokenPipeError, ConnectionResetError):  # the client went away (killed)
+                self.close_connection = True
 
         def do_GET(self) -> None:
             self._serve("GET")
