@@ -69,6 +69,48 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_billing_push(_args: argparse.Namespace) -> int:
+    from billing.pusher import push_all
+    from core.settings import get_settings
+
+    settings = get_settings()
+    if not settings.stripe_configured:
+        print("Stripe is not configured (INFERATECH_STRIPE_API_KEY): nothing to push")
+        return 0
+    report = push_all(settings)
+    print(
+        f"pushed {report.pushed} · retrying {report.retried} · failed {report.failed} "
+        f"· expired {report.expired}"
+    )
+    for line in report.errors:
+        print(f"  {line}")
+    return 0
+
+
+def _when(text: str) -> Any:
+    from datetime import UTC, datetime
+
+    value = datetime.fromisoformat(text)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def cmd_billing_reconcile(args: argparse.Namespace) -> int:
+    from billing.reconcile import reconcile
+    from core.db import session_scope
+    from core.settings import get_settings
+
+    settings = get_settings()
+    with session_scope(settings) as session:
+        drift = reconcile(session, settings, _when(args.start), _when(args.end))
+    if not drift:
+        print("ledger and Stripe agree for every customer and hour")
+        return 0
+    rows = [[d.customer, d.hour.isoformat(), str(d.ledger), str(d.stripe), f"{d.delta:+d}"]
+            for d in drift]  # fmt: skip
+    _table(["customer", "hour", "ledger", "stripe", "drift"], rows)
+    return 1
+
+
 def _api(args: argparse.Namespace, *, need_token: bool = True) -> Api:
     return Api(resolve_target(args.url, getattr(args, "token", None)), need_token=need_token)
 
@@ -190,6 +232,11 @@ def _server_commands(sub: Any) -> None:
     worker.add_argument("-c", "--concurrency", type=int, default=1)
     _add(sub, "beat", cmd_beat, help="run Celery beat (production role)")
     _add(sub, "migrate", cmd_migrate, help="bring the database schema up to date")
+    billing = sub.add_parser("billing", help="usage billing (Stripe)").add_subparsers(required=True)
+    _add(billing, "push", cmd_billing_push, help="push due usage events to Stripe now")
+    rec = _add(billing, "reconcile", cmd_billing_reconcile, help="ledger vs Stripe, per hour")
+    rec.add_argument("--from", dest="start", required=True, help="ISO date or time (UTC)")
+    rec.add_argument("--to", dest="end", required=True, help="ISO date or time (UTC)")
 
 
 def _client_commands(sub: Any) -> None:

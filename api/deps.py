@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -11,7 +12,7 @@ from sqlmodel import Session, select
 
 from core import keys
 from core.db import get_engine
-from core.errors import AuthenticationFailed
+from core.errors import AuthenticationFailed, NotImplementedByConfig
 from core.settings import Settings, get_settings
 from core.storage import get_storage
 from core.storage.base import ObjectStorage
@@ -64,3 +65,12 @@ def current_account(request: Request, session: SessionDep, settings: SettingsDep
 
 
 CurrentAccount = Annotated[Account, Depends(current_account)]
+
+
+def require_operator(request: Request, settings: SettingsDep) -> None:
+    """The operator token (`INFERATECH_OPERATOR_TOKEN`), compared in constant time."""
+    if settings.operator_token is None:
+        raise NotImplementedByConfig("set INFERATECH_OPERATOR_TOKEN to enable operator endpoints")
+    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip().encode()
+    if not hmac.compare_digest(given, settings.operator_token.get_secret_value().encode()):
+        raise AuthenticationFailed("operator token required")

@@ -12,7 +12,16 @@ from api import redaction
 from api.errors import RequestIdMiddleware, install_error_handlers
 from api.inference import router as inference
 from api.inference.routing import WorkerDirectory
-from api.routes import accounts, health, keys, models, storage_events, uploads, workers
+from api.routes import (
+    accounts,
+    billing,
+    health,
+    keys,
+    models,
+    storage_events,
+    uploads,
+    workers,
+)
 from core.queue import make_celery
 from core.redis import get_redis, make_async_redis
 from core.settings import Settings, get_settings
@@ -36,7 +45,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_celery(settings)
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
-    for module in (health, accounts, models, keys, uploads, storage_events, workers, inference):
+    routers = (health, accounts, models, keys, uploads, storage_events, workers, billing, inference)
+    for module in routers:
         app.include_router(module.router)
     return app
 

@@ -1,0 +1,1 @@
+"""Usage ledger, pricing, the Stripe meter pusher, webhooks and the billing portal."""

@@ -63,6 +63,11 @@ class UploadIncomplete(Conflict):
     code = "UPLOAD_INCOMPLETE"
 
 
+class BillingInactive(InferatechError):
+    code = "BILLING_INACTIVE"
+    status_code = 403
+
+
 class SignupDisabled(InferatechError):
     code = "SIGNUP_DISABLED"
     status_code = 403

@@ -15,6 +15,7 @@ WEBHOOK_QUEUE = BACKGROUND_QUEUE
 WEBHOOK_TASK = "inferatech.deliver_webhook"
 PURGE_TASK = "inferatech.purge_expired_payloads"
 IDLE_MODELS_TASK = "inferatech.delete_idle_models"
+BILLING_PUSH_TASK = "inferatech.billing_push"
 HEARTBEAT_PREFIX = "worker:"
 HEARTBEAT_INDEX = "workers"
 
@@ -63,10 +64,17 @@ def make_celery(settings: Settings) -> Celery:
             WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE},
             PURGE_TASK: {"queue": BACKGROUND_QUEUE},
             IDLE_MODELS_TASK: {"queue": BACKGROUND_QUEUE},
+            BILLING_PUSH_TASK: {"queue": BACKGROUND_QUEUE},
         },
         beat_schedule={
             "purge-expired-payloads": {"task": PURGE_TASK, "schedule": 3600.0},
             "delete-idle-models": {"task": IDLE_MODELS_TASK, "schedule": 6 * 3600.0},
+            # Idles (returns at once) when Stripe is not configured.
+            "billing-push": {
+                "task": BILLING_PUSH_TASK,
+                "schedule": settings.billing_push_interval_s,
+                "options": {"expires": settings.billing_push_interval_s * 2},
+            },
         },
         worker_hijack_root_logger=False,
     )

@@ -70,6 +70,33 @@ class Settings(BaseSettings):
     webhook_allow_private_hosts: bool = False
     visibility_margin_s: int = 600
 
+    # Billing (Stripe). No API key: the ledger still records, the pusher idles.
+    stripe_api_key: SecretStr | None = None
+    stripe_webhook_secret: SecretStr | None = None
+    stripe_api_base: str = "https://api.stripe.com"
+    stripe_meter_events_base: str | None = None  # v2 stream host; defaults to the API base
+    stripe_timeout_s: float = 10.0
+    stripe_meter_event_name: str = "tokens"
+    # Both set: prompt and completion tokens go to two meters instead of one.
+    stripe_input_meter_event_name: str | None = None
+    stripe_output_meter_event_name: str | None = None
+    stripe_meter_stream: bool = False  # v2 meter event stream (up to 100 events a request)
+    billing_portal_return_url: str | None = None
+    billing_push_interval_s: float = 5.0
+    billing_push_batch: int = 500
+    billing_claim_lease_s: int = 120
+    billing_retry_max_s: int = 600
+    # Prices per 1K tokens in USD: {"mdl_…": {"prompt": 0.1, "completion": 0.2}}.
+    billing_model_prices: dict[str, dict[str, float]] = Field(default_factory=dict)
+    # Default by size class (weights' bytes): small < 1 GiB ≤ medium < 8 GiB ≤ large.
+    billing_class_prices: dict[str, dict[str, float]] = Field(
+        default_factory=lambda: {
+            "small": {"prompt": 0.02, "completion": 0.04},
+            "medium": {"prompt": 0.1, "completion": 0.2},
+            "large": {"prompt": 0.5, "completion": 1.0},
+        }
+    )
+
     @model_validator(mode="after")
     def _refuse_unsafe_defaults(self) -> Settings:
         if self.environment != "development":
@@ -83,6 +110,10 @@ class Settings(BaseSettings):
         if self.multipart_part_size < 5 * MiB:
             raise ValueError("INFERATECH_MULTIPART_PART_SIZE must be at least 5 MiB (S3 minimum)")
         return self
+
+    @property
+    def stripe_configured(self) -> bool:
+        return self.stripe_api_key is not None and bool(self.stripe_api_key.get_secret_value())
 
     @property
     def effective_database_url(self) -> str:

@@ -185,6 +185,27 @@ class UsageEvent(SQLModel, table=True):
     )
     attempts: int = Field(default=0)
     last_error: str | None = Field(default=None, max_length=2000)
+    # The pusher's lease: a claimed event is skipped by other pushers until claimed_until.
+    claim_token: str | None = Field(default=None, max_length=40, index=True)
+    claimed_until: datetime | None = ts(nullable=True)
+    next_attempt_at: datetime | None = ts(nullable=True)
+    pushed_at: datetime | None = ts(nullable=True)
+
+
+class BillingCustomer(SQLModel, table=True):
+    """A Stripe customer's subscription state, as last told by Stripe's webhooks."""
+
+    __tablename__ = "billing_customer"
+
+    id: str = Field(primary_key=True, max_length=100)  # cus_…
+    status: str = Field(default="active", max_length=30)
+    subscription_id: str | None = Field(default=None, max_length=100)
+    # The Stripe `created` time of the event that set `status`: older events never override.
+    status_at: datetime | None = ts(nullable=True)
+    cancelled_subscription_ids: list[str] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False)
+    )
+    updated_at: datetime = ts()
 
 
 class ProcessedWebhookEvent(SQLModel, table=True):

@@ -6,10 +6,18 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from billing import pusher
 from core import lifecycle
 from core.db import session_scope
 from core.errors import StorageError
-from core.queue import IDLE_MODELS_TASK, INFER_TASK, PURGE_TASK, VALIDATE_TASK, WEBHOOK_TASK
+from core.queue import (
+    BILLING_PUSH_TASK,
+    IDLE_MODELS_TASK,
+    INFER_TASK,
+    PURGE_TASK,
+    VALIDATE_TASK,
+    WEBHOOK_TASK,
+)
 from core.settings import get_settings
 from core.storage import get_storage
 from workers import inference, validation, webhooks
@@ -105,3 +113,10 @@ def delete_idle_models() -> int:
             lifecycle.delete_model(session=session, storage=storage, model=model)
             deleted += 1
     return deleted
+
+
+@app.task(name=BILLING_PUSH_TASK, soft_time_limit=120, time_limit=180)  # type: ignore[untyped-decorator]
+def billing_push(customer: str | None = None) -> int:
+    """Push due usage events to Stripe meter events (beat, and at once on invoice.finalized)."""
+    report = pusher.push_all(get_settings(), customer=customer, max_batches=20)
+    return report.pushed

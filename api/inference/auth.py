@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlmodel import Session
 
+from billing.customers import ensure_active
 from core import keys
 from core.errors import AuthenticationFailed, AuthorizationFailed, ModelNotFound, ModelNotReady
 from core.settings import Settings
@@ -36,7 +37,10 @@ def authenticate_key(session: Session, settings: Settings, token: str) -> ApiKey
 
 
 def authorize_model(session: Session, key: ApiKey, model_id: str) -> Model:
-    """The model this key may call; another account's model is indistinguishable from none."""
+    """The model this key may call; another account's model is indistinguishable from none.
+
+    A key whose paying customer's subscription is unpaid or cancelled gets BILLING_INACTIVE.
+    """
     model = session.get(Model, model_id)
     if model is None or model.account_id != key.account_id or model.status is ModelStatus.DELETED:
         raise ModelNotFound(f"no model {model_id!r}")
@@ -44,4 +48,5 @@ def authorize_model(session: Session, key: ApiKey, model_id: str) -> Model:
         raise AuthorizationFailed(f"this API key is not valid for model {model_id!r}")
     if model.status is not ModelStatus.READY:
         raise ModelNotReady(f"model is {model.status.value}; it can be called once it is ready")
+    ensure_active(session, key)
     return model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -93,7 +94,9 @@ def env_for(settings: Settings) -> dict[str, str]:
         if value is None:
             continue
         raw = value.get_secret_value() if hasattr(value, "get_secret_value") else value
-        env[f"INFERATECH_{name.upper()}"] = str(raw)
+        # pydantic-settings reads dict and list settings as JSON
+        text = json.dumps(raw) if isinstance(raw, dict | list) else str(raw)
+        env[f"INFERATECH_{name.upper()}"] = text
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
