@@ -210,7 +210,7 @@ def _gguf_metadata(writer: Any, config: LlamaConfig, quant: GgufQuant) -> None:
     writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
 
 
-def _gguf_tokenizer(writer: Any) -> None:
+def _gguf_tokenizer(writer: Any, chat_template: str) -> None:
     import gguf
 
     tokenizer = load_tokenizer()
@@ -234,10 +234,12 @@ def _gguf_tokenizer(writer: Any) -> None:
     writer.add_pad_token_id(tokenizer.pad_token_id)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    writer.add_chat_template(chat_template)
 
 
-def make_gguf(path: Path, *, quant: GgufQuant = "f32", seed: int = 0) -> Path:
+def make_gguf(
+    path: Path, *, quant: GgufQuant = "f32", seed: int = 0, chat_template: str = CHAT_TEMPLATE
+) -> Path:
     """A llama-architecture GGUF of the tiny Llama, tokenizer and chat template inside."""
     import gguf
 
@@ -247,7 +249,7 @@ def make_gguf(path: Path, *, quant: GgufQuant = "f32", seed: int = 0) -> Path:
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     writer = gguf.GGUFWriter(str(path), "llama")
     _gguf_metadata(writer, config, quant)
-    _gguf_tokenizer(writer)
+    _gguf_tokenizer(writer, chat_template)
     for hf_name, tensor in _state_dict(seed).items():
         w = tensor.float().numpy()
         if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
