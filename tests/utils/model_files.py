@@ -238,7 +238,7 @@ def _gguf_tokenizer(writer: Any, chat_template: str) -> None:
 
 
 def make_gguf(
-    path: Path, *, quant: GgufQuant = "f32", seed: int = 0, chat_template: str = CHAT_TEMPLATE
+    path: Path, *, quant: GgufQuant = "f32", seed: int = 0, chat_template: str | None = None
 ) -> Path:
     """A llama-architecture GGUF of the tiny Llama, tokenizer and chat template inside."""
     import gguf
@@ -249,7 +249,7 @@ def make_gguf(
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     writer = gguf.GGUFWriter(str(path), "llama")
     _gguf_metadata(writer, config, quant)
-    _gguf_tokenizer(writer, chat_template)
+    _gguf_tokenizer(writer, CHAT_TEMPLATE if chat_template is None else chat_template)
     for hf_name, tensor in _state_dict(seed).items():
         w = tensor.float().numpy()
         if hf_name.endswith(("q_proj.weight", "k_proj.weight")):

@@ -150,6 +150,9 @@ def main() -> int:
     out = reserve_stdout()
     stdin = sys.stdin.buffer
     try:
+        if os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
+            # torch.load would ignore weights_only=True: never load a model like that
+            raise RuntimeError("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set; refusing to load")
         setup = decode(stdin.readline())
         if not isinstance(setup, Setup):
             raise ProtocolError(f"expected Setup, got {type(setup).__name__}")
