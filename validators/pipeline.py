@@ -235,6 +235,7 @@ def _validate_files(files: Sequence[BundleFile], report: BundleReport, ctx: _Con
 def _onnx_checks(report: BundleReport, paths: set[str]) -> dict[str, Any]:
     onnx_file = next(f for f in report.files if f.kind is FileKind.ONNX)
     base = posixpath.dirname(onnx_file.path)
+    sizes = {f.path: f.size for f in report.files}
     for name in onnx_file.metadata.get("external_data", []):
         target = posixpath.normpath(posixpath.join(base, name))
         if target not in paths:
@@ -244,7 +245,23 @@ def _onnx_checks(report: BundleReport, paths: set[str]) -> dict[str, Any]:
                 "which is not in the bundle; upload it beside the model",
                 path=onnx_file.path,
             )
+    for ref in onnx_file.metadata.get("external_refs", []):
+        _check_external_range(ref, sizes[posixpath.normpath(posixpath.join(base, ref["location"]))])
     return {"tokenizer": tokenizer_kind({p for p in paths if "/" not in p})}
+
+
+def _check_external_range(ref: dict[str, Any], size: int) -> None:
+    """A tensor's external bytes must lie inside its data file (readers mmap the range)."""
+    offset: int = ref["offset"]
+    length = ref["length"] if ref["length"] is not None else ref["nbytes"]
+    end = offset + (length or 0)
+    if offset > size or end > size:
+        raise Rejected(
+            "ONNX_EXTERNAL_DATA_OUT_OF_RANGE",
+            f"external data {ref['location']!r} is read at bytes {offset}..{end}, "
+            f"but the file has {size} bytes",
+            path=ref["location"],
+        )
 
 
 def _bundle_metadata(fmt: ModelFormat, report: BundleReport, ctx: _Context) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from validators.base import CHUNK, HashingReader, Rejected
-from validators.pickle_scan import scan_pickle, verdict, walk
+from validators.pickle_scan import StorageRef, scan_pickle, verdict, walk
 
 LOCAL_SIG = b"PK\x03\x04"
 CENTRAL_SIG = b"PK\x01\x02"
@@ -292,6 +292,26 @@ def _records(entries: list[_Entry], reader: HashingReader) -> tuple[str, dict[st
     return top, records
 
 
+def _check_storages(
+    storages: dict[str, StorageRef], records: dict[str, _Entry], reader: HashingReader
+) -> None:
+    """Each data/<key> record holds exactly its storage's bytes; no record is unreferenced."""
+    for key, ref in sorted(storages.items()):
+        entry = records.get(f"data/{key}")
+        if entry is None or entry.size != ref.nbytes:
+            have = "missing" if entry is None else f"{entry.size} bytes"
+            raise _reject(
+                "TORCH_STORAGE_MISMATCH",
+                f"storage {key} needs {ref.nbytes} bytes of data/{key}, which is {have}",
+                reader,
+            )
+    stray = sorted(r for r in records if r.startswith("data/") and r[5:] not in storages)
+    if stray:
+        raise _reject(
+            "TORCH_STORAGE_MISMATCH", f"{stray[0]} is not a storage the pickle refers to", reader
+        )
+
+
 def validate_torch_zip(
     reader: HashingReader, *, max_pickle_bytes: int = 64 << 20
 ) -> dict[str, Any]:
@@ -303,15 +323,7 @@ def validate_torch_zip(
         code = "TORCH_BIG_ENDIAN" if byteorder == b"big" else "TORCH_INVALID"
         raise _reject(code, f"byteorder {byteorder!r:.40}: only little-endian is loaded", reader)
     scan = scan_pickle(records["data.pkl"].data or b"", path=reader.path or None)
-    for key, ref in sorted(scan.storages.items()):
-        entry = records.get(f"data/{key}")
-        if entry is None or entry.size < ref.nbytes:
-            have = "missing" if entry is None else f"{entry.size} bytes"
-            raise _reject(
-                "TORCH_STORAGE_MISMATCH",
-                f"storage {key} needs {ref.nbytes} bytes of data/{key}, which is {have}",
-                reader,
-            )
+    _check_storages(scan.storages, records, reader)
     return {
         "archive": top,
         "entries": len(entries),

@@ -26,6 +26,8 @@ LOAD_TIMEOUT_S = 120.0
 GENERATE_TIMEOUT_S = 30.0
 MAX_MESSAGE_CHARS = 1800
 _TAIL_MARK = "--- runner stderr (tail) ---"
+# Chat-template refusals keep their own code: the fix is in the template, not the weights.
+TEMPLATE_CODES = frozenset({"CHAT_TEMPLATE_UNSAFE", "CHAT_TEMPLATE_INVALID", "CHAT_TEMPLATE_ERROR"})
 _ABS_DIRS = re.compile(r"(?<![\w.])(?:/[^\s/\"':,;()\[\]]+)+/")
 
 
@@ -33,6 +35,7 @@ _ABS_DIRS = re.compile(r"(?<![\w.])(?:/[^\s/\"':,;()\[\]]+)+/")
 class SmokeResult:
     ok: bool
     message: str = ""  # why it failed, for the rejection
+    code: str = "LOAD_FAILED"  # the rejection code when it failed
     details: dict[str, Any] = field(default_factory=dict)  # what the runner learned
 
 
@@ -70,8 +73,10 @@ def _load_and_generate(runner: Runner) -> SmokeResult:
         ready = runner.start(timeout=LOAD_TIMEOUT_S)
     except RunnerSetupFailed as exc:
         return SmokeResult(False, _explain("the model failed to load", exc.detail, runner))
+    # Not raw: the model's own chat template is rendered (in the runner's sandboxed Jinja), so
+    # a template that reaches for Python internals is refused now, not at the first request.
     request = GenerateRequest(
-        PROMPT, raw=True, params=SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+        PROMPT, raw=False, params=SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
     )
     try:
         done = runner.generate(request, "smoke", lambda _: None, timeout=GENERATE_TIMEOUT_S)
@@ -79,7 +84,8 @@ def _load_and_generate(runner: Runner) -> SmokeResult:
         return SmokeResult(False, _explain("generation failed", str(exc), runner))
     if done.error:
         detail = f"{done.code or 'INFERENCE_FAILED'}: {done.detail}"
-        return SmokeResult(False, _explain("generation failed", detail, runner))
+        code = done.code if done.code in TEMPLATE_CODES else "LOAD_FAILED"
+        return SmokeResult(False, _explain("generation failed", detail, runner), code)
     return SmokeResult(
         True,
         details={

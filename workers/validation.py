@@ -92,7 +92,7 @@ def _smoke(model_id: str, settings: Settings, report: BundleReport, rows: list[M
     if result.ok:
         report.metadata |= result.details
     else:
-        report.findings.append(Finding("LOAD_FAILED", result.message))
+        report.findings.append(Finding(result.code, result.message))
 
 
 def _is_transient(exc: Exception) -> bool:

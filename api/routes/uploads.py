@@ -13,7 +13,7 @@ from core.storage.local import LocalStorage
 router = APIRouter(tags=["uploads"])
 
 _TOO_LARGE = {"UPLOAD_TOO_LARGE", "UPLOAD_SIZE_MISMATCH"}
-_AUTH = {"UPLOAD_TOKEN_INVALID", "UPLOAD_URL_EXPIRED"}
+_AUTH = {"UPLOAD_TOKEN_INVALID", "UPLOAD_URL_EXPIRED", "UPLOAD_URL_USED"}
 
 
 @router.put("/v1/uploads/{token}")

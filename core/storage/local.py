@@ -153,8 +153,18 @@ class LocalStorage:
         try:
             with os.fdopen(fd, "wb") as out:
                 etag = await stream_into(out, chunks, grant.size)
-            os.replace(tmp, target)
+            if grant.part_number == 0:
+                # Objects are write-once: a signed URL replayed after the upload (after
+                # validation, say) must not swap the bytes of a model. link() fails if the
+                # object exists, atomically.
+                os.link(tmp, target)
+            else:
+                os.replace(tmp, target)  # a part may be retried until the upload completes
             fsync_dir(target.parent)
+        except FileExistsError as exc:
+            raise UploadRejected(
+                "UPLOAD_URL_USED", "this file was already uploaded; objects cannot be replaced"
+            ) from exc
         except FileNotFoundError as exc:  # aborted or deleted while the bytes arrived
             raise _missing("upload in progress") from exc
         except OSError as exc:

@@ -115,3 +115,46 @@ def zip_members(data: bytes) -> list[tuple[str, bytes]]:
 def torch_like_zip(members: list[tuple[str, bytes]]) -> bytes:
     """Members rewritten by the tiny writer (no descriptors), so single fields can be broken."""
     return build_zip([RawEntry(name, content) for name, content in members])
+
+
+# --- executable payload chains ------------------------------------------------------------
+# Each helper returns opcodes that push one value in protocol 2 (protocol 4 where noted), so
+# a chain reads like the Python it would run: call(GLOBAL, arg, ...) is `fn(arg, ...)`.
+
+
+def text(value: str) -> bytes:
+    """BINUNICODE: a string of any length."""
+    raw = value.encode()
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+
+def call(fn: bytes, *args: bytes) -> bytes:
+    """`fn(*args)`: MARK, the arguments, TUPLE, REDUCE."""
+    return fn + b"(" + b"".join(args) + b"tR"
+
+
+def str_list(*items: str) -> bytes:
+    return b"](" + b"".join(text(i) for i in items) + b"e"
+
+
+def proto2(body: bytes) -> bytes:
+    return PROTO2 + body + STOP
+
+
+def proto4(body: bytes) -> bytes:
+    return PROTO4 + body + STOP
+
+
+def popen_payload(argv: tuple[str, ...], style: Style) -> bytes:
+    """`subprocess.Popen(argv)` with a tuple argv, in each protocol style."""
+    if style == "proto0":
+        items = b"".join(f"S'{a}'\n".encode() for a in argv)
+        return global_op("subprocess", "Popen") + b"((" + items + b"ttR" + STOP
+    fn = (
+        global_op("subprocess", "Popen")
+        if style == "proto2"
+        else stack_global("subprocess", "Popen", memoized=style == "proto4-memo")
+    )
+    items = b"".join(unicode(a) for a in argv)
+    head = PROTO2 if style == "proto2" else PROTO4
+    return head + fn + b"(" + items + b"t\x85R" + STOP

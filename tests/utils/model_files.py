@@ -221,7 +221,7 @@ def _gguf_metadata(writer: Any, config: LlamaConfig, quant: GgufQuant) -> None:
     writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
 
 
-def _gguf_tokenizer(writer: Any) -> None:
+def _gguf_tokenizer(writer: Any, chat_template: str) -> None:
     import gguf
 
     tokenizer = load_tokenizer()
@@ -245,7 +245,7 @@ def _gguf_tokenizer(writer: Any) -> None:
     writer.add_pad_token_id(tokenizer.pad_token_id)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    writer.add_chat_template(chat_template)
 
 
 def make_gguf(
@@ -254,6 +254,7 @@ def make_gguf(
     quant: GgufQuant = "f32",
     seed: int = 0,
     shape: tuple[tuple[str, int], ...] = (),
+    chat_template: str | None = None,
 ) -> Path:
     """A llama-architecture GGUF of the tiny Llama, tokenizer and chat template inside."""
     import gguf
@@ -264,7 +265,7 @@ def make_gguf(
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     writer = gguf.GGUFWriter(str(path), "llama")
     _gguf_metadata(writer, config, quant)
-    _gguf_tokenizer(writer)
+    _gguf_tokenizer(writer, CHAT_TEMPLATE if chat_template is None else chat_template)
     for hf_name, tensor in _state_dict(seed, shape).items():
         w = tensor.float().numpy()
         if hf_name.endswith(("q_proj.weight", "k_proj.weight")):

@@ -102,6 +102,23 @@ def test_validate_bundle_onnx_without_its_data_file_is_rejected(
     assert _code(validate_bundle(files)) == "ONNX_EXTERNAL_DATA_MISSING"
 
 
+@pytest.mark.parametrize(("offset", "data_size"), [("0", 8), ("4096", 24), ("24", 24)])
+def test_validate_bundle_onnx_external_range_past_data_file_is_rejected(
+    offset: str, data_size: int
+) -> None:
+    from tests.utils.onnx_builders import external_tensor, matmul_graph, model_of
+
+    model = model_of(matmul_graph(external_tensor("w.data", offset=offset)))
+    files = [
+        mem_file("model.onnx", model.SerializeToString()),
+        mem_file("w.data", b"\0" * data_size),
+        mem_file("tokenizer.json", TOKENIZER),
+    ]
+    assert _code(validate_bundle(files)) == "ONNX_EXTERNAL_DATA_OUT_OF_RANGE"
+    files[1] = mem_file("w.data", b"\0" * (int(offset) + 24))
+    assert validate_bundle(files).ok
+
+
 def test_validate_bundle_bundle_sha_is_independent_of_order() -> None:
     first = validate_bundle(_hf_files())
     second = validate_bundle(list(reversed(_hf_files())))

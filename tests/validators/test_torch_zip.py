@@ -194,6 +194,18 @@ def test_validate_torch_zip_short_storage_rejected(tmp_path: Path) -> None:
     assert rejection(torch_like_zip(missing)).code == "TORCH_STORAGE_MISMATCH"
 
 
+def test_validate_torch_zip_storage_longer_than_declared_rejected(tmp_path: Path) -> None:
+    items = members(tmp_path)
+    longer = [(n, c + b"\0" * 64 if n == "model/data/0" else c) for n, c in items]
+    assert rejection(torch_like_zip(longer)).code == "TORCH_STORAGE_MISMATCH"
+
+
+def test_validate_torch_zip_unreferenced_data_record_rejected(tmp_path: Path) -> None:
+    items = [*members(tmp_path), ("model/data/77", b"\0" * 16)]
+    err = rejection(torch_like_zip(items))
+    assert err.code == "TORCH_STORAGE_MISMATCH" and "data/77" in err.message
+
+
 def test_validate_torch_zip_large_pickle_rejected(tmp_path: Path) -> None:
     err = rejection(saved(small_state(), tmp_path), max_pickle_bytes=64)
     assert err.code == "PICKLE_TOO_LARGE"

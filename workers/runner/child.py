@@ -211,6 +211,9 @@ def main() -> int:
     stdin = sys.stdin.buffer
     preload_while_waiting(stdin)
     try:
+        if os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
+            # torch.load would ignore weights_only=True: never load a model like that
+            raise RuntimeError("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set; refusing to load")
         setup = decode(stdin.readline())
         set_process_name(RUNNER_NAME)
         if not isinstance(setup, Setup):

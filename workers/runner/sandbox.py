@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from workers.runner.confine import Confinement, protect_worker
+
 log = logging.getLogger("inferatech.sandbox")
 
 PR_SET_PDEATHSIG = 1
@@ -48,6 +50,15 @@ class SandboxConfig:
     max_file_bytes: int = 4 << 30  # a runner writes nothing big; this stops a disk-filler
     isolate_network: bool = True
     tmp_root: Path | None = None
+    confine: bool = True  # Landlock and seccomp where the kernel has them (see confine.py)
+
+
+class SandboxRefused(OSError):
+    """The worker's environment would weaken every runner; none is started."""
+
+
+# torch.load ignores weights_only=True when this is set: a pickle could run code again.
+UNSAFE_WORKER_ENV = ("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD",)
 
 
 def is_secret_name(name: str) -> bool:
@@ -95,7 +106,12 @@ def _limits(config: SandboxConfig) -> list[tuple[int, int]]:
     return limits
 
 
-def _preexec(parent_pid: int, limits: list[tuple[int, int]], net_flags: int) -> Callable[[], None]:
+def _preexec(
+    parent_pid: int,
+    limits: list[tuple[int, int]],
+    net_flags: int,
+    confinement: Confinement | None,
+) -> Callable[[], None]:
     """Runs in the forked child before exec: keep it to syscalls, no locks, no logging."""
 
     def hook() -> None:
@@ -111,6 +127,8 @@ def _preexec(parent_pid: int, limits: list[tuple[int, int]], net_flags: int) -> 
         # Fail closed: isolation was promised by the probe, so a failure here aborts the spawn.
         if net_flags and _libc.unshare(net_flags) != 0:
             raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET) failed")
+        if confinement is not None:  # last: it also forbids what the steps above needed
+            confinement.apply()
 
     return hook
 
@@ -120,6 +138,12 @@ class Sandbox:
 
     def __init__(self, config: SandboxConfig | None = None) -> None:
         self.config = config or SandboxConfig()
+        unsafe = [name for name in UNSAFE_WORKER_ENV if os.environ.get(name)]
+        if unsafe:
+            raise SandboxRefused(
+                f"{unsafe[0]} is set in the worker's environment: it turns off torch's "
+                "weights-only unpickler, so no runner is started; unset it"
+            )
         self._net_flags = network_namespace_flags() if self.config.isolate_network else 0
         root = self.config.tmp_root or Path(tempfile.gettempdir()) / "inferatech-runners"
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -127,6 +151,9 @@ class Sandbox:
         # Named after this process: a worker killed with SIGKILL cannot clean up after its
         # runners, so the next worker on the host removes dirs whose owner is gone.
         self.tmpdir = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
+        self.confinement = Confinement(self.tmpdir) if self.config.confine else None
+        if self.confinement is not None:
+            protect_worker()
 
     @property
     def network_isolated(self) -> bool:
@@ -155,7 +182,7 @@ class Sandbox:
 
     def popen(self, argv: Sequence[str]) -> subprocess.Popen[bytes]:
         """Start `argv` confined; stdin, stdout and stderr are pipes."""
-        hook = _preexec(os.getpid(), _limits(self.config), self._net_flags)
+        hook = _preexec(os.getpid(), _limits(self.config), self._net_flags, self.confinement)
 
         def spawn() -> subprocess.Popen[bytes]:
             return subprocess.Popen(  # noqa: S603 - argv is built by the caller, not the model
