@@ -13,7 +13,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from core.tables import ApiKey, Model
 
@@ -25,7 +25,7 @@ class Grant:
     key_id: str
     account_id: str
     model_id: str
-    secret_hash: str
+    secret_hash: str = field(repr=False)  # a digest, but kept out of logs all the same
     model_sha256: str | None
 
     @classmethod

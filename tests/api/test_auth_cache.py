@@ -66,3 +66,7 @@ def test_grant_read_before_an_invalidation_is_not_cached() -> None:
     assert cache.get("k1") is not None
     cache.clear()
     assert cache.get("k1") is None
+
+
+def test_grant_repr_leaves_out_the_digest() -> None:
+    assert "0" * 64 not in repr(grant("k1"))
