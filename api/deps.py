@@ -10,6 +10,7 @@ from celery import Celery
 from fastapi import Depends, Request
 from sqlmodel import Session, select
 
+from api.inference.auth_cache import AuthCache
 from core import keys
 from core.db import get_engine
 from core.errors import AuthenticationFailed, NotImplementedByConfig
@@ -42,6 +43,14 @@ def celery_dep(request: Request) -> Celery:
 
 
 CeleryDep = Annotated[Celery, Depends(celery_dep)]
+
+
+def auth_cache_dep(request: Request) -> AuthCache:
+    cache: AuthCache = request.app.state.auth_cache
+    return cache
+
+
+AuthCacheDep = Annotated[AuthCache, Depends(auth_cache_dep)]
 
 
 def bearer_token(request: Request) -> str:

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from api import redaction
 from api.errors import RequestIdMiddleware, install_error_handlers
 from api.inference import router as inference
+from api.inference.auth_cache import AuthCache
 from api.inference.routing import WorkerDirectory
 from api.routes import (
     accounts,
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="Inferatech", version="0.1.0", lifespan=lifespan)
     app.state.celery = make_celery(settings)
+    app.state.auth_cache = AuthCache(settings.auth_cache_ttl_s, settings.auth_cache_max_entries)
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
     routers = (health, accounts, models, keys, uploads, storage_events, workers, billing, inference)

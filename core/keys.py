@@ -61,12 +61,17 @@ def hash_secret(secret: str, pepper: str) -> str:
     return hmac.new(pepper.encode(), secret.encode(), hashlib.sha256).hexdigest()
 
 
+def compose(prefix: str, key_id: str, secret: str) -> str:
+    """The plaintext form of a key: its parts and their checksum."""
+    body = f"{prefix}_{key_id}_{secret}"
+    return body + _checksum(body)
+
+
 def mint(prefix: str, pepper: str) -> MintedKey:
     """A new random key of the given prefix (`ik` for API keys, `iat` for account tokens)."""
     key_id = random_base62(KEY_ID_LEN)
     secret = random_base62(SECRET_LEN)
-    body = f"{prefix}_{key_id}_{secret}"
-    plaintext = body + _checksum(body)
+    plaintext = compose(prefix, key_id, secret)
     return MintedKey(
         key_id=key_id,
         plaintext=plaintext,

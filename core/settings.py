@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = 8
     webhook_allow_private_hosts: bool = False
     visibility_margin_s: int = 600
+    # API-key grants cached per API process; a revocation made elsewhere (another replica)
+    # takes effect within this many seconds. 0 disables the cache.
+    auth_cache_ttl_s: float = Field(default=10, ge=0, le=30)
+    auth_cache_max_entries: int = Field(default=10_000, ge=1)
 
     # Billing (Stripe). No API key: the ledger still records, the pusher idles.
     stripe_api_key: SecretStr | None = None

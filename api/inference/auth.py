@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlmodel import Session
 
+from api.inference.auth_cache import AuthCache, Grant
 from billing.customers import ensure_active
 from core import keys
 from core.errors import AuthenticationFailed, AuthorizationFailed, ModelNotFound, ModelNotReady
@@ -21,11 +22,16 @@ def key_token(authorization: str | None, body_key: str | None) -> str:
     raise AuthenticationFailed("missing API key: send `Authorization: Bearer ik_…`")
 
 
-def authenticate_key(session: Session, settings: Settings, token: str) -> ApiKey:
-    """A live key; malformed keys are refused before any query."""
+def _parse(token: str) -> keys.ParsedKey:
     parsed = keys.parse(token, keys.API_KEY_PREFIX)
     if parsed is None:
         raise AuthenticationFailed("malformed API key")
+    return parsed
+
+
+def authenticate_key(session: Session, settings: Settings, token: str) -> ApiKey:
+    """A live key; malformed keys are refused before any query."""
+    parsed = _parse(token)
     key = session.get(ApiKey, parsed.key_id)
     if key is None or not keys.verify(
         parsed, key.secret_hash, settings.key_pepper.get_secret_value()
@@ -50,3 +56,20 @@ def authorize_model(session: Session, key: ApiKey, model_id: str) -> Model:
         raise ModelNotReady(f"model is {model.status.value}; it can be called once it is ready")
     ensure_active(session, key)
     return model
+
+
+def grant_for(
+    session: Session, settings: Settings, cache: AuthCache, token: str, model_id: str
+) -> Grant:
+    """The key's grant to call `model_id`: cached after one full check, secret checked always."""
+    parsed = _parse(token)
+    cached = cache.get(parsed.key_id)
+    if cached is not None and cached.model_id == model_id:
+        if not keys.verify(parsed, cached.secret_hash, settings.key_pepper.get_secret_value()):
+            raise AuthenticationFailed("invalid API key")
+        return cached
+    generation = cache.generation()
+    key = authenticate_key(session, settings, token)
+    grant = Grant.of(key, authorize_model(session, key, model_id))
+    cache.put(grant, generation)
+    return grant

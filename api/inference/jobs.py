@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import update
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from api.inference.auth import authenticate_key, key_token
 from api.inference.protocol import InferResponse, JobError, JobPublic, JobTimings
@@ -16,12 +16,10 @@ from core.tables import Account, Job, JobStatus, utcnow
 
 
 def _account_id(session: Session, settings: Settings, token: str) -> str:
-    """The account an `iat_…` token or an `ik_…` key acts for, and the key id if any."""
+    """The account an `iat_…` account token acts for."""
     parsed = keys.parse(token, keys.ACCOUNT_TOKEN_PREFIX)
     if parsed is None:
         raise AuthenticationFailed("malformed token")
-    from sqlmodel import select
-
     account = session.exec(select(Account).where(Account.token_id == parsed.key_id)).first()
     if account is None or not keys.verify(
         parsed, account.token_hash, settings.key_pepper.get_secret_value()
@@ -33,14 +31,21 @@ def _account_id(session: Session, settings: Settings, token: str) -> str:
 def readable_job(
     session: Session, settings: Settings, job_id: str, authorization: str | None
 ) -> Job:
+    """The job, for the key that created it or its owner account; any other job is missing.
+
+    The caller is authenticated before the job is looked up, so neither the answer nor the
+    work done tells a stranger whether the job exists.
+    """
     token = key_token(authorization, None)
-    job = session.get(Job, job_id)
     if token.startswith(f"{keys.API_KEY_PREFIX}_"):
-        key = authenticate_key(session, settings, token)
-        if job is None or job.api_key_id != key.id:
+        key_id = authenticate_key(session, settings, token).id
+        job = session.get(Job, job_id)
+        if job is None or job.api_key_id != key_id:
             raise JobNotFound(f"no job {job_id!r} for this key")
         return job
-    if job is None or job.account_id != _account_id(session, settings, token):
+    account_id = _account_id(session, settings, token)
+    job = session.get(Job, job_id)
+    if job is None or job.account_id != account_id:
         raise JobNotFound(f"no job {job_id!r} in this account")
     return job
 

@@ -14,7 +14,7 @@ from sqlmodel import Session
 
 from api.deps import SessionDep, SettingsDep
 from api.inference import jobs as job_svc
-from api.inference.auth import authenticate_key, authorize_model, key_token
+from api.inference.auth import grant_for, key_token
 from api.inference.protocol import InferRequest, JobCreate, JobCreated, JobPublic
 from api.inference.routing import WorkerDirectory
 from api.inference.serving import (
@@ -39,15 +39,14 @@ def _start(request: Request, settings: Settings, body: InferRequest, auth: str |
     celery: Celery = request.app.state.celery
     directory: WorkerDirectory = request.app.state.workers
     with Session(get_engine(settings), expire_on_commit=False) as session:
-        key = authenticate_key(session, settings, key_token(auth, body.api_key))
-        model = authorize_model(session, key, body.model_id)
-        queue = directory.queue_for(model.sha256 or model.id)
+        token = key_token(auth, body.api_key)
+        grant = grant_for(session, settings, request.app.state.auth_cache, token, body.model_id)
+        queue = directory.queue_for(grant.model_sha256 or grant.model_id)
         return create_job(
             session=session,
             settings=settings,
             celery=celery,
-            key=key,
-            model=model,
+            grant=grant,
             req=body,
             queue=queue,
             live=isinstance(body, JobCreate) or body.stream,

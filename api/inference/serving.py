@@ -14,13 +14,14 @@ import redis.asyncio as aioredis
 from celery import Celery
 from sqlmodel import Session
 
+from api.inference.auth_cache import Grant
 from api.inference.protocol import InferRequest, InferResponse, JobCreate
 from core import events
 from core.errors import JobTimeout, ServiceUnavailable, job_error
 from core.ids import new_id
 from core.queue import INFER_QUEUE, INFER_TASK
 from core.settings import Settings
-from core.tables import ApiKey, Job, JobStatus, Model, utcnow
+from core.tables import Job, JobStatus, utcnow
 
 log = logging.getLogger("inferatech.inference")
 
@@ -33,8 +34,7 @@ def create_job(
     session: Session,
     settings: Settings,
     celery: Celery,
-    key: ApiKey,
-    model: Model,
+    grant: Grant,
     req: InferRequest,
     queue: str = INFER_QUEUE,
     live: bool = True,
@@ -59,9 +59,9 @@ def create_job(
         webhook = req.webhook_url
     job = Job(
         id=new_id("job"),
-        account_id=key.account_id,
-        model_id=model.id,
-        api_key_id=key.id,
+        account_id=grant.account_id,
+        model_id=grant.model_id,
+        api_key_id=grant.key_id,
         params=req.model_dump(include=GENERATION_FIELDS),
         webhook_url=webhook,
         execution_timeout_s=timeout,

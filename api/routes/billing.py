@@ -11,6 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlmodel import Session, col, select
 
 from api.deps import CurrentAccount, SessionDep, SettingsDep, require_operator
+from api.inference.auth_cache import AuthCache
 from billing import webhooks
 from billing.customers import portal_url
 from billing.stripe_api import require_configured
@@ -37,10 +38,13 @@ async def _raw_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _process(settings: Settings, celery: Celery, payload: bytes, sig: str | None) -> Any:
+def _process(
+    settings: Settings, celery: Celery, auth_cache: AuthCache, payload: bytes, sig: str | None
+) -> Any:
     event = webhooks.verify(settings, payload, sig)
     with Session(get_engine(settings), expire_on_commit=False) as session:
         handled = webhooks.handle(session, event)
+    auth_cache.clear()  # a subscription may have been suspended: re-check every key
     if handled.flush_customer:  # invoice.finalized: its usage goes out before anything else
         celery.send_task(BILLING_PUSH_TASK, kwargs={"customer": handled.flush_customer})
     return {"received": True, "id": handled.event_id, "duplicate": handled.duplicate}
@@ -55,7 +59,12 @@ async def stripe_webhook(
     """Stripe's signed events; a duplicate delivery is acknowledged and changes nothing."""
     payload = await _raw_body(request, webhooks.MAX_BODY_BYTES)
     return await run_in_threadpool(
-        _process, settings, request.app.state.celery, payload, stripe_signature
+        _process,
+        settings,
+        request.app.state.celery,
+        request.app.state.auth_cache,
+        payload,
+        stripe_signature,
     )
 
 

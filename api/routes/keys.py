@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from sqlmodel import select
 
-from api.deps import CurrentAccount, SessionDep, SettingsDep
+from api.deps import AuthCacheDep, CurrentAccount, SessionDep, SettingsDep
 from api.presenters import key_public
 from api.schemas import KeyCreate, KeyCreated, KeysPublic
 from api.services import models as svc
@@ -43,12 +43,15 @@ def list_keys(session: SessionDep, owner: CurrentAccount) -> KeysPublic:
 
 
 @router.delete("/v1/keys/{key_id}", status_code=204)
-def revoke(key_id: str, session: SessionDep, owner: CurrentAccount) -> Response:
-    """Revoke a key; it stops working at once."""
+def revoke(
+    key_id: str, session: SessionDep, owner: CurrentAccount, auth_cache: AuthCacheDep
+) -> Response:
+    """Revoke a key; it stops working at once (other API processes: within the cache TTL)."""
     key = session.get(ApiKey, key_id)
     if key is None or key.account_id != owner.id:
         raise KeyNotFound(f"no key {key_id!r} in this account")
     key.revoked_at = key.revoked_at or utcnow()
     session.add(key)
     session.commit()
+    auth_cache.forget_key(key.id)
     return Response(status_code=204)

@@ -5,7 +5,14 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from sqlmodel import select
 
-from api.deps import CeleryDep, CurrentAccount, SessionDep, SettingsDep, StorageDep
+from api.deps import (
+    AuthCacheDep,
+    CeleryDep,
+    CurrentAccount,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+)
 from api.presenters import model_public, upload_public
 from api.schemas import (
     ModelComplete,
@@ -91,9 +98,14 @@ def list_models(session: SessionDep, owner: CurrentAccount) -> ModelsPublic:
 
 @router.delete("/{model_id}", status_code=204)
 def delete(
-    model_id: str, session: SessionDep, storage: StorageDep, owner: CurrentAccount
+    model_id: str,
+    session: SessionDep,
+    storage: StorageDep,
+    owner: CurrentAccount,
+    auth_cache: AuthCacheDep,
 ) -> Response:
     """Delete a model, revoke its keys and remove its files."""
     model = svc.get_owned_model(session, owner, model_id)
     svc.delete_model(session=session, storage=storage, model=model)
+    auth_cache.forget_model(model.id)
     return Response(status_code=204)

@@ -12,7 +12,17 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from core.db import get_engine
-from tests.utils.factories import auth, create_account, declare, put, upload_files, wait_for_verdict
+from core.ids import new_id
+from tests.utils.factories import (
+    account_of,
+    auth,
+    create_account,
+    declare,
+    put,
+    ready_model_row,
+    upload_files,
+    wait_for_verdict,
+)
 from tests.utils.stack import StackInfo
 
 JUNK_KEYS = ["ik_junk", "ik_" + "A" * 60, "x" * 5000, "ik_%00%ff;--", "Bearer", "ik_"]
@@ -46,6 +56,42 @@ def test_foreign_model_and_key_answers_match_a_missing_one(
     resp = client.delete(f"/v1/keys/{keys[0]['id']}", headers=auth(intruder))
     assert resp.status_code == 404
     assert client.get(f"/v1/models/{mid}", headers=auth(gguf_ready["token"])).status_code == 200
+
+
+def _job_calls(client: TestClient, job_id: str, credential: str) -> list[tuple[int, str, str]]:
+    """Read, stream and cancel one job as `credential`; the error of each, id blanked."""
+    calls = [("GET", "/v1/jobs/{}"), ("GET", "/v1/jobs/{}/stream"), ("POST", "/v1/jobs/{}/cancel")]
+    answers = []
+    for method, path in calls:
+        resp = client.request(method, path.format(job_id), headers=auth(credential))
+        status, code, message = _error(resp)
+        answers.append((status, code, message.replace(job_id, "<id>")))
+    return answers
+
+
+def test_foreign_job_answers_match_a_missing_one(
+    client: TestClient, stack: StackInfo, gguf_ready: dict[str, Any]
+) -> None:
+    body = {"model_id": gguf_ready["id"], "prompt": "hi", "max_tokens": 2}
+    submitted = client.post("/v1/jobs", json=body, headers=auth(gguf_ready["key"]))
+    assert submitted.status_code == 202, submitted.text
+    job_id = submitted.json()["id"]
+    stranger = client.post("/v1/accounts", json={"name": "job-intruder"}).json()
+    owner_id = account_of(stack.settings, gguf_ready["id"])
+    others = {
+        "another account's token": stranger["token"],
+        "another account's key": ready_model_row(stack.settings, stranger["id"])["key"],
+        "the owner's key for another model": ready_model_row(stack.settings, owner_id)["key"],
+    }
+    for who, credential in others.items():
+        foreign = _job_calls(client, job_id, credential)
+        missing = _job_calls(client, new_id("job"), credential)
+        assert [a[0] for a in foreign] == [404] * 3, (who, foreign)
+        assert {a[1] for a in foreign} == {"JOB_NOT_FOUND"}, (who, foreign)
+        assert foreign == missing, who
+    owner_view = client.get(f"/v1/jobs/{job_id}", headers=auth(gguf_ready["token"]))
+    assert owner_view.status_code == 200
+    assert owner_view.json()["status"] != "cancelled", "a stranger's cancel took effect"
 
 
 @pytest.fixture

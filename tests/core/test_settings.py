@@ -56,3 +56,14 @@ def test_settings_never_print_secrets() -> None:
     s = Settings(secret_key="super-secret-value-123")  # type: ignore[arg-type]
     assert "super-secret-value-123" not in repr(s)
     assert "super-secret-value-123" not in str(s.model_dump())
+
+
+@pytest.mark.parametrize("ttl", [-1, 31, 3600])
+def test_settings_refuse_an_auth_cache_ttl_outside_0_to_30(ttl: int) -> None:
+    with pytest.raises(ValidationError, match="auth_cache_ttl_s"):
+        Settings(auth_cache_ttl_s=ttl)
+
+
+def test_settings_auth_cache_defaults_to_ten_seconds_and_can_be_off() -> None:
+    assert Settings().auth_cache_ttl_s == 10
+    assert Settings(auth_cache_ttl_s=0).auth_cache_ttl_s == 0

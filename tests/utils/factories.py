@@ -113,3 +113,30 @@ def validating_model(client: TestClient, settings: Any, files: dict[str, Content
         model.status = ModelStatus.VALIDATING
         s.add(model)
     return str(created["id"])
+
+
+def ready_model_row(settings: Any, account_id: str) -> dict[str, str]:
+    """A `ready` model row without files and a real key for it: for calls that never run it."""
+    from api.services.models import mint_key
+    from core.db import session_scope
+    from core.ids import new_id
+    from core.tables import Model, ModelStatus
+
+    with session_scope(settings) as s:
+        model = Model(id=new_id("mdl"), account_id=account_id, name="row-only",
+                      status=ModelStatus.READY, total_bytes=1000, key_delivered=True)  # fmt: skip
+        s.add(model)
+        s.flush()
+        key, plaintext = mint_key(session=s, settings=settings, model=model, name="row-only")
+    return {"id": model.id, "key": plaintext, "key_id": key.id}
+
+
+def account_of(settings: Any, model_id: str) -> str:
+    """The id of the account that owns a model."""
+    from core.db import session_scope
+    from core.tables import Model
+
+    with session_scope(settings) as s:
+        model = s.get(Model, model_id)
+        assert model is not None
+        return model.account_id
