@@ -121,6 +121,10 @@ class FakeStripe:
             for _ in range(count):
                 self.state.faults.append(Fault(kind=kind, path=path, **kw))
 
+    def add_customer(self, name: str = "acme") -> str:
+        """A customer that exists on the server side (as the Dashboard would create one)."""
+        return str(self._create_customer({"name": name})[1]["id"])
+
     def requests_to(self, path: str) -> list[Recorded]:
         with self.lock:
             return [r for r in self.state.requests if r.path.startswith(path)]
