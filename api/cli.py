@@ -115,15 +115,52 @@ def _api(args: argparse.Namespace, *, need_token: bool = True) -> Api:
     return Api(resolve_target(args.url, getattr(args, "token", None)), need_token=need_token)
 
 
+def _operator_api(args: argparse.Namespace) -> Api:
+    token = args.operator_token or ClientEnv().operator_token
+    if not token:
+        raise CliError(
+            "NO_OPERATOR_TOKEN",
+            "linking a Stripe customer is an operator's act: pass --operator-token "
+            "or set INFERATECH_OPERATOR_TOKEN",
+        )
+    return Api(resolve_target(args.url, token))
+
+
 def cmd_accounts_create(args: argparse.Namespace) -> int:
-    api = _api(args, need_token=False)
-    account = api.call("POST", "/v1/accounts", {"name": args.name})
-    print(f"account {account['id']} ({account['name']})")
+    body = {"name": args.name}
+    if args.stripe_customer:
+        api = _operator_api(args)
+        body["stripe_customer_id"] = args.stripe_customer
+    else:
+        api = _api(args, need_token=False)
+    account = api.call("POST", "/v1/accounts", body)
+    billed = f", billed to {account['stripe_customer_id']}" if args.stripe_customer else ""
+    print(f"account {account['id']} ({account['name']}){billed}")
     print(f"token {account['token']} (shown once)")
     if not args.no_save:
         path = ClientEnv().credentials_path()
         save_credentials(path, api.url, account["token"])
         print(f"saved to {path}; later commands use it")
+    return 0
+
+
+def _customer_arg(value: str) -> str | None:
+    return None if value == "none" else value
+
+
+def cmd_accounts_link_customer(args: argparse.Namespace) -> int:
+    body = {"stripe_customer_id": _customer_arg(args.customer)}
+    path = f"/v1/accounts/{args.account_id}/stripe-customer"
+    linked = _operator_api(args).call("PUT", path, body)
+    print(f"account {linked['id']} billed to {linked['stripe_customer_id'] or 'nobody'}")
+    return 0
+
+
+def cmd_keys_link_customer(args: argparse.Namespace) -> int:
+    body = {"stripe_customer_id": _customer_arg(args.customer)}
+    linked = _operator_api(args).call("PUT", f"/v1/keys/{args.key_id}/billed-customer", body)
+    who = linked["stripe_customer_id"] or "its account's customer"
+    print(f"key {linked['id']} billed to {who}")
     return 0
 
 
@@ -213,6 +250,13 @@ def _client_opts() -> argparse.ArgumentParser:
     return parent
 
 
+def _operator_opts() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--url", help="API base URL (default: $INFERATECH_API_URL or saved)")
+    parent.add_argument("--operator-token", help="default: $INFERATECH_OPERATOR_TOKEN")
+    return parent
+
+
 def _add(sub: Any, name: str, handler: Handler, **kw: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = sub.add_parser(name, **kw)
     parser.set_defaults(handler=handler)
@@ -245,6 +289,12 @@ def _client_commands(sub: Any) -> None:
     create = _add(accounts, "create", cmd_accounts_create, parents=[opts])
     create.add_argument("--name", required=True)
     create.add_argument("--no-save", action="store_true", help="do not save the token")
+    create.add_argument("--stripe-customer", metavar="CUS_ID", help="bill it to (operator)")
+    create.add_argument("--operator-token", help="default: $INFERATECH_OPERATOR_TOKEN")
+    link = _add(accounts, "link-customer", cmd_accounts_link_customer, parents=[_operator_opts()],
+                help="bill an account to a Stripe customer (none: unlink)")  # fmt: skip
+    link.add_argument("account_id")
+    link.add_argument("customer", metavar="CUS_ID")
     models = sub.add_parser("models", help="models").add_subparsers(required=True)
     upload = _add(models, "upload", cmd_models_upload, parents=[opts])
     upload.add_argument("paths", nargs="+", metavar="PATH")
@@ -260,6 +310,10 @@ def _client_commands(sub: Any) -> None:
     create_key.add_argument("model_id")
     create_key.add_argument("--name", default="default")
     _add(keys, "revoke", cmd_keys_revoke, parents=[opts]).add_argument("key_id")
+    bill = _add(keys, "link-customer", cmd_keys_link_customer, parents=[_operator_opts()],
+                help="bill a key to another Stripe customer (none: unlink)")  # fmt: skip
+    bill.add_argument("key_id")
+    bill.add_argument("customer", metavar="CUS_ID")
 
 
 def build_parser() -> argparse.ArgumentParser:

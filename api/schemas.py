@@ -14,6 +14,8 @@ class Strict(BaseModel):
 
 class AccountCreate(Strict):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[\w .@+-]+$")
+    # Operator token only: the Stripe customer this account's usage is billed to.
+    stripe_customer_id: str | None = Field(default=None, max_length=100)
 
 
 class AccountCreated(BaseModel):
@@ -21,6 +23,18 @@ class AccountCreated(BaseModel):
     name: str
     token: str
     created_at: datetime
+    stripe_customer_id: str | None = None
+
+
+class CustomerLink(Strict):
+    """`cus_…` to bill from now on, or null to unlink."""
+
+    stripe_customer_id: str | None = Field(max_length=100)
+
+
+class CustomerLinked(BaseModel):
+    id: str
+    stripe_customer_id: str | None
 
 
 class FileDecl(Strict):

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 
 import stripe
 from sqlmodel import Session, select
 
 from billing.stripe_api import client_for
-from core.errors import BillingInactive, Conflict, ServiceUnavailable
+from core.errors import (
+    AccountNotFound,
+    BillingInactive,
+    Conflict,
+    InvalidRequest,
+    KeyNotFound,
+    ServiceUnavailable,
+)
 from core.settings import Settings
 from core.tables import Account, ApiKey, BillingCustomer, utcnow
+
+# Stripe customer ids: `cus_` and an alphanumeric tail (the column holds 100 characters).
+CUSTOMER_ID = re.compile(r"^cus_[A-Za-z0-9]{1,96}$")
 
 # Stripe subscription statuses that stop inference until an invoice is paid.
 SUSPENDED = frozenset({"unpaid", "canceled", "incomplete_expired", "paused"})
@@ -90,3 +101,56 @@ def portal_url(session: Session, settings: Settings, account: Account) -> str:
     except stripe.StripeError as exc:
         raise ServiceUnavailable("Stripe is unavailable; retry") from exc
     return str(portal.url)
+
+
+def check_customer(settings: Settings, customer: str) -> None:
+    """Refuse a malformed id and, when Stripe is configured, one Stripe does not know."""
+    if not CUSTOMER_ID.fullmatch(customer):
+        raise InvalidRequest(f"{customer!r} is not a Stripe customer id (cus_…)")
+    if not settings.stripe_configured:
+        return  # the embedded default: the link is recorded, usage is pushed once configured
+    try:
+        found = client_for(settings).v1.customers.retrieve(customer)
+    except stripe.InvalidRequestError as exc:
+        if exc.http_status == 404:
+            raise InvalidRequest(f"Stripe has no customer {customer!r}") from exc
+        raise Conflict(f"Stripe refused the customer lookup: {exc.user_message}") from exc
+    except stripe.StripeError as exc:
+        raise ServiceUnavailable("Stripe is unavailable; retry") from exc
+    if getattr(found, "deleted", False):
+        raise InvalidRequest(f"Stripe customer {customer!r} is deleted")
+
+
+def _status_of(session: Session, customer: str | None) -> str:
+    row = session.get(BillingCustomer, customer) if customer else None
+    return "suspended" if row is not None and row.status in SUSPENDED else "active"
+
+
+def link_account(
+    *, session: Session, settings: Settings, account_id: str, customer: str | None
+) -> Account:
+    """Bill an account's usage to `customer` from now on (None unlinks); earlier events keep
+    the customer they were written with, and unlinked ones get it at push time."""
+    account = session.get(Account, account_id)
+    if account is None:
+        raise AccountNotFound(f"no account {account_id!r}")
+    if customer is not None:
+        check_customer(settings, customer)
+    account.stripe_customer_id = customer
+    account.billing_status = _status_of(session, customer)
+    session.add(account)
+    session.commit()
+    return account
+
+
+def link_key(*, session: Session, settings: Settings, key_id: str, customer: str | None) -> ApiKey:
+    """Bill a key's usage to another customer (an owner delivering a model to a client)."""
+    key = session.get(ApiKey, key_id)
+    if key is None:
+        raise KeyNotFound(f"no key {key_id!r}")
+    if customer is not None:
+        check_customer(settings, customer)
+    key.billed_customer_id = customer
+    session.add(key)
+    session.commit()
+    return key

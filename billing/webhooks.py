@@ -13,11 +13,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
 from billing.customers import SUSPENDED, apply_status
-from core.errors import InvalidRequest, NotImplementedByConfig
+from billing.stripe_api import client_for
+from core.errors import InvalidRequest, NotImplementedByConfig, ServiceUnavailable
 from core.settings import Settings
 from core.tables import Account, ProcessedWebhookEvent, PushState, UsageEvent
 
 TOLERANCE_S = 300
+METER_ERROR = "v1.billing.meter.error_report_triggered"
 MAX_BODY_BYTES = 1024 * 1024
 
 
@@ -54,6 +56,29 @@ def verify(settings: Settings, payload: bytes, signature: str | None) -> dict[st
     if not isinstance(event, dict) or not _is_event(event):
         raise InvalidRequest("webhook body is not a Stripe event (id and type required)")
     return event
+
+
+def complete(settings: Settings, event: dict[str, Any]) -> dict[str, Any]:
+    """A thin (v2) meter error event names the error but carries no details: fetch them.
+
+    Runs before the event is recorded, so a Stripe outage answers 503 and Stripe redelivers.
+    """
+    if event["type"] != METER_ERROR or _reason(event) is not None:
+        return event
+    if not settings.stripe_configured:
+        return event  # without an API key nothing was pushed, so no meter error is ours
+    try:
+        full = client_for(settings).v2.core.events.retrieve(event["id"])
+    except stripe.StripeError as exc:
+        raise ServiceUnavailable("Stripe is unavailable to expand a thin event; retry") from exc
+    data: dict[str, Any] = json.loads(str(full)).get("data") or {}
+    return {**event, "data": data}
+
+
+def _reason(event: dict[str, Any]) -> dict[str, Any] | None:
+    data = event.get("data")
+    reason = data.get("reason") if isinstance(data, dict) else None
+    return reason if isinstance(reason, dict) else None
 
 
 def _is_event(event: dict[str, Any]) -> bool:
@@ -110,7 +135,7 @@ def handle(session: Session, event: dict[str, Any]) -> Handled:
 
 def _apply(session: Session, event: dict[str, Any], handled: Handled) -> None:
     kind, at = event["type"], _at(event)
-    if kind == "v1.billing.meter.error_report_triggered":
+    if kind == METER_ERROR:
         _meter_errors(session, event)
         return
     if not kind.startswith(("customer.subscription.", "invoice.", "checkout.session.")):
@@ -144,9 +169,8 @@ def _link_account(session: Session, account_id: str | None, customer: str) -> No
 
 def _meter_errors(session: Session, event: dict[str, Any]) -> None:
     """Stripe rejected some meter events after accepting them: mark those ledger rows failed."""
-    data = event.get("data")
-    reason = data.get("reason") if isinstance(data, dict) else None
-    types = reason.get("error_types") if isinstance(reason, dict) else None
+    reason = _reason(event)
+    types = reason.get("error_types") if reason is not None else None
     for err in types if isinstance(types, list) else []:
         if not isinstance(err, dict):
             continue
@@ -167,4 +191,4 @@ def _meter_errors(session: Session, event: dict[str, Any]) -> None:
             session.execute(stmt)
 
 
-__all__ = ["MAX_BODY_BYTES", "SUSPENDED", "Handled", "handle", "verify"]
+__all__ = ["MAX_BODY_BYTES", "SUSPENDED", "Handled", "complete", "handle", "verify"]

@@ -50,6 +50,10 @@ class KeyNotFound(NotFound):
     code = "KEY_NOT_FOUND"
 
 
+class AccountNotFound(NotFound):
+    code = "ACCOUNT_NOT_FOUND"
+
+
 class Conflict(InferatechError):
     code = "CONFLICT"
     status_code = 409

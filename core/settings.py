@@ -148,6 +148,7 @@ class ClientEnv(BaseSettings):
 
     api_url: str | None = None
     token: str | None = None
+    operator_token: str | None = None  # operator commands (Stripe customer links)
     config: Path | None = None
 
     def credentials_path(self) -> Path:

@@ -7,15 +7,26 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import insert, update
 from sqlmodel import Session, col, select
 
 from core.db import session_scope, update_rows
 from core.ids import new_id
 from core.settings import Settings
-from core.tables import Account, ApiKey, Job, JobStatus, Model, ModelFile, UsageEvent, utcnow
+from core.tables import (
+    Account,
+    ApiKey,
+    Job,
+    JobStatus,
+    Model,
+    ModelFile,
+    PushState,
+    UsageEvent,
+    utcnow,
+)
 
 LIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+_INSERT_USAGE = insert(UsageEvent.__table__)  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -102,6 +113,7 @@ def claim(settings: Settings, job_id: str) -> Claim:
 def finish(settings: Settings, ctx: JobContext, end: Terminal) -> bool:
     """Write the terminal state and its usage event in one transaction; False if already ended."""
     job = ctx.job
+    now = utcnow()
     with session_scope(settings) as s:
         stmt = (
             update(Job)
@@ -114,25 +126,28 @@ def finish(settings: Settings, ctx: JobContext, end: Terminal) -> bool:
                 prompt_tokens=end.prompt_tokens,
                 completion_tokens=end.completion_tokens,
                 timings=end.timings,
-                finished_at=utcnow(),
+                finished_at=now,
             )
         )
         if update_rows(s, stmt) != 1:
             return False
         if end.completion_tokens > 0 or end.status is JobStatus.SUCCEEDED:
-            s.add(
-                UsageEvent(
-                    id=new_id("ue"),
-                    job_id=job.id,
-                    account_id=job.account_id,
-                    api_key_id=job.api_key_id,
-                    model_id=job.model_id,
-                    stripe_customer_id=ctx.customer,
-                    prompt_tokens=end.prompt_tokens,
-                    completion_tokens=end.completion_tokens,
-                )
-            )
-        now = utcnow()
+            # A Core INSERT on the session's connection (same transaction): no ORM object,
+            # identity map or unit-of-work flush on every request's path.
+            row = {
+                "id": new_id("ue"),
+                "job_id": job.id,
+                "account_id": job.account_id,
+                "api_key_id": job.api_key_id,
+                "model_id": job.model_id,
+                "stripe_customer_id": ctx.customer,
+                "prompt_tokens": end.prompt_tokens,
+                "completion_tokens": end.completion_tokens,
+                "occurred_at": now,
+                "push_state": PushState.PENDING,
+                "attempts": 0,
+            }
+            s.connection().execute(_INSERT_USAGE, row)
         if _due(f"model:{job.model_id}"):
             model_row = update(Model).where(col(Model.id) == job.model_id)
             update_rows(s, model_row.values(last_invoked_at=now))

@@ -41,7 +41,7 @@ async def _raw_body(request: Request, limit: int) -> bytes:
 def _process(
     settings: Settings, celery: Celery, auth_cache: AuthCache, payload: bytes, sig: str | None
 ) -> Any:
-    event = webhooks.verify(settings, payload, sig)
+    event = webhooks.complete(settings, webhooks.verify(settings, payload, sig))
     with Session(get_engine(settings), expire_on_commit=False) as session:
         handled = webhooks.handle(session, event)
     auth_cache.clear()  # a subscription may have been suspended: re-check every key

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
 from sqlmodel import select
 
-from api.deps import AuthCacheDep, CurrentAccount, SessionDep, SettingsDep
+from api.deps import AuthCacheDep, CurrentAccount, SessionDep, SettingsDep, require_operator
 from api.presenters import key_public
-from api.schemas import KeyCreate, KeyCreated, KeysPublic
+from api.schemas import CustomerLink, CustomerLinked, KeyCreate, KeyCreated, KeysPublic
 from api.services import models as svc
+from billing.customers import link_key
 from core.errors import KeyNotFound, ModelNotReady
 from core.tables import ApiKey, ModelStatus, utcnow
 
@@ -55,3 +56,18 @@ def revoke(
     session.commit()
     auth_cache.forget_key(key.id)
     return Response(status_code=204)
+
+
+@router.put("/v1/keys/{key_id}/billed-customer", dependencies=[Depends(require_operator)])
+def bill_key_to(
+    key_id: str,
+    body: CustomerLink,
+    session: SessionDep,
+    settings: SettingsDep,
+    auth_cache: AuthCacheDep,
+) -> CustomerLinked:
+    """Bill a key's usage to another Stripe customer, or back to its owner (operator token)."""
+    customer = body.stripe_customer_id
+    key = link_key(session=session, settings=settings, key_id=key_id, customer=customer)
+    auth_cache.forget_key(key.id)  # its cached grant carries the old customer's billing state
+    return CustomerLinked(id=key.id, stripe_customer_id=key.billed_customer_id)

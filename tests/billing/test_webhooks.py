@@ -17,7 +17,7 @@ from core.settings import Settings
 from core.tables import Account, BillingCustomer, ProcessedWebhookEvent, PushState
 from tests.billing.conftest import account_with_key, make_account, make_usage, usage_rows
 from tests.utils.factories import auth
-from tests.utils.fake_stripe import WEBHOOK_SECRET, event, sign
+from tests.utils.fake_stripe import WEBHOOK_SECRET, FakeStripe, event, sign
 
 URL = "/v1/billing/webhooks/stripe"
 Api = tuple[TestClient, Settings]
@@ -306,3 +306,61 @@ def test_webhook_secret_is_never_logged(api: Api, caplog: Any) -> None:
     deliver(client, body, sign(body, secret="whsec_wrong"))
     deliver(client, body)
     assert WEBHOOK_SECRET not in caplog.text
+
+
+def _thin_meter_error(event_id: str) -> dict[str, Any]:
+    return {
+        "id": event_id,
+        "object": "v2.core.event",
+        "type": "v1.billing.meter.error_report_triggered",
+        "created": "2026-11-22T05:00:00.000Z",
+        "related_object": {"id": "mtr_tokens", "type": "billing.meter",
+                           "url": "/v1/billing/meters/mtr_tokens"},
+    }  # fmt: skip
+
+
+def _full_meter_error(event_id: str, identifier: str) -> dict[str, Any]:
+    sample = {"error_message": "Customer not found", "api_request": {"identifier": identifier}}
+    reason = {"error_count": 1, "error_types": [
+        {"code": "meter_event_customer_not_found", "error_count": 1, "sample_errors": [sample]}
+    ]}  # fmt: skip
+    return {**_thin_meter_error(event_id), "data": {"reason": reason}}
+
+
+def test_webhook_thin_meter_error_is_fetched_and_marks_events_failed(
+    api: Api, fake_stripe: FakeStripe
+) -> None:
+    client, settings = api
+    acct, model = make_account(settings)
+    bad, good = make_usage(settings, acct, model, count=2)
+    fake_stripe.add_v2_event(_full_meter_error("evt_thin_2", bad))
+
+    resp = deliver(client, json.dumps(_thin_meter_error("evt_thin_2")).encode())
+
+    assert resp.status_code == 200, resp.text
+    assert len(fake_stripe.requests_to("/v2/core/events/evt_thin_2")) == 1
+    rows = usage_rows(settings)
+    assert rows[bad].push_state is PushState.FAILED
+    assert "Customer not found" in (rows[bad].last_error or "")
+    assert rows[good].push_state is PushState.PENDING
+
+
+def test_webhook_thin_meter_error_while_stripe_is_down_is_redelivered(
+    api: Api, fake_stripe: FakeStripe
+) -> None:
+    client, settings = api
+    acct, model = make_account(settings)
+    (bad,) = make_usage(settings, acct, model)
+    fake_stripe.add_v2_event(_full_meter_error("evt_thin_3", bad))
+    fake_stripe.inject("status", path="/v2/core/events", status=500)
+    body = json.dumps(_thin_meter_error("evt_thin_3")).encode()
+
+    first = deliver(client, body)
+    assert first.status_code == 503, first.text
+    assert usage_rows(settings)[bad].push_state is PushState.PENDING
+    with session_scope(settings) as s:
+        assert s.get(ProcessedWebhookEvent, "evt_thin_3") is None  # not swallowed
+
+    again = deliver(client, body)
+    assert again.status_code == 200, again.text
+    assert usage_rows(settings)[bad].push_state is PushState.FAILED

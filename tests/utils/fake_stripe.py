@@ -66,6 +66,7 @@ class State:
     meters: dict[str, str] = field(default_factory=dict)  # meter id → event name
     faults: deque[Fault] = field(default_factory=deque)
     rejected_customers: set[str] = field(default_factory=set)
+    v2_events: dict[str, dict[str, Any]] = field(default_factory=dict)  # GET /v2/core/events/…
     delay_each_s: float = 0.0
 
 
@@ -120,6 +121,15 @@ class FakeStripe:
         with self.lock:
             for _ in range(count):
                 self.state.faults.append(Fault(kind=kind, path=path, **kw))
+
+    def add_customer(self, name: str = "acme") -> str:
+        """A customer that exists on the server side (as the Dashboard would create one)."""
+        return str(self._create_customer({"name": name})[1]["id"])
+
+    def add_v2_event(self, full: dict[str, Any]) -> None:
+        """The full form of a thin event, served at GET /v2/core/events/{id}."""
+        with self.lock:
+            self.state.v2_events[full["id"]] = full
 
     def requests_to(self, path: str) -> list[Recorded]:
         with self.lock:
@@ -176,6 +186,12 @@ class FakeStripe:
                 return _err(404, "invalid_request_error", f"No such customer: '{parts[2]}'",
                             "resource_missing", param="id")  # fmt: skip
             return 200, customer
+        if method == "GET" and parts[:3] == ["v2", "core", "events"] and len(parts) == 4:
+            full = self.state.v2_events.get(parts[3])
+            if full is None:
+                return _err(404, "invalid_request_error", f"No such event: '{parts[3]}'",
+                            "resource_missing")  # fmt: skip
+            return 200, full
         if (method, path) == ("POST", "/v1/billing/meter_events"):
             return self._meter_event(body)
         if (method, path) == ("POST", "/v2/billing/meter_event_session"):
