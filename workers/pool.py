@@ -173,9 +173,11 @@ class RunnerPool:
         if not self.config.spares or self._stop.is_set():
             return 0
         if not wait:
-            if not self._refilling.is_set():
+            with self._spare_lock:  # one background refill at a time
+                if self._refilling.is_set():
+                    return 0
                 self._refilling.set()
-                threading.Thread(target=self._refill, name="pool-spares", daemon=True).start()
+            threading.Thread(target=self._refill, name="pool-spares", daemon=True).start()
             return 0
         self._refilling.set()
         return self._refill()
