@@ -175,3 +175,37 @@ def test_client_gone_mid_stream_is_billed_for_the_tokens_produced(
     assert job.status in (JobStatus.CANCELLED, JobStatus.SUCCEEDED), job
     assert job.completion_tokens >= 1
     assert_billed_exactly(billed, fake_stripe, job)
+
+
+def test_job_cancelled_mid_generation_is_billed_for_the_partial_tokens(
+    stack: StackInfo, billed: Billed, fake_stripe: FakeStripe
+) -> None:
+    """Cancel surely lands mid-way: a runner that emits a token every 50 ms until stopped."""
+    import threading
+
+    from core import events
+    from tests.workers.test_inference import faulty, make_job
+    from workers import inference
+
+    ex = inference.Executor(stack.settings)
+    try:
+        faulty(ex, "slow_endless")
+        job_id = make_job(stack, {"key": billed.key, "id": billed.model_id},
+                          params={"max_tokens": MAX_TOKENS})  # fmt: skip
+        outcome: list[str] = []
+        run = threading.Thread(target=lambda: outcome.append(inference.run_job(job_id, ex)))
+        run.start()
+        deadline = time.monotonic() + 60
+        while ex.redis.xlen(events.stream_key(job_id)) < 4:  # status + a few tokens
+            assert time.monotonic() < deadline, "the job produced no tokens"
+            time.sleep(0.02)
+        events.request_cancel(ex.redis, job_id)
+        run.join(60)
+    finally:
+        ex.pool.close()
+
+    job = ended_job(stack.settings, job_id)
+
+    assert outcome == ["cancelled"] and job.status is JobStatus.CANCELLED, job
+    assert 1 <= job.completion_tokens < MAX_TOKENS
+    assert_billed_exactly(billed, fake_stripe, job)
