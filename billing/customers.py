@@ -8,6 +8,7 @@ from datetime import datetime
 import stripe
 from sqlmodel import Session, select
 
+from billing import ledger
 from billing.stripe_api import client_for
 from core.errors import (
     AccountNotFound,
@@ -139,6 +140,8 @@ def link_account(
     account.stripe_customer_id = customer
     account.billing_status = _status_of(session, customer)
     session.add(account)
+    if customer is not None:
+        ledger.requeue_unlinked(session, account_id=account.id)
     session.commit()
     return account
 
@@ -152,5 +155,7 @@ def link_key(*, session: Session, settings: Settings, key_id: str, customer: str
         check_customer(settings, customer)
     key.billed_customer_id = customer
     session.add(key)
+    if customer is not None:
+        ledger.requeue_unlinked(session, api_key_id=key.id)
     session.commit()
     return key

@@ -126,6 +126,26 @@ def mark_retry(
     update_rows(session, stmt)
 
 
+NO_CUSTOMER = "no Stripe customer is linked to this account or key"
+
+
+def requeue_unlinked(
+    session: Session, *, account_id: str | None = None, api_key_id: str | None = None
+) -> int:
+    """Usage set aside for want of a customer goes back to pending once one is linked."""
+    stmt = update(UsageEvent).where(
+        col(UsageEvent.push_state) == PushState.FAILED,
+        col(UsageEvent.last_error) == NO_CUSTOMER,
+        col(UsageEvent.stripe_customer_id).is_(None),
+    )
+    if account_id is not None:
+        stmt = stmt.where(col(UsageEvent.account_id) == account_id)
+    if api_key_id is not None:
+        stmt = stmt.where(col(UsageEvent.api_key_id) == api_key_id)
+    values = {"push_state": PushState.PENDING, "last_error": None, "next_attempt_at": None}
+    return update_rows(session, stmt.values(**values))
+
+
 def mark_failed(
     session: Session, token: str | None, ids: Sequence[str], error: str, *, bump: bool = True
 ) -> int:

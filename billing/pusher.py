@@ -20,7 +20,7 @@ from core.tables import UsageEvent, utcnow
 log = logging.getLogger("inferatech.billing")
 
 STREAM_MAX_EVENTS = 100  # Stripe's limit per v2 meter_event_stream request
-NO_CUSTOMER = "no Stripe customer is linked to this account or key"
+NO_CUSTOMER = ledger.NO_CUSTOMER
 
 
 @dataclass(frozen=True)

@@ -251,3 +251,30 @@ def test_cli_link_customer_for_account_and_key(
     assert "ACCOUNT_NOT_FOUND" in capsys.readouterr().err
     assert cli.main(["keys", "link-customer", who["key_id"], "none", *token]) == 0
     assert _key(settings, who["key_id"]).billed_customer_id is None
+
+
+def test_linking_a_customer_requeues_usage_that_had_none(api: Api, fake_stripe: FakeStripe) -> None:
+    from billing.pusher import push_all
+    from core.tables import PushState
+    from tests.billing.conftest import make_usage, usage_rows
+
+    client, settings = api
+    who = account_with_key(client, settings, None)
+    (orphan,) = make_usage(settings, who["account"], who["model"], customer=None)
+    other = account_with_key(client, settings, None)
+    (stays,) = make_usage(settings, other["account"], other["model"], customer=None)
+    report = push_all(settings)
+    assert report.failed == 2 and not fake_stripe.events()  # nobody to bill: set aside
+    customer = fake_stripe.add_customer()
+
+    resp = client.put(f"/v1/accounts/{who['account']}/stripe-customer",
+                      json={"stripe_customer_id": customer}, headers=OPERATOR)  # fmt: skip
+
+    assert resp.status_code == 200, resp.text
+    rows = usage_rows(settings)
+    assert (rows[orphan].push_state, rows[orphan].last_error) == (PushState.PENDING, None)
+    assert rows[stays].push_state is PushState.FAILED  # another account's usage is untouched
+    assert push_all(settings).pushed == 1
+    sent = fake_stripe.events()
+    assert set(sent) == {orphan} and sent[orphan].customer == customer
+    assert sent[orphan].value == 30
