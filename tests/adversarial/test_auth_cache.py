@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from api.main import create_app
 from core import keys
-from core.db import get_engine, session_scope
+from core.db import session_scope
 from core.ids import random_base62
 from core.settings import Settings, get_settings
 from core.tables import ApiKey, utcnow
@@ -35,20 +34,6 @@ def short_ttl_client(stack: StackInfo) -> Iterator[TestClient]:
     """An API process whose grants live one second, like a replica beside another one."""
     with _client(stack.settings.model_copy(update={"auth_cache_ttl_s": 1.0})) as c:
         yield c
-
-
-@pytest.fixture
-def statements(stack: StackInfo) -> Iterator[list[str]]:
-    """Every SQL statement sent through the stack's engine while the test runs."""
-    seen: list[str] = []
-
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        seen.append(statement)
-
-    engine = get_engine(stack.settings)
-    sa.event.listen(engine, "before_cursor_execute", record)
-    yield seen
-    sa.event.remove(engine, "before_cursor_execute", record)
 
 
 def infer(client: TestClient, key: str, model_id: str) -> Any:

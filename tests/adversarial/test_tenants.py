@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,20 +91,6 @@ def test_foreign_job_answers_match_a_missing_one(
     owner_view = client.get(f"/v1/jobs/{job_id}", headers=auth(gguf_ready["token"]))
     assert owner_view.status_code == 200
     assert owner_view.json()["status"] != "cancelled", "a stranger's cancel took effect"
-
-
-@pytest.fixture
-def statements(stack: StackInfo) -> Iterator[list[str]]:
-    """Every SQL statement the API process sends while the test runs."""
-    seen: list[str] = []
-
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        seen.append(statement)
-
-    engine = get_engine(stack.settings)
-    sa.event.listen(engine, "before_cursor_execute", record)
-    yield seen
-    sa.event.remove(engine, "before_cursor_execute", record)
 
 
 def test_junk_keys_are_refused_before_any_database_query(

@@ -29,7 +29,7 @@ from core.tables import Job
 from tests.conftest import make_settings
 from tests.utils.factories import Content, create_account, upload_model
 from tests.utils.services import free_port
-from tests.utils.stack import ROOT, SYSTEM_REDIS, Worker, env_for, start_worker
+from tests.utils.stack import ROOT, SYSTEM_REDIS, Worker, env_for, start_worker, stop_process
 
 # Database 15: `system_redis_url()` hands out 1-14 to test processes.
 BENCH_REDIS = f"{SYSTEM_REDIS}/15"
@@ -53,13 +53,7 @@ class ApiProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process)
 
 
 def start_api(settings: Settings, port: int, log_path: Path) -> ApiProcess:
