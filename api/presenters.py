@@ -68,6 +68,7 @@ def key_public(key: ApiKey) -> KeyPublic:
         id=key.id,
         name=key.name,
         model_id=key.model_id,
+        router_id=key.router_id,
         prefix=key.display_prefix,
         created_at=key.created_at,
         last_used_at=key.last_used_at,

@@ -120,6 +120,7 @@ class KeyPublic(BaseModel):
     id: str
     name: str
     model_id: str
+    router_id: str | None = None  # set: the key calls this router only
     prefix: str
     created_at: datetime
     last_used_at: datetime | None = None

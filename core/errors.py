@@ -54,6 +54,14 @@ class AccountNotFound(NotFound):
     code = "ACCOUNT_NOT_FOUND"
 
 
+class RouterNotFound(NotFound):
+    code = "ROUTER_NOT_FOUND"
+
+
+class BatchNotFound(NotFound):
+    code = "BATCH_NOT_FOUND"
+
+
 class Conflict(InferatechError):
     code = "CONFLICT"
     status_code = 409

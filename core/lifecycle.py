@@ -19,7 +19,9 @@ def delete_model(*, session: Session, storage: ObjectStorage, model: Model) -> N
     model.status = ModelStatus.DELETED
     model.deleted_at = model.updated_at = now
     session.add(model)
-    for key in session.exec(select(ApiKey).where(ApiKey.model_id == model.id)):
+    # Router-scoped keys name the router's default model only as a placeholder: they stay.
+    stmt = select(ApiKey).where(col(ApiKey.model_id) == model.id, col(ApiKey.router_id).is_(None))
+    for key in session.exec(stmt):
         key.revoked_at = key.revoked_at or now
         session.add(key)
     session.commit()

@@ -16,6 +16,12 @@ WEBHOOK_TASK = "inferatech.deliver_webhook"
 PURGE_TASK = "inferatech.purge_expired_payloads"
 IDLE_MODELS_TASK = "inferatech.delete_idle_models"
 BILLING_PUSH_TASK = "inferatech.billing_push"
+BATCH_WEBHOOK_TASK = "inferatech.deliver_batch_webhook"
+# Redis transport priorities (kombu): each queue is one list per priority step, and a worker's
+# BRPOP names every queue's step-0 list before any step-9 list, so a free worker always takes
+# interactive work first. On Redis 0 is the highest priority (the reverse of AMQP).
+INTERACTIVE_PRIORITY = 0
+BATCH_PRIORITY = 9
 HEARTBEAT_PREFIX = "worker:"
 HEARTBEAT_INDEX = "workers"
 
@@ -57,11 +63,15 @@ def make_celery(settings: Settings) -> Celery:
         },
         # Redelivery of unacked tasks must wait out the longest task, or a slow
         # validation would run twice at once.
-        broker_transport_options={"visibility_timeout": longest + settings.visibility_margin_s},
+        broker_transport_options={
+            "visibility_timeout": longest + settings.visibility_margin_s,
+            "priority_steps": [INTERACTIVE_PRIORITY, BATCH_PRIORITY],
+        },
         task_routes={
             VALIDATE_TASK: {"queue": VALIDATE_QUEUE},
             INFER_TASK: {"queue": INFER_QUEUE},
             WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE},
+            BATCH_WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE},
             PURGE_TASK: {"queue": BACKGROUND_QUEUE},
             IDLE_MODELS_TASK: {"queue": BACKGROUND_QUEUE},
             BILLING_PUSH_TASK: {"queue": BACKGROUND_QUEUE},

@@ -138,6 +138,8 @@ class ApiKey(SQLModel, table=True):
     secret_hash: str = Field(max_length=64)
     display_prefix: str = Field(max_length=60)
     billed_customer_id: str | None = Field(default=None, max_length=100)
+    # A router-scoped key calls only its router (`model_id` is then the router's default).
+    router_id: str | None = Field(default=None, foreign_key="router.id", index=True, max_length=40)
     created_at: datetime = ts()
     last_used_at: datetime | None = ts(nullable=True)
     revoked_at: datetime | None = ts(nullable=True)
@@ -148,6 +150,8 @@ class Job(SQLModel, table=True):
     account_id: str = Field(foreign_key="account.id", index=True, max_length=40)
     model_id: str = Field(foreign_key="model.id", index=True, max_length=40)
     api_key_id: str | None = Field(default=None, foreign_key="api_key.id", max_length=20)
+    router_id: str | None = Field(default=None, max_length=40)  # set when a router chose the model
+    batch_id: str | None = Field(default=None, foreign_key="batch.id", index=True, max_length=40)
     status: JobStatus = Field(
         default=JobStatus.QUEUED, sa_column=enum_column(JobStatus, index=True)
     )
@@ -165,6 +169,36 @@ class Job(SQLModel, table=True):
     expires_at: datetime | None = ts(nullable=True)
     purged_at: datetime | None = ts(nullable=True)
     started_at: datetime | None = ts(nullable=True)
+    finished_at: datetime | None = ts(nullable=True)
+
+
+class Router(SQLModel, table=True):
+    """A prompt router: ordered rules, first match wins, else the default model."""
+
+    id: str = Field(primary_key=True, max_length=40)
+    account_id: str = Field(foreign_key="account.id", index=True, max_length=40)
+    name: str = Field(max_length=100)
+    rules: list[dict[str, Any]] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False)
+    )
+    default_model_id: str = Field(foreign_key="model.id", max_length=40)
+    created_at: datetime = ts()
+    deleted_at: datetime | None = ts(nullable=True)
+
+
+class Batch(SQLModel, table=True):
+    """A set of jobs submitted together and run at low priority."""
+
+    id: str = Field(primary_key=True, max_length=40)
+    account_id: str = Field(foreign_key="account.id", index=True, max_length=40)
+    api_key_id: str = Field(foreign_key="api_key.id", index=True, max_length=20)
+    model_id: str = Field(max_length=40)  # as submitted: a model id or a router id
+    total: int = Field(default=0)
+    # [[custom_id, job_id], …] in request order: the order of the results file.
+    items: list[list[str]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    webhook_url: str | None = Field(default=None, max_length=2000)
+    created_at: datetime = ts()
+    cancelled_at: datetime | None = ts(nullable=True)
     finished_at: datetime | None = ts(nullable=True)
 
 

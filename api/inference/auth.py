@@ -50,7 +50,7 @@ def authorize_model(session: Session, key: ApiKey, model_id: str) -> Model:
     model = session.get(Model, model_id)
     if model is None or model.account_id != key.account_id or model.status is ModelStatus.DELETED:
         raise ModelNotFound(f"no model {model_id!r}")
-    if model.id != key.model_id:
+    if model.id != key.model_id or key.router_id is not None:
         raise AuthorizationFailed(f"this API key is not valid for model {model_id!r}")
     if model.status is not ModelStatus.READY:
         raise ModelNotReady(f"model is {model.status.value}; it can be called once it is ready")

@@ -92,6 +92,7 @@ def job_public(job: Job) -> JobPublic:
             completion_tokens=job.completion_tokens,
             tokens_used=job.prompt_tokens + job.completion_tokens,
             latency_ms=float(r.get("latency_ms", 0.0)),
+            routed_to=job.model_id if job.router_id else None,
         )
     error = (
         JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
@@ -99,6 +100,9 @@ def job_public(job: Job) -> JobPublic:
     return JobPublic(
         id=job.id,
         model_id=job.model_id,
+        router_id=job.router_id,
+        routed_to=job.model_id if job.router_id else None,
+        batch_id=job.batch_id,
         status=job.status.value,
         result=result,
         error=error,

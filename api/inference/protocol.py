@@ -53,11 +53,13 @@ class InferResponse(BaseModel):
     completion_tokens: int
     tokens_used: int
     latency_ms: float
+    routed_to: str | None = None  # the model a router chose (the call named a router)
 
 
 class JobCreated(BaseModel):
     id: str
     status: JobStatusName
+    routed_to: str | None = None
 
 
 class JobError(BaseModel):
@@ -74,6 +76,9 @@ class JobTimings(BaseModel):
 class JobPublic(BaseModel):
     id: str
     model_id: str
+    router_id: str | None = None
+    routed_to: str | None = None
+    batch_id: str | None = None
     status: JobStatusName
     result: InferResponse | None = None
     error: JobError | None = None

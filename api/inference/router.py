@@ -7,14 +7,14 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from celery import Celery
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlmodel import Session
 
 from api.deps import SessionDep, SettingsDep
 from api.inference import jobs as job_svc
-from api.inference.auth import grant_for, key_token
+from api.inference.auth import key_token
 from api.inference.protocol import InferRequest, JobCreate, JobCreated, JobPublic
 from api.inference.routing import WorkerDirectory
 from api.inference.serving import (
@@ -24,8 +24,10 @@ from api.inference.serving import (
     follow_until,
     headers_of,
     response_of,
+    routed_header,
     sse_event,
 )
+from api.prompt_routing.resolve import resolve_target
 from core import events
 from core.db import get_engine
 from core.settings import Settings
@@ -40,7 +42,9 @@ def _start(request: Request, settings: Settings, body: InferRequest, auth: str |
     directory: WorkerDirectory = request.app.state.workers
     with Session(get_engine(settings), expire_on_commit=False) as session:
         token = key_token(auth, body.api_key)
-        grant = grant_for(session, settings, request.app.state.auth_cache, token, body.model_id)
+        cache = request.app.state.auth_cache
+        target = resolve_target(session, settings, cache, token, body.model_id, body.prompt)
+        grant = target.grant
         queue = directory.queue_for(grant.model_sha256 or grant.model_id)
         return create_job(
             session=session,
@@ -50,6 +54,7 @@ def _start(request: Request, settings: Settings, body: InferRequest, auth: str |
             req=body,
             queue=queue,
             live=isinstance(body, JobCreate) or body.stream,
+            router_id=target.router_id,
         )
 
 
@@ -69,7 +74,7 @@ async def infer(
         async for _ in follow_until(aredis, job.id, outcome, deadline=deadline_for(job)):
             pass
         reply = response_of(job, outcome, started)
-        return JSONResponse(reply.model_dump(), headers=headers_of(outcome))
+        return JSONResponse(reply.model_dump(), headers=headers_of(job, outcome))
     head = [
         e
         async for e in follow_until(
@@ -79,7 +84,7 @@ async def infer(
     return StreamingResponse(
         _sse(aredis, job, outcome, head, started),
         media_type="text/event-stream",
-        headers={**headers_of(outcome), "Cache-Control": "no-cache", "X-Job-Id": job.id},
+        headers={**headers_of(job, outcome), "Cache-Control": "no-cache", "X-Job-Id": job.id},
     )
 
 
@@ -104,11 +109,16 @@ async def _sse(
 
 @router.post("/v1/jobs", status_code=202)
 async def submit(
-    body: JobCreate, request: Request, settings: SettingsDep, authorization: Authorization = None
+    body: JobCreate,
+    request: Request,
+    response: Response,
+    settings: SettingsDep,
+    authorization: Authorization = None,
 ) -> JobCreated:
     """Queue a job; poll `GET /v1/jobs/{id}` or follow `/stream`."""
     job = await run_in_threadpool(_start, request, settings, body, authorization)
-    return JobCreated(id=job.id, status="queued")
+    response.headers.update(routed_header(job))
+    return JobCreated(id=job.id, status="queued", routed_to=job.model_id if job.router_id else None)
 
 
 @router.get("/v1/jobs/{job_id}")

@@ -19,7 +19,7 @@ from api.inference.protocol import InferRequest, InferResponse, JobCreate
 from core import events
 from core.errors import JobTimeout, ServiceUnavailable, job_error
 from core.ids import new_id
-from core.queue import INFER_QUEUE, INFER_TASK
+from core.queue import INFER_QUEUE, INFER_TASK, INTERACTIVE_PRIORITY
 from core.settings import Settings
 from core.tables import Job, JobStatus, utcnow
 
@@ -29,21 +29,15 @@ GENERATION_FIELDS = {"prompt", "raw", "temperature", "max_tokens", "top_p", "top
 WAIT_GRACE_S = 60
 
 
-def create_job(
+def new_job(
     *,
-    session: Session,
     settings: Settings,
-    celery: Celery,
     grant: Grant,
     req: InferRequest,
-    queue: str = INFER_QUEUE,
-    live: bool = True,
+    router_id: str | None = None,
+    batch_id: str | None = None,
 ) -> Job:
-    """Persist the job, then enqueue it by name; a broker outage fails it with 503.
-
-    `live` False (a non-streaming `/v1/infer`: only this request ever reads the job) lets the
-    worker publish the tokens with the terminal event instead of one by one.
-    """
+    """A checked, unsaved job row for `req`, served by the grant's model."""
     if len(req.prompt) > settings.max_prompt_chars:
         raise job_error("INVALID_REQUEST", f"prompt is over {settings.max_prompt_chars} characters")
     if req.max_tokens > settings.max_completion_tokens:
@@ -57,18 +51,30 @@ def create_job(
         timeout = min(req.execution_timeout_s or timeout, settings.max_execution_timeout_s)
         ttl = req.ttl_s or ttl
         webhook = req.webhook_url
-    job = Job(
+    return Job(
         id=new_id("job"),
         account_id=grant.account_id,
         model_id=grant.model_id,
         api_key_id=grant.key_id,
+        router_id=router_id,
+        batch_id=batch_id,
         params=req.model_dump(include=GENERATION_FIELDS),
         webhook_url=webhook,
         execution_timeout_s=timeout,
         expires_at=utcnow() + timedelta(seconds=ttl),
     )
-    session.add(job)
-    session.commit()
+
+
+def enqueue(
+    *,
+    session: Session,
+    celery: Celery,
+    job: Job,
+    queue: str = INFER_QUEUE,
+    live: bool = True,
+    priority: int = INTERACTIVE_PRIORITY,
+) -> None:
+    """Send a saved job's task by name; a broker outage fails the job with 503."""
     try:
         celery.send_task(
             INFER_TASK,
@@ -76,6 +82,7 @@ def create_job(
             kwargs={"timeout_s": job.execution_timeout_s, "live": live},
             queue=queue,
             task_id=job.id,
+            priority=priority,
         )
     except Exception as exc:
         job.status, job.error_code = JobStatus.FAILED, "SERVICE_UNAVAILABLE"
@@ -83,6 +90,28 @@ def create_job(
         session.add(job)
         session.commit()
         raise ServiceUnavailable("the task queue is unavailable; retry") from exc
+
+
+def create_job(
+    *,
+    session: Session,
+    settings: Settings,
+    celery: Celery,
+    grant: Grant,
+    req: InferRequest,
+    queue: str = INFER_QUEUE,
+    live: bool = True,
+    router_id: str | None = None,
+) -> Job:
+    """Persist the job, then enqueue it by name; a broker outage fails it with 503.
+
+    `live` False (a non-streaming `/v1/infer`: only this request ever reads the job) lets the
+    worker publish the tokens with the terminal event instead of one by one.
+    """
+    job = new_job(settings=settings, grant=grant, req=req, router_id=router_id)
+    session.add(job)
+    session.commit()
+    enqueue(session=session, celery=celery, job=job, queue=queue, live=live)
     return job
 
 
@@ -143,11 +172,17 @@ def response_of(job: Job, outcome: Outcome, started: float) -> InferResponse:
         completion_tokens=result["completion_tokens"],
         tokens_used=result["prompt_tokens"] + result["completion_tokens"],
         latency_ms=round((time.perf_counter() - started) * 1000, 3),
+        routed_to=job.model_id if job.router_id else None,
     )
 
 
-def headers_of(outcome: Outcome) -> dict[str, str]:
-    headers = {"X-Cold-Start": "true" if outcome.cold_start else "false"}
+def routed_header(job: Job) -> dict[str, str]:
+    """`X-Routed-To`: the model a router chose (absent on direct calls)."""
+    return {"X-Routed-To": job.model_id} if job.router_id else {}
+
+
+def headers_of(job: Job, outcome: Outcome) -> dict[str, str]:
+    headers = {"X-Cold-Start": "true" if outcome.cold_start else "false", **routed_header(job)}
     if outcome.queue_ms is not None:
         headers["X-Queue-Ms"] = f"{outcome.queue_ms:.3f}"
     return headers
