@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api import redaction
+from api.batches import router as batches
 from api.errors import RequestIdMiddleware, install_error_handlers
 from api.inference import router as inference
 from api.inference.auth_cache import AuthCache
@@ -58,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         workers,
         billing,
         prompt_routers,
+        batches,
         inference,
     )
     for module in routers:

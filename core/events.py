@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 
 STREAM_TTL_S = 24 * 3600
 STREAM_MAXLEN = 100_000
+CANCELLED_BEFORE_START = {"code": "JOB_CANCELLED", "message": "cancelled before it started"}
 
 
 def stream_key(job_id: str) -> str:
@@ -48,6 +49,23 @@ def publish_many(client: redis.Redis, job_id: str, batch: list[dict[str, Any]]) 
 
 def request_cancel(client: redis.Redis, job_id: str, ttl_s: int = STREAM_TTL_S) -> None:  # type: ignore[type-arg]
     client.set(cancel_key(job_id), b"1", ex=ttl_s)
+
+
+def cancel_many(client: redis.Redis, ended: list[str], running: list[str]) -> None:  # type: ignore[type-arg]
+    """Flag jobs to stop, in one round trip.
+
+    `ended` jobs (cancelled before they ran) also get their terminal event, so whoever follows
+    their stream stops waiting.
+    """
+    done = {"type": "done", "status": "cancelled", "error": CANCELLED_BEFORE_START}
+    payload = {"e": json.dumps(done, separators=(",", ":"))}
+    pipe = client.pipeline(transaction=False)
+    for job_id in [*ended, *running]:
+        pipe.set(cancel_key(job_id), b"1", ex=STREAM_TTL_S)
+    for job_id in ended:
+        pipe.xadd(stream_key(job_id), payload, maxlen=STREAM_MAXLEN)
+        pipe.expire(stream_key(job_id), STREAM_TTL_S)
+    pipe.execute()
 
 
 def cancel_requested(client: redis.Redis, job_id: str) -> bool:  # type: ignore[type-arg]

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     job_ttl_s: int = 24 * 3600
     max_prompt_chars: int = 200_000
     max_completion_tokens: int = 4096
+    # Batches: requests per batch and the largest request body `POST /v1/batches` reads.
+    batch_max_requests: int = Field(default=1000, ge=1)
+    batch_max_body_bytes: int = Field(default=16 * MiB, ge=1024)
     runner_idle_ttl_s: int = 300
     runner_max: int = 4
     runner_memory_budget_bytes: int = 16 * GiB

@@ -10,8 +10,9 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from core import events
-from core.queue import WEBHOOK_QUEUE, WEBHOOK_TASK
+from core import batches, events
+from core.db import session_scope
+from core.queue import BATCH_WEBHOOK_TASK, WEBHOOK_QUEUE, WEBHOOK_TASK
 from core.redis import get_redis
 from core.settings import Settings
 from core.storage import get_storage
@@ -350,4 +351,16 @@ def _end(
         from workers.celery_app import app
 
         app.send_task(WEBHOOK_TASK, args=[ctx.job.id], queue=WEBHOOK_QUEUE)
+    if ctx.job.batch_id is not None:
+        _close_batch(ex, ctx.job.batch_id)
     return end.status.value
+
+
+def _close_batch(ex: Executor, batch_id: str) -> None:
+    """The batch's last job to end closes it (after its own commit) and queues its webhook."""
+    with session_scope(ex.settings) as s:
+        closed = batches.close_if_done(s, batch_id)
+    if closed is not None and closed.webhook_url:
+        from workers.celery_app import app
+
+        app.send_task(BATCH_WEBHOOK_TASK, args=[batch_id], queue=WEBHOOK_QUEUE)

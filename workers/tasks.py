@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -11,6 +12,7 @@ from core import lifecycle
 from core.db import session_scope
 from core.errors import StorageError
 from core.queue import (
+    BATCH_WEBHOOK_TASK,
     BILLING_PUSH_TASK,
     IDLE_MODELS_TASK,
     INFER_TASK,
@@ -67,22 +69,34 @@ def infer(self: Any, job_id: str, timeout_s: float | None = None, live: bool = T
     return outcome
 
 
-@app.task(  # type: ignore[untyped-decorator]
-    name=WEBHOOK_TASK,
-    bind=True,
-    acks_late=True,
-    max_retries=None,
-    soft_time_limit=60,
-    time_limit=90,
-)
+_WEBHOOK_OPTIONS: dict[str, Any] = {
+    "bind": True,
+    "acks_late": True,
+    "max_retries": None,
+    "soft_time_limit": 60,
+    "time_limit": 90,
+}
+
+
+@app.task(name=WEBHOOK_TASK, **_WEBHOOK_OPTIONS)  # type: ignore[untyped-decorator]
 def deliver_webhook(self: Any, job_id: str) -> int:
     """Deliver a job's signed webhook; exponential backoff on failure, never on the worker path."""
+    return _deliver(self, webhooks.deliver, job_id)
+
+
+@app.task(name=BATCH_WEBHOOK_TASK, **_WEBHOOK_OPTIONS)  # type: ignore[untyped-decorator]
+def deliver_batch_webhook(self: Any, batch_id: str) -> int:
+    """Deliver a closed batch's signed webhook, retried like a job's."""
+    return _deliver(self, webhooks.deliver_batch, batch_id)
+
+
+def _deliver(task: Any, send: Callable[..., int], object_id: str) -> int:
     settings = get_settings()
-    attempt = self.request.retries + 1
+    attempt = task.request.retries + 1
     error: Exception | None = None
     try:
-        status = webhooks.deliver(
-            settings, job_id, attempt, allow_private=settings.webhook_allow_private_hosts
+        status = send(
+            settings, object_id, attempt, allow_private=settings.webhook_allow_private_hosts
         )
     except webhooks.WebhookRefused:
         return -1
@@ -92,7 +106,7 @@ def deliver_webhook(self: Any, job_id: str) -> int:
         return status
     if attempt >= settings.webhook_max_attempts:
         return status
-    raise self.retry(countdown=min(2 ** (attempt - 1), 600), exc=error)
+    raise task.retry(countdown=min(2 ** (attempt - 1), 600), exc=error)
 
 
 @app.task(name=PURGE_TASK, soft_time_limit=300, time_limit=360)  # type: ignore[untyped-decorator]

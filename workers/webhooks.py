@@ -14,9 +14,10 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from core import batches
 from core.db import session_scope
 from core.settings import Settings
-from core.tables import Job
+from core.tables import Batch, Job
 
 TIMEOUT_S = 10.0
 
@@ -61,16 +62,54 @@ def payload(job: Job) -> dict[str, Any]:
 
 
 def deliver(settings: Settings, job_id: str, attempt: int, *, allow_private: bool) -> int:
-    """POST the signed event once; returns the HTTP status (raises on network errors)."""
+    """POST the job's signed event once; returns the HTTP status (raises on network errors)."""
     with session_scope(settings) as s:
         job = s.get(Job, job_id)
         if job is None or not job.webhook_url:
             return 0
         url, event = job.webhook_url, payload(job)
+    return post_signed(settings, url, f"msg_{job_id}", event, attempt, allow_private=allow_private)
+
+
+def batch_payload(batch: Batch, p: batches.Progress) -> dict[str, Any]:
+    status = batches.status_of(batch, p)
+    body = {
+        "id": batch.id,
+        "model_id": batch.model_id,
+        "status": status,
+        "total": batch.total,
+        "completed": p.succeeded,
+        "failed": p.failed,
+        "cancelled": p.cancelled,
+    }
+    return {"type": f"batch.{status}", "timestamp": int(time.time()), "data": body}
+
+
+def deliver_batch(settings: Settings, batch_id: str, attempt: int, *, allow_private: bool) -> int:
+    """POST the closed batch's signed event once, like `deliver`."""
+    with session_scope(settings) as s:
+        batch = s.get(Batch, batch_id)
+        if batch is None or not batch.webhook_url:
+            return 0
+        url, event = batch.webhook_url, batch_payload(batch, batches.progress(s, batch))
+    return post_signed(
+        settings, url, f"msg_{batch_id}", event, attempt, allow_private=allow_private
+    )
+
+
+def post_signed(
+    settings: Settings,
+    url: str,
+    msg_id: str,
+    event: dict[str, Any],
+    attempt: int,
+    *,
+    allow_private: bool,
+) -> int:
+    """One signed POST; `msg_id` is stable across retries so receivers can de-duplicate."""
     check_url(url, allow_private=allow_private)
     body = json.dumps(event, separators=(",", ":")).encode()
     ts = int(time.time())
-    msg_id = f"msg_{job_id}"  # stable across retries so receivers can de-duplicate
     headers = {
         "content-type": "application/json",
         "webhook-id": msg_id,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sqlalchemy import update
 from sqlmodel import Session, select
 
@@ -28,6 +30,27 @@ def _account_id(session: Session, settings: Settings, token: str) -> str:
     return account.id
 
 
+@dataclass(frozen=True)
+class Reader:
+    """Who reads a job or batch: the API key that created it, or its owner account."""
+
+    key_id: str | None
+    account_id: str | None
+
+    def may_read(self, api_key_id: str | None, account_id: str) -> bool:
+        if self.key_id is not None:
+            return api_key_id == self.key_id
+        return account_id == self.account_id
+
+
+def reader_of(session: Session, settings: Settings, authorization: str | None) -> Reader:
+    """Authenticate an `ik_…` key or an `iat_…` account token."""
+    token = key_token(authorization, None)
+    if token.startswith(f"{keys.API_KEY_PREFIX}_"):
+        return Reader(authenticate_key(session, settings, token).id, None)
+    return Reader(None, _account_id(session, settings, token))
+
+
 def readable_job(
     session: Session, settings: Settings, job_id: str, authorization: str | None
 ) -> Job:
@@ -36,17 +59,10 @@ def readable_job(
     The caller is authenticated before the job is looked up, so neither the answer nor the
     work done tells a stranger whether the job exists.
     """
-    token = key_token(authorization, None)
-    if token.startswith(f"{keys.API_KEY_PREFIX}_"):
-        key_id = authenticate_key(session, settings, token).id
-        job = session.get(Job, job_id)
-        if job is None or job.api_key_id != key_id:
-            raise JobNotFound(f"no job {job_id!r} for this key")
-        return job
-    account_id = _account_id(session, settings, token)
+    reader = reader_of(session, settings, authorization)
     job = session.get(Job, job_id)
-    if job is None or job.account_id != account_id:
-        raise JobNotFound(f"no job {job_id!r} in this account")
+    if job is None or not reader.may_read(job.api_key_id, job.account_id):
+        raise JobNotFound(f"no job {job_id!r} for this caller")
     return job
 
 

@@ -10,12 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled", "timed_out"]
 
 
-class InferRequest(BaseModel):
+class GenerationParams(BaseModel):
+    """How to generate: shared by `/v1/infer`, `/v1/jobs` and each request of a batch."""
+
     model_config = ConfigDict(extra="forbid")
 
-    model_id: str = Field(min_length=1, max_length=40)
-    prompt: str = Field(min_length=1)
-    api_key: str | None = Field(default=None, max_length=200, description="prefer the header")
     raw: StrictBool = False
     temperature: float = Field(default=0.7, ge=0.0, le=2.0, allow_inf_nan=False)
     max_tokens: StrictInt = Field(default=200, ge=1)
@@ -23,7 +22,6 @@ class InferRequest(BaseModel):
     top_k: StrictInt = Field(default=40, ge=0, le=1000)
     stop: list[str] = Field(default_factory=list, max_length=4)
     seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
-    stream: StrictBool = False
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -36,6 +34,13 @@ class InferRequest(BaseModel):
         if any(not s or len(s) > 64 for s in value):
             raise ValueError("each stop string must be 1 to 64 characters")
         return value
+
+
+class InferRequest(GenerationParams):
+    model_id: str = Field(min_length=1, max_length=40)
+    prompt: str = Field(min_length=1)
+    api_key: str | None = Field(default=None, max_length=200, description="prefer the header")
+    stream: StrictBool = False
 
 
 class JobCreate(InferRequest):

@@ -12,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlmodel import Session
 
+from api.batches.service import close_and_notify
 from api.deps import SessionDep, SettingsDep
 from api.inference import jobs as job_svc
 from api.inference.auth import key_token
@@ -136,13 +137,17 @@ def read_job(
 @router.post("/v1/jobs/{job_id}/cancel")
 def cancel_job(
     job_id: str,
+    request: Request,
     session: SessionDep,
     settings: SettingsDep,
     authorization: Authorization = None,
 ) -> JobPublic:
     """Cancel a queued job at once, or ask the worker to stop a running one."""
     job = job_svc.readable_job(session, settings, job_id, authorization)
-    return job_svc.job_public(job_svc.cancel(session, settings, job))
+    job = job_svc.cancel(session, settings, job)
+    if job.batch_id is not None:  # it may have been its batch's last live job
+        close_and_notify(session, request.app.state.celery, job.batch_id)
+    return job_svc.job_public(job)
 
 
 @router.get("/v1/jobs/{job_id}/stream")

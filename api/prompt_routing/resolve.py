@@ -37,6 +37,8 @@ class Target:
 class Scope:
     """What one key may call through one target id; reused for every prompt of a batch."""
 
+    key_id: str
+    account_id: str
     grant: Grant | None = None
     key: ApiKey | None = None
     router: Router | None = None
@@ -69,7 +71,8 @@ def open_scope(
 ) -> Scope:
     """Authenticate the key and check it may call `target_id` (a model or a router)."""
     if not is_router_id(target_id):
-        return Scope(grant=grant_for(session, settings, cache, token, target_id))
+        grant = grant_for(session, settings, cache, token, target_id)
+        return Scope(grant.key_id, grant.account_id, grant=grant)
     key = authenticate_key(session, settings, token)
     router = session.get(Router, target_id)
     if router is None or router.account_id != key.account_id or router.deleted_at is not None:
@@ -78,7 +81,7 @@ def open_scope(
         raise AuthorizationFailed(f"this API key is not valid for router {target_id!r}")
     ensure_active(session, key)
     rules = rule_set_of(router.id, router.rules, router.default_model_id)
-    return Scope(key=key, router=router, rules=rules)
+    return Scope(key.id, key.account_id, key=key, router=router, rules=rules)
 
 
 def resolve_target(
