@@ -1,4 +1,5 @@
 """Routing signals: the byte-based token estimate and the dependency-free language detector."""
+# ruff: noqa: RUF001 - text in other scripts is the point of these tests
 
 from __future__ import annotations
 
