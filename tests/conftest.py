@@ -22,7 +22,7 @@ from tests.utils.stack import (
     system_redis_url,
 )
 
-pytest_plugins = ["tests.utils.model_fixtures"]
+pytest_plugins = ["tests.utils.model_fixtures", "tests.utils.webhook_receiver"]
 
 SECRETS = {
     "secret_key": "test-secret-key-0123456789",

@@ -173,14 +173,16 @@ def result_lines(session: Session, batch: Batch) -> Iterator[bytes]:
             result = BatchResult(
                 completion=r.get("completion", ""), finish_reason=r.get("finish_reason", "stop")
             )
-        error = JobError(code=job.error_code, message=job.error_message or "")
+        error = None
+        if job.error_code:
+            error = JobError(code=job.error_code, message=job.error_message or "")
         line = BatchResultLine(
             custom_id=custom_id,
             job_id=job.id,
             status=job.status.value,
             routed_to=job.model_id if job.router_id else None,
             result=result,
-            error=error if job.error_code else None,
+            error=error,
             usage=Usage(
                 prompt_tokens=job.prompt_tokens,
                 completion_tokens=job.completion_tokens,

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -15,6 +12,7 @@ from fastapi.testclient import TestClient
 from tests.utils.factories import auth, create_account
 from tests.utils.sse import sse_events
 from tests.utils.stack import StackInfo
+from tests.utils.webhook_receiver import Hooks
 from workers.webhooks import sign
 
 BODY = {"prompt": "Once upon", "raw": True, "temperature": 0.0, "max_tokens": 8}
@@ -112,47 +110,14 @@ def test_submit_job_refuses_bad_options(
     assert field in resp.json()["error"]["message"]
 
 
-class _Hooks(BaseHTTPRequestHandler):
-    received: ClassVar[list[dict[str, Any]]] = []
-    fail_first = 0
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["content-length"]))
-        if _Hooks.fail_first > 0:
-            _Hooks.fail_first -= 1
-            self.send_response(503)
-            self.end_headers()
-            return
-        _Hooks.received.append({"headers": dict(self.headers), "body": body})
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def hook_server() -> Iterator[str]:
-    _Hooks.received, _Hooks.fail_first = [], 1
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hooks)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hook"
-    finally:
-        server.shutdown()
-
-
 def test_job_webhook_is_signed_and_retried(
     client: TestClient, stack: StackInfo, gguf_ready: dict[str, Any], hook_server: str
 ) -> None:
     created = submit(client, gguf_ready, webhook_url=hook_server)
     wait_job(client, created["id"], gguf_ready["key"])
-    deadline = time.monotonic() + 30
-    while not _Hooks.received and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert len(_Hooks.received) == 1, "webhook not delivered after one 503"
-    hit = _Hooks.received[0]
+    received = Hooks.wait_for(1)
+    assert len(received) == 1, "webhook not delivered after one 503"
+    hit = received[0]
     headers = {k.lower(): v for k, v in hit["headers"].items()}
     expected = sign(
         stack.settings.webhook_secret.get_secret_value(),
