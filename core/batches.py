@@ -52,7 +52,7 @@ def status_of(batch: Batch, p: Progress) -> str:
     """`queued | running | completed | cancelled`."""
     if batch.cancelled_at is not None:
         return "cancelled"
-    if batch.finished_at is not None or p.live == 0:
+    if batch.finished_at is not None:
         return "completed"
     return "queued" if p.queued == p.total else "running"
 

@@ -2,36 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
-from pydantic import ValidationError
+from fastapi.routing import APIRoute
 from sqlmodel import Session
 
 from api.batches import service as svc
 from api.batches.protocol import BatchCreate, BatchCreated, BatchPublic
-from api.deps import SessionDep, SettingsDep
+from api.deps import CeleryDep, SessionDep, SettingsDep
 from api.inference.auth import key_token
 from api.inference.jobs import reader_of
 from core.db import get_engine
 from core.errors import PayloadTooLarge
-from core.settings import Settings
+from core.settings import Settings, get_settings
 
-router = APIRouter(prefix="/v1/batches", tags=["batches"])
 Authorization = Annotated[str | None, Header()]
-_BODY_SCHEMA = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/BatchCreate"}}},
-    }
-}
 
 
 async def _capped_body(request: Request, cap: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `cap` bytes (never buffered)."""
+    """The request body, refused with 413 as soon as it passes `cap` bytes."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > cap:
         raise PayloadTooLarge(f"a batch body may be at most {cap} bytes")
@@ -42,6 +35,24 @@ async def _capped_body(request: Request, cap: int) -> bytes:
             raise PayloadTooLarge(f"a batch body may be at most {cap} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+class CappedBodyRoute(APIRoute):
+    """Reads the body under `batch_max_body_bytes` before FastAPI parses it (which has no cap)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def capped(request: Request) -> Response:
+            settings = request.app.dependency_overrides.get(get_settings, get_settings)()
+            # Starlette keeps the body here; FastAPI's own `await request.body()` reads it back.
+            request._body = await _capped_body(request, settings.batch_max_body_bytes)
+            return await handler(request)
+
+        return capped
+
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"], route_class=CappedBodyRoute)
 
 
 def _create(
@@ -59,26 +70,25 @@ def _create(
         return BatchCreated(id=batch.id, status="queued", total=batch.total)
 
 
-@router.post("", status_code=202, openapi_extra=_BODY_SCHEMA)
+@router.post("", status_code=202)
 async def create(
-    request: Request, settings: SettingsDep, authorization: Authorization = None
+    body: BatchCreate, request: Request, settings: SettingsDep, authorization: Authorization = None
 ) -> BatchCreated:
     """Queue one job per request, at lower priority than interactive calls."""
-    raw = await _capped_body(request, settings.batch_max_body_bytes)
-    try:
-        body = BatchCreate.model_validate_json(raw)
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors()) from exc
     return await run_in_threadpool(_create, request, settings, body, authorization)
 
 
 @router.get("/{batch_id}")
 def read(
-    batch_id: str, session: SessionDep, settings: SettingsDep, authorization: Authorization = None
+    batch_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    celery: CeleryDep,
+    authorization: Authorization = None,
 ) -> BatchPublic:
     """Status and counts; for the batch's key or its owner account."""
     reader = reader_of(session, settings, authorization)
-    return svc.batch_public(session, svc.readable_batch(session, reader, batch_id))
+    return svc.batch_public(session, celery, svc.readable_batch(session, reader, batch_id))
 
 
 @router.get("/{batch_id}/results")
@@ -95,14 +105,13 @@ def results(
 @router.post("/{batch_id}/cancel")
 def cancel(
     batch_id: str,
-    request: Request,
     session: SessionDep,
     settings: SettingsDep,
+    celery: CeleryDep,
     authorization: Authorization = None,
 ) -> BatchPublic:
     """Cancel the batch: queued requests never run, running ones are stopped."""
     reader = reader_of(session, settings, authorization)
     batch = svc.readable_batch(session, reader, batch_id)
-    celery = request.app.state.celery
     batch = svc.cancel_batch(session=session, settings=settings, celery=celery, batch=batch)
-    return svc.batch_public(session, batch)
+    return svc.batch_public(session, celery, batch)

@@ -145,8 +145,13 @@ def readable_batch(session: Session, reader: Reader, batch_id: str) -> Batch:
     return batch
 
 
-def batch_public(session: Session, batch: Batch) -> BatchPublic:
+def batch_public(session: Session, celery: Celery, batch: Batch) -> BatchPublic:
     p = batches.progress(session, batch)
+    if batch.finished_at is None and p.live == 0:
+        # Normally the worker that ended the last job has closed it already; this also closes
+        # a batch whose last worker died between its job's commit and the close.
+        close_and_notify(session, celery, batch.id)
+        session.refresh(batch)
     return BatchPublic(
         id=batch.id,
         model_id=batch.model_id,
