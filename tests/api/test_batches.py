@@ -73,7 +73,9 @@ def test_batch_results_are_complete_correct_and_in_request_order(
     client: TestClient, gguf_ready: dict[str, Any]
 ) -> None:
     key = gguf_ready["key"]
-    requests = [*prompts(3), {"custom_id": "too-long", "prompt": TOO_LONG, **GEN}]
+    hostile_id = 'evil"}\n{"custom_id": "forged'  # must stay inside one JSON line
+    requests = [*prompts(2), {"custom_id": hostile_id, "prompt": "Once", **GEN},
+                {"custom_id": "too-long", "prompt": TOO_LONG, **GEN}]  # fmt: skip
     batch_id = created(client, key, gguf_ready["id"], requests)
     batch = wait_batch(client, batch_id, key)
     assert batch["status"] == "completed" and batch["finished_at"] is not None

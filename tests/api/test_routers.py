@@ -10,7 +10,14 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from core.settings import get_settings
-from tests.utils.factories import auth, create_account, declare, upload_model
+from tests.utils.factories import (
+    account_of,
+    auth,
+    create_account,
+    declare,
+    ready_model_row,
+    upload_model,
+)
 from tests.utils.stack import StackInfo
 
 JOB = {"raw": True, "temperature": 0.0, "max_tokens": 2}
@@ -271,3 +278,25 @@ def test_router_list_read_delete_revokes_its_keys(
         "/v1/jobs", json={"model_id": router_id, "prompt": "b", **JOB}, headers=auth(key)
     )
     assert_error(resp, 403, "AUTHENTICATION_FAILED")
+
+
+def test_deleted_models_of_a_router_are_not_found_and_its_keys_survive(
+    client: TestClient, stack: StackInfo, models: dict[str, Any]
+) -> None:
+    doomed = ready_model_row(stack.settings, account_of(stack.settings, models["a"]))
+    rules = [{"when": {"regex": "^doomed"}, "model_id": doomed["id"]}]
+    router_id, key = router_with_key(client, models["token"], rules, models["a"])
+    other_id, other_key = router_with_key(client, models["token"], [], doomed["id"])
+    resp = client.delete(f"/v1/models/{doomed['id']}", headers=auth(models["token"]))
+    assert resp.status_code == 204
+    body = {"model_id": router_id, "prompt": "doomed prompt", **JOB}
+    assert_error(client.post("/v1/jobs", json=body, headers=auth(key)), 404, "MODEL_NOT_FOUND")
+    assert routed(client, key, router_id, "a living prompt") == models["a"]
+    # A router key names its router's default model only as a placeholder: deleting that
+    # model does not revoke the key (its calls still fail while the router chooses it).
+    body = {"model_id": other_id, "prompt": "x", **JOB}
+    assert_error(client.post("/v1/jobs", json=body, headers=auth(other_key)), 404,
+                 "MODEL_NOT_FOUND")  # fmt: skip
+    keys = client.get("/v1/keys", headers=auth(models["token"])).json()["data"]
+    scoped = [k for k in keys if k["router_id"] == other_id]
+    assert len(scoped) == 1 and scoped[0]["revoked_at"] is None
