@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from api import redaction
 from api.errors import RequestIdMiddleware, install_error_handlers
 from api.inference import router as inference
+from api.inference import ws
 from api.inference.auth_cache import AuthCache
 from api.inference.routing import WorkerDirectory
 from api.routes import (
@@ -47,7 +48,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.auth_cache = AuthCache(settings.auth_cache_ttl_s, settings.auth_cache_max_entries)
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
-    routers = (health, accounts, models, keys, uploads, storage_events, workers, billing, inference)
+    routers = (
+        health,
+        accounts,
+        models,
+        keys,
+        uploads,
+        storage_events,
+        workers,
+        billing,
+        inference,
+        ws,
+    )
     for module in routers:
         app.include_router(module.router)
     return app

@@ -59,6 +59,11 @@ class Terminal:
             }
         else:
             ev["error"] = {"code": self.error_code, "message": self.error_message}
+            # What a cancelled or failed job still consumed (and is billed for).
+            ev["usage"] = {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+            }
         return ev
 
 
