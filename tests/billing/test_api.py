@@ -21,17 +21,32 @@ def test_portal_creates_the_customer_once_and_returns_a_url(
     api: Api, fake_stripe: FakeStripe
 ) -> None:
     client, settings = api
-    who = account_with_key(client, settings, None)
+    who = account_with_key(client, settings, None)  # signup's customer unlinked again
+    creates = len(fake_stripe.requests_to("/v1/customers"))
 
     first = client.post("/v1/billing/portal", headers=auth(who["token"]))
     second = client.post("/v1/billing/portal", headers=auth(who["token"]))
 
     assert first.status_code == 200, first.text
     assert first.json()["url"].startswith("https://billing.stripe.test/p/session/")
-    assert len(fake_stripe.requests_to("/v1/customers")) == 1
+    assert len(fake_stripe.requests_to("/v1/customers")) == creates + 1
+    assert len(fake_stripe.customers_of(who["account"])) == 1  # same idempotency key, same one
     portals = fake_stripe.requests_to("/v1/billing_portal/sessions")
     assert len(portals) == 2 and portals[0].body["return_url"] == "http://testserver"
     assert second.status_code == 200
+
+
+def test_portal_returns_to_the_configured_url(api: Api, fake_stripe: FakeStripe) -> None:
+    client, settings = api
+    who = account_with_key(client, settings, "cus_a")
+    back = settings.model_copy(update={"billing_portal_return_url": "https://app.example/billing"})
+    client.app.dependency_overrides[get_settings] = lambda: back  # type: ignore[attr-defined]
+
+    resp = client.post("/v1/billing/portal", headers=auth(who["token"]))
+
+    assert resp.status_code == 200, resp.text
+    [portal] = fake_stripe.requests_to("/v1/billing_portal/sessions")
+    assert portal.body == {"customer": "cus_a", "return_url": "https://app.example/billing"}
 
 
 def test_portal_without_stripe_answers_501_naming_the_setting(api: Api) -> None:
