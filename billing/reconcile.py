@@ -68,7 +68,8 @@ def stripe_sums(settings: Settings, customers: set[str], start: datetime, end: d
             raise LookupError(f"no Stripe meter with event name {name!r}")
         for customer in sorted(customers):
             params = {"customer": customer, "start_time": int(start.timestamp()),
-                      "end_time": int(end.timestamp()), "value_grouping_window": "hour"}  # fmt: skip
+                      "end_time": int(end.timestamp()),
+                      "value_grouping_window": "hour"}  # fmt: skip
             page = client.v1.billing.meters.event_summaries.list(by_name[name], params)  # type: ignore[arg-type]
             for summary in page.auto_paging_iter():
                 hour = datetime.fromtimestamp(summary.start_time, UTC)

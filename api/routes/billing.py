@@ -12,8 +12,8 @@ from sqlmodel import Session, col, select
 
 from api.deps import AuthCacheDep, CurrentAccount, SessionDep, SettingsDep, require_operator
 from api.inference.auth_cache import AuthCache
-from billing import webhooks
 from api.schemas import CustomerLinked
+from billing import webhooks
 from billing.customers import ensure_customer, portal_url
 from billing.stripe_api import require_configured
 from billing.usage import usage_report

@@ -118,7 +118,7 @@ def test_billing_customer_returns_the_linked_customer_without_calling_stripe(
 
 
 def test_billing_customer_keeps_an_operator_link(api: Api, fake_stripe: FakeStripe) -> None:
-    client, settings = api
+    client, _ = api
     fake_stripe.inject("status", path="/v1/customers", status=503)
     created = _signup(client)
     chosen = fake_stripe.add_customer("parent company")
@@ -196,7 +196,7 @@ def test_billing_customer_refuses_missing_or_wrong_tokens(
 def test_billing_customer_ignores_any_body(
     api: Api, fake_stripe: FakeStripe, body: dict[str, Any]
 ) -> None:
-    client, settings = api
+    client, _ = api
     fake_stripe.inject("status", path="/v1/customers", status=500)
     created = _signup(client, "acme")
 

@@ -36,7 +36,9 @@ def _hour_ago(hours: int) -> datetime:
 
 
 def _days(when: datetime) -> tuple[str, str]:
-    return (when - timedelta(days=1)).date().isoformat(), (when + timedelta(days=1)).date().isoformat()
+    """`--from` and `--to` dates around `when`."""
+    day = timedelta(days=1)
+    return (when - day).date().isoformat(), (when + day).date().isoformat()
 
 
 def _drift(settings: Settings, when: datetime) -> list[Drift]:
@@ -71,11 +73,15 @@ def test_reconcile_reports_agreement_then_drift(
     assert "cus_test1" in drift.stdout and "+9" in drift.stdout and "40" in drift.stdout
 
 
-def test_reconcile_split_meters_agree_after_a_push(split: Settings, fake_stripe: FakeStripe) -> None:
+def test_reconcile_split_meters_agree_after_a_push(
+    split: Settings, fake_stripe: FakeStripe
+) -> None:
     acct, model = make_account(split)
     when = _hour_ago(3)
     make_usage(split, acct, model, count=3, prompt=4, completion=11, occurred_at=when)
-    make_usage(split, acct, model, count=2, prompt=6, completion=0, occurred_at=when + timedelta(hours=1))
+    make_usage(
+        split, acct, model, count=2, prompt=6, completion=0, occurred_at=when + timedelta(hours=1)
+    )
     assert push_all(split).pushed == 5
 
     assert _drift(split, when) == []

@@ -12,9 +12,9 @@ import redis
 from fastapi.testclient import TestClient
 from sqlmodel import select
 
+from billing.ledger import NO_CUSTOMER
 from core.db import session_scope
 from core.settings import Settings
-from billing.ledger import NO_CUSTOMER
 from core.tables import Account, BillingCustomer, ProcessedWebhookEvent, PushState, UsageEvent
 from tests.billing.conftest import account_with_key, make_account, make_usage, usage_rows
 from tests.utils.factories import auth
