@@ -105,9 +105,9 @@ def cmd_billing_reconcile(args: argparse.Namespace) -> int:
     if not drift:
         print("ledger and Stripe agree for every customer and hour")
         return 0
-    rows = [[d.customer, d.hour.isoformat(), str(d.ledger), str(d.stripe), f"{d.delta:+d}"]
-            for d in drift]  # fmt: skip
-    _table(["customer", "hour", "ledger", "stripe", "drift"], rows)
+    rows = [[d.meter, d.customer, d.hour.isoformat(), str(d.ledger), str(d.stripe),
+             f"{d.delta:+d}"] for d in drift]  # fmt: skip
+    _table(["meter", "customer", "hour", "ledger", "stripe", "drift"], rows)
     return 1
 
 
@@ -134,7 +134,8 @@ def cmd_accounts_create(args: argparse.Namespace) -> int:
     else:
         api = _api(args, need_token=False)
     account = api.call("POST", "/v1/accounts", body)
-    billed = f", billed to {account['stripe_customer_id']}" if args.stripe_customer else ""
+    customer = account.get("stripe_customer_id")
+    billed = f", billed to {customer}" if customer else ""
     print(f"account {account['id']} ({account['name']}){billed}")
     print(f"token {account['token']} (shown once)")
     if not args.no_save:

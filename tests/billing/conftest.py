@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -17,7 +19,7 @@ from core.settings import Settings
 from core.tables import Account, ApiKey, Job, JobStatus, Model, ModelStatus, UsageEvent, utcnow
 from tests.conftest import make_settings
 from tests.utils.fake_stripe import WEBHOOK_SECRET, FakeStripe
-from tests.utils.stack import postgres_database, system_redis_url
+from tests.utils.stack import ROOT, env_for, postgres_database, system_redis_url
 
 WIPE = ("usage_event", "processed_webhook_event", "billing_customer", "job", "api_key",
         "model_file", "model", "account")  # fmt: skip
@@ -122,6 +124,14 @@ def make_usage(
             s.add(ue)
             ids.append(ue.id)
     return ids
+
+
+def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """`inferatech …` in a child process that sees `settings`."""
+    return subprocess.run(
+        [sys.executable, "-m", "api.cli", *args], cwd=ROOT, env=env_for(settings),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
 
 
 def usage_rows(settings: Settings) -> dict[str, UsageEvent]:

@@ -135,12 +135,16 @@ def start_worker(
     queues: str = "validate,background",
     pool: str = "solo",
     concurrency: int = 1,
+    beat_schedule: Path | None = None,
 ) -> Worker:
+    """A worker for `queues`; with `beat_schedule` (a file path) it also runs Celery beat."""
     cmd = [
         sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
         "-Q", queues, "-P", pool, "-c", str(concurrency), "--without-gossip", "--without-mingle",
         "--without-heartbeat", "-l", "INFO", "-n", f"test-{queues}-{os.getpid()}@%h",
     ]  # fmt: skip
+    if beat_schedule is not None:
+        cmd += ["-B", "-s", str(beat_schedule)]
     out = log_path.open("wb")
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env_for(settings), stdout=out, stderr=subprocess.STDOUT
