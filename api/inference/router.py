@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
 from celery import Celery
 from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
@@ -134,9 +135,12 @@ async def _sse(
                 yield chunk
         finished = True
     finally:
-        if not finished:  # the client went away: stop generating; usage is still recorded
-            await aredis.set(events.cancel_key(job.id), b"1", ex=events.STREAM_TTL_S)  # type: ignore[attr-defined]
-        await limits.release(aredis, job.api_key_id, job.id)  # type: ignore[arg-type]
+        # A hang-up cancels this task (anyio: every later await too): shield the clean-up,
+        # or the runner would never hear of it and the slot would wait for the job to end.
+        with anyio.CancelScope(shield=True):
+            if not finished:  # the client went away: stop generating; usage is still recorded
+                await aredis.set(events.cancel_key(job.id), b"1", ex=events.STREAM_TTL_S)  # type: ignore[attr-defined]
+            await limits.release(aredis, job.api_key_id, job.id)  # type: ignore[arg-type]
 
 
 @router.post("/v1/jobs", status_code=202, response_model=JobCreated)
