@@ -37,13 +37,20 @@ def request_id_of(request: Request) -> str:
 
 
 def envelope(
-    request: Request, status: int, code: str, message: str, details: dict[str, Any] | None = None
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    details: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
+    """The error body; carries the route's rate-limit headers once the key was admitted."""
     body = {
         "error": {"code": code, "message": message, "details": details or {}},
         "request_id": request_id_of(request),
     }
-    return JSONResponse(body, status_code=status)
+    extra = {**getattr(request.state, "response_headers", {}), **(headers or {})}
+    return JSONResponse(body, status_code=status, headers=extra)
 
 
 class RequestIdMiddleware:
@@ -101,7 +108,7 @@ def is_outage(exc: BaseException) -> bool:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InferatechError)
     async def _ours(request: Request, exc: InferatechError) -> JSONResponse:
-        return envelope(request, exc.status_code, exc.code, exc.message, exc.details)
+        return envelope(request, exc.status_code, exc.code, exc.message, exc.details, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

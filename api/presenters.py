@@ -72,4 +72,9 @@ def key_public(key: ApiKey) -> KeyPublic:
         created_at=key.created_at,
         last_used_at=key.last_used_at,
         revoked_at=key.revoked_at,
+        rate_limit_rpm=key.rate_limit_rpm,
+        rate_limit_tpm=key.rate_limit_tpm,
+        rate_limit_concurrency=key.rate_limit_concurrency,
+        monthly_token_budget=key.monthly_token_budget,
+        log_payloads=key.log_payloads,
     )

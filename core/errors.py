@@ -11,10 +11,17 @@ class InferatechError(Exception):
     code: ClassVar[str] = "INTERNAL_ERROR"
     status_code: ClassVar[int] = 500
 
-    def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.details = details or {}
+        self.headers = headers or {}  # e.g. Retry-After on a 429
 
 
 class InvalidRequest(InferatechError):
@@ -75,6 +82,19 @@ class BillingInactive(InferatechError):
 class SignupDisabled(InferatechError):
     code = "SIGNUP_DISABLED"
     status_code = 403
+
+
+class RateLimitExceeded(InferatechError):
+    """A per-minute or concurrency limit of the key; `Retry-After` says when to come back."""
+
+    code = "RATE_LIMIT_EXCEEDED"
+    status_code = 429
+
+
+class BudgetExceeded(RateLimitExceeded):
+    """The key's monthly token budget is spent; it refills on the 1st (UTC)."""
+
+    code = "BUDGET_EXCEEDED"
 
 
 class ServiceUnavailable(InferatechError):

@@ -73,6 +73,11 @@ class Settings(BaseSettings):
     # takes effect within this many seconds. 0 disables the cache.
     auth_cache_ttl_s: float = Field(default=10, ge=0, le=30)
     auth_cache_max_entries: int = Field(default=10_000, ge=1)
+    # Per-key limits (0 = unlimited), enforced in Redis across API replicas. They are also the
+    # ceiling an account may give a key it mints: owners tighten, operators raise.
+    rate_limit_rpm: int = Field(default=1200, ge=0)
+    rate_limit_tpm: int = Field(default=2_000_000, ge=0)
+    rate_limit_concurrency: int = Field(default=64, ge=0)
 
     # Billing (Stripe). No API key: the ledger still records, the pusher idles.
     stripe_api_key: SecretStr | None = None

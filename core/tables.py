@@ -138,6 +138,12 @@ class ApiKey(SQLModel, table=True):
     secret_hash: str = Field(max_length=64)
     display_prefix: str = Field(max_length=60)
     billed_customer_id: str | None = Field(default=None, max_length=100)
+    # Limits set at mint; NULL means the server's default (`INFERATECH_RATE_LIMIT_*`), 0 none.
+    rate_limit_rpm: int | None = Field(default=None)
+    rate_limit_tpm: int | None = Field(default=None, sa_type=sa.BigInteger)
+    rate_limit_concurrency: int | None = Field(default=None)
+    monthly_token_budget: int | None = Field(default=None, sa_type=sa.BigInteger)
+    log_payloads: bool = Field(default=False)
     created_at: datetime = ts()
     last_used_at: datetime | None = ts(nullable=True)
     revoked_at: datetime | None = ts(nullable=True)

@@ -10,7 +10,7 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from core import events
+from core import events, limits
 from core.queue import WEBHOOK_QUEUE, WEBHOOK_TASK
 from core.redis import get_redis
 from core.settings import Settings
@@ -341,11 +341,21 @@ def _end(
     finally:
         if publisher is not None:
             held = publisher.close()  # every token is on the stream before the terminal event
+    pipe = ex.redis.pipeline(transaction=False)
+    if ctx.job.api_key_id:
+        # Debited here, not by the API: only the worker sees every job end exactly once
+        # (`finish` above), a client that hung up or never waited (`/v1/jobs`) included.
+        # Before the terminal event, so a caller's next request already sees the debit.
+        tokens = end.prompt_tokens + end.completion_tokens if finished else 0
+        limits.queue_settle(
+            pipe, key_id=ctx.job.api_key_id, job_id=ctx.job.id, tokens=tokens, now=utcnow()
+        )
     if not finished:
-        if held:
-            events.publish_many(ex.redis, ctx.job.id, held)
+        events.queue_events(pipe, ctx.job.id, held)
+        pipe.execute()
         return "skipped"
-    events.publish_many(ex.redis, ctx.job.id, [*held, end.event()])
+    events.queue_events(pipe, ctx.job.id, [*held, end.event()])
+    pipe.execute()
     if ctx.job.webhook_url:
         from workers.celery_app import app
 

@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
 from celery import Celery
 from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
@@ -14,6 +15,7 @@ from sqlmodel import Session
 
 from api.deps import SessionDep, SettingsDep
 from api.inference import jobs as job_svc
+from api.inference import limits
 from api.inference.auth import grant_for, key_token
 from api.inference.protocol import InferRequest, JobCreate, JobCreated, JobPublic
 from api.inference.routing import WorkerDirectory
@@ -24,10 +26,14 @@ from api.inference.serving import (
     follow_until,
     headers_of,
     response_of,
+    slot_lease_s,
     sse_event,
 )
 from core import events
+from core import limits as core_limits
 from core.db import get_engine
+from core.ids import new_id
+from core.redis import get_redis
 from core.settings import Settings
 from core.tables import Job
 
@@ -36,21 +42,39 @@ Authorization = Annotated[str | None, Header()]
 
 
 def _start(request: Request, settings: Settings, body: InferRequest, auth: str | None) -> Job:
+    """Authenticate, admit under the key's limits, persist and enqueue the job."""
     celery: Celery = request.app.state.celery
     directory: WorkerDirectory = request.app.state.workers
     with Session(get_engine(settings), expire_on_commit=False) as session:
         token = key_token(auth, body.api_key)
         grant = grant_for(session, settings, request.app.state.auth_cache, token, body.model_id)
         queue = directory.queue_for(grant.model_sha256 or grant.model_id)
-        return create_job(
-            session=session,
-            settings=settings,
-            celery=celery,
-            grant=grant,
-            req=body,
-            queue=queue,
-            live=isinstance(body, JobCreate) or body.stream,
-        )
+        job_id = new_id("job")
+        client = get_redis(settings)
+        lease = slot_lease_s(settings, body)
+        limits.enforce(
+            request, client=client, session=session, settings=settings, grant=grant,
+            job_id=job_id, lease_s=lease,
+        )  # fmt: skip
+        try:
+            return create_job(
+                session=session,
+                settings=settings,
+                celery=celery,
+                grant=grant,
+                req=body,
+                queue=queue,
+                live=isinstance(body, JobCreate) or body.stream,
+                job_id=job_id,
+            )
+        except BaseException:
+            core_limits.release(client, grant.key_id, job_id)  # no job, so no worker to free it
+            raise
+
+
+def _limit_headers(request: Request) -> dict[str, str]:
+    headers: dict[str, str] = getattr(request.state, "response_headers", {})
+    return headers
 
 
 @router.post("/v1/infer", response_model=None)
@@ -66,20 +90,33 @@ async def infer(
     aredis = request.app.state.aredis
     outcome = Outcome()
     if not body.stream:
-        async for _ in follow_until(aredis, job.id, outcome, deadline=deadline_for(job)):
-            pass
+        try:
+            async for _ in follow_until(aredis, job.id, outcome, deadline=deadline_for(job)):
+                pass
+        finally:
+            await limits.release(aredis, job.api_key_id, job.id)
         reply = response_of(job, outcome, started)
-        return JSONResponse(reply.model_dump(), headers=headers_of(outcome))
-    head = [
-        e
-        async for e in follow_until(
-            aredis, job.id, outcome, deadline=deadline_for(job), until="status"
-        )
-    ]
+        headers = {**headers_of(outcome), **_limit_headers(request)}
+        return JSONResponse(reply.model_dump(), headers=headers)
+    try:
+        head = [
+            e
+            async for e in follow_until(
+                aredis, job.id, outcome, deadline=deadline_for(job), until="status"
+            )
+        ]
+    except BaseException:
+        await limits.release(aredis, job.api_key_id, job.id)
+        raise
     return StreamingResponse(
         _sse(aredis, job, outcome, head, started),
         media_type="text/event-stream",
-        headers={**headers_of(outcome), "Cache-Control": "no-cache", "X-Job-Id": job.id},
+        headers={
+            **headers_of(outcome),
+            **_limit_headers(request),
+            "Cache-Control": "no-cache",
+            "X-Job-Id": job.id,
+        },
     )
 
 
@@ -98,17 +135,22 @@ async def _sse(
                 yield chunk
         finished = True
     finally:
-        if not finished:  # the client went away: stop generating; usage is still recorded
-            await aredis.set(events.cancel_key(job.id), b"1", ex=events.STREAM_TTL_S)  # type: ignore[attr-defined]
+        # A hang-up cancels this task (anyio: every later await too): shield the clean-up,
+        # or the runner would never hear of it and the slot would wait for the job to end.
+        with anyio.CancelScope(shield=True):
+            if not finished:  # the client went away: stop generating; usage is still recorded
+                await aredis.set(events.cancel_key(job.id), b"1", ex=events.STREAM_TTL_S)  # type: ignore[attr-defined]
+            await limits.release(aredis, job.api_key_id, job.id)  # type: ignore[arg-type]
 
 
-@router.post("/v1/jobs", status_code=202)
+@router.post("/v1/jobs", status_code=202, response_model=JobCreated)
 async def submit(
     body: JobCreate, request: Request, settings: SettingsDep, authorization: Authorization = None
-) -> JobCreated:
-    """Queue a job; poll `GET /v1/jobs/{id}` or follow `/stream`."""
+) -> JSONResponse:
+    """Queue a job; poll `GET /v1/jobs/{id}` or follow `/stream`. Its slot ends with the job."""
     job = await run_in_threadpool(_start, request, settings, body, authorization)
-    return JobCreated(id=job.id, status="queued")
+    created = JobCreated(id=job.id, status="queued")
+    return JSONResponse(created.model_dump(), status_code=202, headers=_limit_headers(request))
 
 
 @router.get("/v1/jobs/{job_id}")

@@ -38,6 +38,7 @@ def create_job(
     req: InferRequest,
     queue: str = INFER_QUEUE,
     live: bool = True,
+    job_id: str | None = None,
 ) -> Job:
     """Persist the job, then enqueue it by name; a broker outage fails it with 503.
 
@@ -50,15 +51,10 @@ def create_job(
         raise job_error(
             "INVALID_REQUEST", f"max_tokens is capped at {settings.max_completion_tokens}"
         )
-    timeout = settings.execution_timeout_s
-    ttl = settings.job_ttl_s
-    webhook = None
-    if isinstance(req, JobCreate):
-        timeout = min(req.execution_timeout_s or timeout, settings.max_execution_timeout_s)
-        ttl = req.ttl_s or ttl
-        webhook = req.webhook_url
+    timeout, ttl = timeout_and_ttl(settings, req)
+    webhook = req.webhook_url if isinstance(req, JobCreate) else None
     job = Job(
-        id=new_id("job"),
+        id=job_id or new_id("job"),
         account_id=grant.account_id,
         model_id=grant.model_id,
         api_key_id=grant.key_id,
@@ -84,6 +80,24 @@ def create_job(
         session.commit()
         raise ServiceUnavailable("the task queue is unavailable; retry") from exc
     return job
+
+
+def timeout_and_ttl(settings: Settings, req: InferRequest) -> tuple[int, int]:
+    """The job's execution timeout and TTL (queue + run): settings, or the job's own asks."""
+    if isinstance(req, JobCreate):
+        timeout = min(req.execution_timeout_s or settings.execution_timeout_s,
+                      settings.max_execution_timeout_s)  # fmt: skip
+        return timeout, req.ttl_s or settings.job_ttl_s
+    return settings.execution_timeout_s, settings.job_ttl_s
+
+
+def slot_lease_s(settings: Settings, req: InferRequest) -> int:
+    """How long a concurrency slot may outlive a dead holder: as long as the job may live.
+
+    `/v1/infer` waits `timeout + WAIT_GRACE_S` at most; an async job may sit queued for its TTL.
+    """
+    timeout, ttl = timeout_and_ttl(settings, req)
+    return timeout + WAIT_GRACE_S + (ttl if isinstance(req, JobCreate) else 0)
 
 
 @dataclass

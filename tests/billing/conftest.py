@@ -169,6 +169,7 @@ def account_with_key(
     client: TestClient, settings: Settings, customer: str | None, billed: str | None = None
 ) -> dict[str, str]:
     """An account (through the API), a ready model and a real API key for it."""
+    from api.schemas import KeyCreate
     from api.services.models import mint_key
 
     resp = client.post("/v1/accounts", json={"name": "acme"})
@@ -182,7 +183,9 @@ def account_with_key(
                       status=ModelStatus.READY, total_bytes=1000, key_delivered=True)  # fmt: skip
         s.add_all([account, model])
         s.flush()
-        key, plaintext = mint_key(session=s, settings=settings, model=model, name="k")
+        key, plaintext = mint_key(
+            session=s, settings=settings, model=model, key_in=KeyCreate(name="k")
+        )
         key.billed_customer_id = billed
     return {"token": token, "account": account_id, "model": model.id, "key": plaintext,
             "key_id": key.id}  # fmt: skip
