@@ -8,7 +8,7 @@ replay from the start, so a client may connect late.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import redis
@@ -35,10 +35,22 @@ def publish(client: redis.Redis, job_id: str, event: dict[str, Any]) -> None:  #
     pipe.execute()
 
 
-def publish_many(client: redis.Redis, job_id: str, batch: list[dict[str, Any]]) -> None:  # type: ignore[type-arg]
-    """Append several events in one round trip, in order."""
+def publish_many(
+    client: redis.Redis,  # type: ignore[type-arg]
+    job_id: str,
+    batch: list[dict[str, Any]],
+    *,
+    before: Callable[[redis.client.Pipeline], None] | None = None,  # type: ignore[type-arg]
+) -> None:
+    """Append several events in one round trip, in order.
+
+    `before` queues other commands ahead of the events in the same round trip (a job's
+    metrics, so that whoever reads its terminal event finds them already counted).
+    """
     key = stream_key(job_id)
     pipe = client.pipeline(transaction=False)
+    if before is not None:
+        before(pipe)
     for event in batch:
         pipe.xadd(key, {"e": json.dumps(event, separators=(",", ":"))}, maxlen=STREAM_MAXLEN)
     if any(event.get("type") in ("done", "status") for event in batch):
