@@ -31,7 +31,6 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 from sqlmodel import Session, col, func, select
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.redaction import redact
@@ -109,15 +108,9 @@ class AccessMiddleware:
 
 def route_of(scope: Scope) -> str:
     """The path template of the route that served the request; raw paths never become labels."""
-    route = scope.get("route")
-    if route is not None and hasattr(route, "path"):
-        return str(route.path)
-    app = scope.get("app")
-    for candidate in getattr(getattr(app, "router", None), "routes", ()):
-        match, _ = candidate.matches(scope)
-        if match is Match.FULL and hasattr(candidate, "path"):
-            return str(candidate.path)
-    return UNMATCHED
+    route = scope.get("route")  # set by the router on a match (also on a 405's partial match)
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else UNMATCHED
 
 
 class ClusterCollector(Collector):

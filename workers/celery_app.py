@@ -31,10 +31,11 @@ def _setup_logging(**_: Any) -> None:
 
 
 @celeryd_init.connect  # type: ignore[untyped-decorator]
-def _quiet_banner(instance: Any, **_: Any) -> None:
-    """In JSON mode every output line must be JSON: the start-up banner becomes a log line."""
+def _worker_init(instance: Any, **_: Any) -> None:
+    """Logging before Celery's first warning; in JSON mode its banner becomes a log line."""
+    _setup_logging()
     if get_settings().effective_log_format == "json":
-        instance.quiet = True
+        instance.quiet = True  # every output line must be JSON
 
 
 @celeryd_after_setup.connect  # type: ignore[untyped-decorator]

@@ -137,7 +137,7 @@ def test_worker_counters_come_through_heartbeats(
     assert value(samples, "inferatech_worker_warm_hits_total", worker=worker) >= 0
     cache = value(samples, "inferatech_worker_weight_cache_hits_total", worker=worker)
     misses = value(samples, "inferatech_worker_weight_cache_misses_total", worker=worker)
-    assert misses >= 1 and cache + misses >= 1
+    assert cache + misses >= 1  # a miss, or a hit on what validation's smoke load cached
     assert ("inferatech_queue_depth", frozenset({("queue", f"infer.{worker}")})) in samples
 
 
@@ -160,8 +160,7 @@ def test_unknown_paths_and_models_create_no_new_series(
         value(samples, REQUESTS, route="/v1/jobs/{job_id}", method="GET", model="", status="404")
         == 5
     )
-    templates = {r.path for r in client.app.routes} | {"unmatched"}  # type: ignore[attr-defined]
-    assert {s["route"] for s in labels} <= templates
+    assert {s["route"] for s in labels} == {"unmatched", "/v1/jobs/{job_id}", "/v1/infer"}
     assert {s["model"] for s in labels} == {""}  # no unauthenticated id became a label
     assert len(labels) == 3
 
