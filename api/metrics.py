@@ -47,6 +47,8 @@ access_log = logging.getLogger("inferatech.access")
 
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 UNMATCHED = "unmatched"
+# A server accepts any token as a method; anything else is one `other` label, not a new series.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 SHARED_QUEUES = [INFER_QUEUE, VALIDATE_QUEUE, BACKGROUND_QUEUE]
 
 
@@ -95,7 +97,9 @@ class AccessMiddleware:
             await self.app(scope, receive, send_status)
         finally:
             route = route_of(scope)
-            method = scope["method"] if route != UNMATCHED else "other"
+            method = (
+                scope["method"] if route != UNMATCHED and scope["method"] in METHODS else "other"
+            )
             model = str(scope.get("state", {}).get("model_id") or "")
             elapsed = time.perf_counter() - started
             self.metrics.requests.labels(route, method, model, str(status)).inc()

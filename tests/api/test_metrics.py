@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from core.db import migrate
+from core.redis import get_redis
 from core.settings import Settings, get_settings
 from tests.conftest import make_settings
 from tests.utils.factories import auth, create_account, ready_model_row, upload_model
@@ -34,14 +35,16 @@ def _infer(client: TestClient, model: dict[str, Any], prompt: str = "Hello there
     return client.post("/v1/infer", json=body, headers=auth(model["key"]))
 
 
-def _settled(client: TestClient, timeout: float = 60) -> Samples:
+def _settled(client: TestClient, stack: StackInfo, timeout: float = 60) -> Samples:
     """A scrape taken once no job is queued or running anywhere (earlier tests' jobs ended)."""
+    broker = get_redis(stack.settings)
     deadline = time.monotonic() + timeout
     while True:
         samples = scrape(client)
         busy = sum(v for (n, _), v in samples.items() if n == "inferatech_worker_busy_runners")
         queued = sum(v for (n, _), v in samples.items() if n == "inferatech_queue_depth")
-        if busy == 0 and queued == 0:
+        taken = broker.hlen("unacked")  # kombu's tasks taken by a worker, not yet acknowledged
+        if busy == 0 and queued == 0 and taken == 0:
             return samples
         assert time.monotonic() < deadline, "the stack never went idle"
         time.sleep(0.2)
@@ -91,9 +94,9 @@ def test_requests_counted_by_route_template_model_and_status(
 
 
 def test_worker_job_metrics_reach_the_api_scrape_exactly(
-    client: TestClient, fresh_model: dict[str, Any]
+    client: TestClient, stack: StackInfo, fresh_model: dict[str, Any]
 ) -> None:
-    before = _settled(client)
+    before = _settled(client, stack)
     answers = [_infer(client, fresh_model) for _ in range(3)]
     assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
     after = scrape(client)  # the worker counts a job before it publishes the answer
@@ -141,7 +144,7 @@ def test_worker_counters_come_through_heartbeats(
     assert ("inferatech_queue_depth", frozenset({("queue", f"infer.{worker}")})) in samples
 
 
-def test_unknown_paths_and_models_create_no_new_series(
+def test_unknown_paths_methods_and_models_create_no_new_series(
     client: TestClient, gguf_ready: dict[str, Any]
 ) -> None:
     for _ in range(5):
@@ -153,6 +156,8 @@ def test_unknown_paths_and_models_create_no_new_series(
             403,
             404,
         )
+    for verb in ("BREW", "PURGE", "X-1"):  # any token is a method to the server
+        assert client.request(verb, "/v1/infer").status_code == 405
     samples = scrape(client)
     labels = series(samples, REQUESTS)
     assert value(samples, REQUESTS, route="unmatched", method="other", model="", status="404") == 5
@@ -161,8 +166,9 @@ def test_unknown_paths_and_models_create_no_new_series(
         == 5
     )
     assert {s["route"] for s in labels} == {"unmatched", "/v1/jobs/{job_id}", "/v1/infer"}
+    assert value(samples, REQUESTS, route="/v1/infer", method="other", model="", status="405") == 3
     assert {s["model"] for s in labels} == {""}  # no unauthenticated id became a label
-    assert len(labels) == 3
+    assert len(labels) == 4
 
 
 def test_replicas_agree_on_cluster_series_and_count_their_own_requests(
@@ -170,7 +176,7 @@ def test_replicas_agree_on_cluster_series_and_count_their_own_requests(
 ) -> None:
     with _app_client(stack.settings) as one, _app_client(stack.settings) as two:
         assert _infer(one, gguf_ready).status_code == 200
-        first, second = _settled(one), _settled(two)
+        first, second = _settled(one, stack), _settled(two, stack)
     cluster = (
         "inferatech_tokens_total",
         "inferatech_jobs_total",
