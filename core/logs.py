@@ -22,8 +22,9 @@ JOB_ID: ContextVar[str | None] = ContextVar("job_id", default=None)
 REQUEST_ID_HEADER = "inferatech_request_id"  # Celery message header
 
 LogFormat = Literal["json", "text"]
-# Attributes every LogRecord has; anything else on a record came from `extra=`.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+# Attributes every LogRecord has (and `ids`, TextFormatter's); the rest came from `extra=`.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
+_STANDARD |= {"message", "asctime", "ids"}
 _HANDLER_NAME = "inferatech"
 _UVICORN = ("uvicorn", "uvicorn.error", "uvicorn.access")
 
