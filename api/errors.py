@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.errors import InferatechError
+from core.logs import log_context
 
 log = logging.getLogger("inferatech.api")
 
@@ -54,7 +55,11 @@ def envelope(
 
 
 class RequestIdMiddleware:
-    """Accepts a sane `X-Request-ID` or generates one; echoes it on every response."""
+    """Accepts a sane `X-Request-ID` or generates one; echoes it on every response.
+
+    The id is also the log context of everything the request does (`core.logs`), and rides
+    along in the Celery tasks it queues.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -72,7 +77,8 @@ class RequestIdMiddleware:
                 message.setdefault("headers", []).append((b"x-request-id", rid.encode()))
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        with log_context(request_id=rid):
+            await self.app(scope, receive, send_with_id)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, list[dict[str, Any]]]:
@@ -127,5 +133,6 @@ def install_error_handlers(app: FastAPI) -> None:
             return envelope(
                 request, 503, "SERVICE_UNAVAILABLE", "a backing service is unavailable; retry"
             )
+        # Outside the middleware's log context by now: name the request explicitly.
         log.exception("unhandled error", extra={"request_id": request_id_of(request)})
         return envelope(request, 500, "INTERNAL_ERROR", "internal error; quote the request_id")

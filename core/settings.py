@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     validation_max_pickle_bytes: int = 64 * MiB
     validation_smoke_test: bool = True
     log_level: str = "INFO"
+    # One JSON object a line (json) or plain lines (text); unset: text in development only.
+    log_format: Literal["json", "text"] | None = None
+    # Set: `GET /metrics` wants `Authorization: Bearer <token>`. Unset: it is open (keep it
+    # off the public network); it never shows prompts, keys or accounts, only ids and counts.
+    metrics_token: SecretStr | None = None
 
     # Execution layer
     execution_timeout_s: int = 600
@@ -123,6 +128,12 @@ class Settings(BaseSettings):
     @property
     def stripe_configured(self) -> bool:
         return self.stripe_api_key is not None and bool(self.stripe_api_key.get_secret_value())
+
+    @property
+    def effective_log_format(self) -> Literal["json", "text"]:
+        if self.log_format is not None:
+            return self.log_format
+        return "text" if self.environment == "development" else "json"
 
     @property
     def effective_database_url(self) -> str:

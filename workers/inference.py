@@ -10,7 +10,7 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from core import events, limits
+from core import cluster_metrics, events, limits
 from core.queue import WEBHOOK_QUEUE, WEBHOOK_TASK
 from core.redis import get_redis
 from core.settings import Settings
@@ -187,7 +187,7 @@ def _run(
             timings["cold_start_ms"] = round(cold_ms, 3) if cold else 0.0
             status = {"type": "status", "status": "running", "queue_ms": queue_ms}
             publisher.put({**status, "cold_start": cold})
-            done = _generate(ex, ctx, runner, publisher, started, texts)
+            done = _generate(ex, ctx, runner, publisher, timings, started, texts)
     except RunnerSetupFailed as exc:
         return Terminal(
             JobStatus.FAILED, error_code="LOAD_FAILED", error_message=str(exc), timings=timings
@@ -217,6 +217,7 @@ def _generate(
     ctx: JobContext,
     runner: Any,
     publisher: TokenPublisher,
+    timings: dict[str, Any],
     started: float,
     texts: list[str],
 ) -> Done:
@@ -227,6 +228,9 @@ def _generate(
     watcher.start()
 
     def on_token(tok: Token) -> None:
+        if not texts:  # from the job's creation, as its client sees it
+            since_start_ms = (time.perf_counter() - started) * 1000
+            timings["first_token_ms"] = round(timings["queue_ms"] + since_start_ms, 3)
         texts.append(tok.text)
         publisher.put({"type": "token", "text": tok.text, "index": tok.index})
 
@@ -332,6 +336,41 @@ def _terminal_of(done: Done, timings: dict[str, Any], text: str) -> Terminal:
     return end
 
 
+def _seconds(timings: dict[str, Any], name: str) -> float | None:
+    value = timings.get(name)
+    return value / 1000 if isinstance(value, int | float) else None
+
+
+def _metrics_of(ctx: JobContext, end: Terminal) -> cluster_metrics.JobMetrics:
+    t = end.timings
+    cold = _seconds(t, "cold_start_ms")
+    return cluster_metrics.JobMetrics(
+        model_id=ctx.job.model_id,
+        status=end.status.value,
+        prompt_tokens=end.prompt_tokens,
+        completion_tokens=end.completion_tokens,
+        queue_s=_seconds(t, "queue_ms"),
+        cold_start_s=cold if cold else None,  # 0.0: a warm runner, not a cold start
+        first_token_s=_seconds(t, "first_token_ms"),
+        duration_s=(utcnow() - ctx.job.created_at).total_seconds(),
+    )
+
+
+def _log_fields(ctx: JobContext, end: Terminal) -> dict[str, Any]:
+    """Ids, counts and timings of an ended job: never its prompt or completion."""
+    fields: dict[str, Any] = {
+        "job_id": ctx.job.id,
+        "model_id": ctx.job.model_id,
+        "status": end.status.value,
+        "prompt_tokens": end.prompt_tokens,
+        "completion_tokens": end.completion_tokens,
+        "error_code": end.error_code,
+    }
+    for name in ("queue_ms", "cold_start_ms", "first_token_ms", "run_ms"):
+        fields[name] = end.timings.get(name)
+    return fields
+
+
 def _end(
     ex: Executor, ctx: JobContext, end: Terminal, publisher: TokenPublisher | None = None
 ) -> str:
@@ -354,8 +393,10 @@ def _end(
         events.queue_events(pipe, ctx.job.id, held)
         pipe.execute()
         return "skipped"
+    cluster_metrics.record_job(pipe, _metrics_of(ctx, end))
     events.queue_events(pipe, ctx.job.id, [*held, end.event()])
     pipe.execute()
+    log.info("job ended", extra=_log_fields(ctx, end))
     if ctx.job.webhook_url:
         from workers.celery_app import app
 

@@ -48,6 +48,7 @@ def _start(request: Request, settings: Settings, body: InferRequest, auth: str |
     with Session(get_engine(settings), expire_on_commit=False) as session:
         token = key_token(auth, body.api_key)
         grant = grant_for(session, settings, request.app.state.auth_cache, token, body.model_id)
+        request.state.model_id = grant.model_id  # a metrics label only once it authenticated
         queue = directory.queue_for(grant.model_sha256 or grant.model_id)
         job_id = new_id("job")
         client = get_redis(settings)
