@@ -13,6 +13,8 @@ from api.errors import RequestIdMiddleware, install_error_handlers
 from api.inference import router as inference
 from api.inference.auth_cache import AuthCache
 from api.inference.routing import WorkerDirectory
+from api.openai import errors as openai_errors
+from api.openai import router as openai
 from api.routes import (
     accounts,
     billing,
@@ -46,8 +48,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_celery(settings)
     app.state.auth_cache = AuthCache(settings.auth_cache_ttl_s, settings.auth_cache_max_entries)
     app.add_middleware(RequestIdMiddleware)
-    install_error_handlers(app)
-    routers = (health, accounts, models, keys, uploads, storage_events, workers, billing, inference)
+    install_error_handlers(app, shapes={openai_errors.PREFIX: openai_errors.openai_error})
+    routers = (
+        health,
+        accounts,
+        models,
+        keys,
+        uploads,
+        storage_events,
+        workers,
+        billing,
+        inference,
+        openai,
+    )
     for module in routers:
         app.include_router(module.router)
     return app

@@ -6,7 +6,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from celery import Celery
 from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -15,19 +14,19 @@ from sqlmodel import Session
 from api.deps import SessionDep, SettingsDep
 from api.inference import jobs as job_svc
 from api.inference.auth import grant_for, key_token
+from api.inference.auth_cache import AuthCache, Grant
 from api.inference.protocol import InferRequest, JobCreate, JobCreated, JobPublic
-from api.inference.routing import WorkerDirectory
 from api.inference.serving import (
+    JobSpec,
     Outcome,
-    create_job,
     deadline_for,
     follow_until,
     headers_of,
     response_of,
     sse_event,
+    start_job,
 )
 from core import events
-from core.db import get_engine
 from core.settings import Settings
 from core.tables import Job
 
@@ -36,21 +35,17 @@ Authorization = Annotated[str | None, Header()]
 
 
 def _start(request: Request, settings: Settings, body: InferRequest, auth: str | None) -> Job:
-    celery: Celery = request.app.state.celery
-    directory: WorkerDirectory = request.app.state.workers
-    with Session(get_engine(settings), expire_on_commit=False) as session:
+    def authorize(session: Session, cache: AuthCache) -> Grant:
         token = key_token(auth, body.api_key)
-        grant = grant_for(session, settings, request.app.state.auth_cache, token, body.model_id)
-        queue = directory.queue_for(grant.model_sha256 or grant.model_id)
-        return create_job(
-            session=session,
-            settings=settings,
-            celery=celery,
-            grant=grant,
-            req=body,
-            queue=queue,
-            live=isinstance(body, JobCreate) or body.stream,
-        )
+        return grant_for(session, settings, cache, token, body.model_id)
+
+    return start_job(
+        state=request.app.state,
+        settings=settings,
+        authorize=authorize,
+        spec=JobSpec.of(body),
+        live=isinstance(body, JobCreate) or body.stream,
+    )
 
 
 @router.post("/v1/infer", response_model=None)

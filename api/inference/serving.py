@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -14,9 +15,11 @@ import redis.asyncio as aioredis
 from celery import Celery
 from sqlmodel import Session
 
-from api.inference.auth_cache import Grant
+from api.inference.auth_cache import AuthCache, Grant
 from api.inference.protocol import InferRequest, InferResponse, JobCreate
+from api.inference.routing import WorkerDirectory
 from core import events
+from core.db import get_engine
 from core.errors import JobTimeout, ServiceUnavailable, job_error
 from core.ids import new_id
 from core.queue import INFER_QUEUE, INFER_TASK
@@ -29,13 +32,71 @@ GENERATION_FIELDS = {"prompt", "raw", "temperature", "max_tokens", "top_p", "top
 WAIT_GRACE_S = 60
 
 
+@dataclass(frozen=True)
+class JobSpec:
+    """What a job runs (the worker's params: a generation or an embedding) and its limits."""
+
+    params: dict[str, Any]
+    input_chars: int  # prompt, messages or embedding inputs, all counted
+    input_name: str = "prompt"  # how the error about too many characters names the input
+    max_tokens: int = 0
+    execution_timeout_s: int | None = None
+    ttl_s: int | None = None
+    webhook_url: str | None = None
+
+    @classmethod
+    def of(cls, req: InferRequest) -> JobSpec:
+        """A `/v1/infer` or `/v1/jobs` body."""
+        spec = cls(
+            params=req.model_dump(include=GENERATION_FIELDS),
+            input_chars=len(req.prompt),
+            max_tokens=req.max_tokens,
+        )
+        if isinstance(req, JobCreate):
+            spec = dataclasses.replace(
+                spec,
+                execution_timeout_s=req.execution_timeout_s,
+                ttl_s=req.ttl_s,
+                webhook_url=req.webhook_url,
+            )
+        return spec
+
+
+def start_job(
+    *,
+    state: Any,
+    settings: Settings,
+    authorize: Callable[[Session, AuthCache], Grant],
+    spec: JobSpec,
+    live: bool,
+) -> Job:
+    """The one way every inference route starts a job: authorize, pick the queue, enqueue.
+
+    `state` is the app's state (celery, worker directory, auth cache); `authorize` returns
+    the caller's grant. Per-key admission (rate limits, quotas) belongs here, after the grant.
+    """
+    celery: Celery = state.celery
+    directory: WorkerDirectory = state.workers
+    with Session(get_engine(settings), expire_on_commit=False) as session:
+        grant = authorize(session, state.auth_cache)
+        return create_job(
+            session=session,
+            settings=settings,
+            celery=celery,
+            grant=grant,
+            spec=spec,
+            queue=directory.queue_for(grant.model_sha256 or grant.model_id),
+            live=live,
+        )
+
+
 def create_job(
     *,
     session: Session,
     settings: Settings,
     celery: Celery,
     grant: Grant,
-    req: InferRequest,
+    spec: JobSpec,
     queue: str = INFER_QUEUE,
     live: bool = True,
 ) -> Job:
@@ -44,28 +105,26 @@ def create_job(
     `live` False (a non-streaming `/v1/infer`: only this request ever reads the job) lets the
     worker publish the tokens with the terminal event instead of one by one.
     """
-    if len(req.prompt) > settings.max_prompt_chars:
-        raise job_error("INVALID_REQUEST", f"prompt is over {settings.max_prompt_chars} characters")
-    if req.max_tokens > settings.max_completion_tokens:
+    if spec.input_chars > settings.max_prompt_chars:
+        raise job_error(
+            "INVALID_REQUEST", f"{spec.input_name} is over {settings.max_prompt_chars} characters"
+        )
+    if spec.max_tokens > settings.max_completion_tokens:
         raise job_error(
             "INVALID_REQUEST", f"max_tokens is capped at {settings.max_completion_tokens}"
         )
-    timeout = settings.execution_timeout_s
-    ttl = settings.job_ttl_s
-    webhook = None
-    if isinstance(req, JobCreate):
-        timeout = min(req.execution_timeout_s or timeout, settings.max_execution_timeout_s)
-        ttl = req.ttl_s or ttl
-        webhook = req.webhook_url
+    timeout = min(
+        spec.execution_timeout_s or settings.execution_timeout_s, settings.max_execution_timeout_s
+    )
     job = Job(
         id=new_id("job"),
         account_id=grant.account_id,
         model_id=grant.model_id,
         api_key_id=grant.key_id,
-        params=req.model_dump(include=GENERATION_FIELDS),
-        webhook_url=webhook,
+        params=spec.params,
+        webhook_url=spec.webhook_url,
         execution_timeout_s=timeout,
-        expires_at=utcnow() + timedelta(seconds=ttl),
+        expires_at=utcnow() + timedelta(seconds=spec.ttl_s or settings.job_ttl_s),
     )
     session.add(job)
     session.commit()
@@ -177,3 +236,28 @@ def sse_event(event: dict[str, Any], started: float) -> bytes | None:
             "latency_ms": round((time.perf_counter() - started) * 1000, 3),
         }
     )
+
+
+async def relay(
+    aredis: aioredis.Redis,  # type: ignore[type-arg]
+    job: Job,
+    outcome: Outcome,
+    head: list[dict[str, Any]],
+) -> AsyncGenerator[dict[str, Any]]:
+    """A streamed job's events: `head` (already read), then the rest until done.
+
+    Closed early (the client went away), it asks the worker to stop; the worker still
+    records the usage of what was generated.
+    """
+    finished = outcome.done is not None
+    try:
+        for event in head:
+            yield event
+        if finished:
+            return
+        async for event in follow_until(aredis, job.id, outcome, deadline=deadline_for(job)):
+            yield event
+        finished = True
+    finally:
+        if not finished:
+            await aredis.set(events.cancel_key(job.id), b"1", ex=events.STREAM_TTL_S)
