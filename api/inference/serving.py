@@ -153,6 +153,7 @@ class Outcome:
     queue_ms: float | None = None
     cold_start: bool = False
     done: dict[str, Any] | None = None
+    cursor: str = "0"  # the last stream entry read: a second follow resumes after it
 
 
 async def follow_until(
@@ -164,7 +165,8 @@ async def follow_until(
     until: str = "done",
 ) -> AsyncIterator[dict[str, Any]]:
     """Events of the job, recorded in `outcome`, until the `until` event type (or done)."""
-    async for _, event in events.afollow(aredis, job_id):
+    async for entry_id, event in events.afollow(aredis, job_id, after=outcome.cursor):
+        outcome.cursor = entry_id
         if event is None:
             if time.monotonic() > deadline:
                 raise JobTimeout("the job did not finish in time")
