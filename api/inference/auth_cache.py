@@ -27,10 +27,11 @@ class Grant:
     model_id: str
     secret_hash: str = field(repr=False)  # a digest, but kept out of logs all the same
     model_sha256: str | None
+    model_name: str = ""  # `/openai/v1` callers may name the model instead of giving its id
 
     @classmethod
     def of(cls, key: ApiKey, model: Model) -> Grant:
-        return cls(key.id, key.account_id, model.id, key.secret_hash, model.sha256)
+        return cls(key.id, key.account_id, model.id, key.secret_hash, model.sha256, model.name)
 
 
 class AuthCache:

@@ -17,6 +17,7 @@ from sqlmodel import Session, col, select
 from api.inference.auth import authenticate_key, grant_for
 from api.inference.auth_cache import AuthCache, Grant
 from api.inference.serving import JobSpec, Outcome
+from api.openai.errors import error_type
 from api.openai.protocol import (
     ChatChoice,
     ChatCompletion,
@@ -32,6 +33,7 @@ from api.openai.protocol import (
     ModelCard,
     Usage,
 )
+from core import keys
 from core.errors import InvalidRequest, ModelNotFound, job_error
 from core.settings import Settings
 from core.tables import ApiKey, JobStatus, Model, ModelStatus
@@ -44,6 +46,10 @@ def authorizer(settings: Settings, token: str, model: str) -> Authorize:
     """The grant for `model`: a model id, or the name of a model in the key's account."""
 
     def authorize(session: Session, cache: AuthCache) -> Grant:
+        parsed = keys.parse(token, keys.API_KEY_PREFIX)
+        cached = cache.get(parsed.key_id) if parsed else None
+        if cached is not None and cached.model_name == model:  # a name, seen before
+            return grant_for(session, settings, cache, token, cached.model_id)
         try:
             return grant_for(session, settings, cache, token, model)
         except ModelNotFound:
@@ -262,10 +268,11 @@ class ChunkWriter:
 
 
 def _stream_error(error: dict[str, Any]) -> dict[str, Any]:
-    exc = job_error(error["code"], error["message"])
+    """A failure after the stream began: OpenAI's error object as a last `data:` line."""
+    status = job_error(error["code"], error["message"]).status_code
     return {
-        "message": exc.message,
-        "type": "server_error" if exc.status_code >= 500 else "invalid_request_error",
+        "message": error["message"],
+        "type": error_type(status),
         "param": None,
         "code": error["code"],
     }

@@ -122,6 +122,11 @@ def test_chat_by_model_name_and_max_completion_tokens(
     assert reply.usage is not None and reply.usage.completion_tokens <= 3
     if reply.usage.completion_tokens == 3:
         assert reply.choices[0].finish_reason == "length"
+    # Again by name: now from the API's key cache, still this key's model.
+    again = client.chat.completions.create(
+        model="tiny-gguf", messages=CHAT, temperature=0.0, max_completion_tokens=3
+    )
+    assert again.choices[0].message.content == reply.choices[0].message.content
 
 
 def test_chat_async_client_on_a_transformers_model(
@@ -186,3 +191,29 @@ def test_chat_on_a_model_without_template_is_400(
     # The legacy endpoint needs no template: the prompt goes in verbatim.
     done = client.completions.create(model=untemplated_ready["id"], prompt="Hello", **GREEDY)
     assert done.usage is not None and done.usage.completion_tokens >= 1
+
+
+def test_chat_content_parts_and_developer_role_read_as_text_and_system(
+    openai_url: str, gguf_ready: dict[str, Any]
+) -> None:
+    client = sync_client(openai_url, gguf_ready["key"])
+
+    def prompt_tokens(messages: list[dict[str, Any]]) -> int:
+        reply = client.chat.completions.create(
+            model=gguf_ready["id"],
+            messages=messages,
+            max_tokens=1,
+            temperature=0.0,  # type: ignore[arg-type]
+        )
+        assert reply.usage is not None
+        return reply.usage.prompt_tokens
+
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    parts = [
+        {"role": "developer", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}],
+        },
+    ]
+    assert prompt_tokens(plain) == prompt_tokens(parts) > prompt_tokens(plain[1:])
