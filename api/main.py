@@ -49,20 +49,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.auth_cache = AuthCache(settings.auth_cache_ttl_s, settings.auth_cache_max_entries)
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app, shapes={openai_errors.PREFIX: openai_errors.openai_error})
-    routers = (
-        health,
-        accounts,
-        models,
-        keys,
-        uploads,
-        storage_events,
-        workers,
-        billing,
-        inference,
-        openai,
-    )
+    routers = (health, accounts, models, keys, uploads, storage_events, workers, billing, inference)
     for module in routers:
         app.include_router(module.router)
+    app.include_router(openai.router)  # /openai/v1, errors in OpenAI's shape
     return app
 
 
