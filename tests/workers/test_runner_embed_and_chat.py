@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from workers.engines.base import ChatMessage, GenerateRequest, SamplingParams
-from workers.runner.process import Runner, RunnerState
+from workers.runner.process import Runner, RunnerFatal, RunnerState
 from workers.runner.protocol import Token
 
 MakeRunner = Callable[..., Runner]
@@ -54,3 +54,14 @@ def test_messages_cross_the_pipe_and_render_with_the_template(
     one = runner.generate(GenerateRequest("Hello", params=params), "p", lambda _: None)
     assert not chat.error and not one.error
     assert chat.prompt_tokens > one.prompt_tokens  # the system turn went through
+
+
+@pytest.mark.parametrize("mode", ["bad_vector", "short_vectors"])
+def test_embed_from_a_lying_child_is_fatal(
+    make_runner: MakeRunner, gguf_dir: Path, mode: str
+) -> None:
+    runner = make_runner(gguf_dir, mode=mode)
+    runner.start()
+    with pytest.raises(RunnerFatal):
+        runner.embed(["one", "two"], "e-3")
+    assert runner.state is RunnerState.DEFUNCT

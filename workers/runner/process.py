@@ -226,6 +226,8 @@ class Runner:
 
         def keep(event: Embedding) -> None:
             # The child is untrusted: anything but a list of numbers ends the request.
+            if not isinstance(event.index, int) or not isinstance(event.vector, list):
+                raise TypeError("an Embedding needs an int index and a list vector")
             vectors[event.index] = [float(x) for x in event.vector]
 
         exchange = Exchange(tag, Embedding, keep, timeout, cancel_event)
