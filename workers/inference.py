@@ -12,7 +12,7 @@ from functools import partial
 from typing import Any
 
 from core import events
-from core.queue import WEBHOOK_QUEUE, WEBHOOK_TASK
+from core.queue import EMBED_OP, WEBHOOK_QUEUE, WEBHOOK_TASK
 from core.redis import get_redis
 from core.settings import Settings
 from core.storage import get_storage
@@ -215,9 +215,6 @@ def _run(
         )
     timings["run_ms"] = round((time.perf_counter() - started) * 1000 - timings["cold_start_ms"], 3)
     return _terminal_of(done, timings, "".join(texts))
-
-
-EMBED_OP = "embed"
 
 
 def _embed(

@@ -35,10 +35,10 @@ from api.openai.protocol import (
 )
 from core import keys
 from core.errors import InvalidRequest, ModelNotFound, job_error
+from core.queue import EMBED_OP
 from core.settings import Settings
 from core.tables import ApiKey, JobStatus, Model, ModelStatus
 
-EMBED_OP = "embed"  # the worker's name for an embedding job (workers/inference.py)
 Authorize = Callable[[Session, AuthCache], Grant]
 
 
