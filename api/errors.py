@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,6 +32,11 @@ _HTTP_CODES = {
     429: "RATE_LIMIT_EXCEEDED",
     503: "SERVICE_UNAVAILABLE",
 }
+
+
+# Another body for the errors of the routes under a prefix (OpenAI's error object under
+# /openai/): (request, status, code, message, details) → response.
+ErrorShape = Callable[[Request, int, str, str, dict[str, Any]], JSONResponse]
 
 
 def request_id_of(request: Request) -> str:
@@ -111,28 +117,47 @@ def is_outage(exc: BaseException) -> bool:
     )
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, shapes: Mapping[str, ErrorShape] | None = None) -> None:
+    """Every error through one place; routes under a prefix of `shapes` get that body."""
+    by_prefix = dict(shapes or {})
+
+    def respond(
+        request: Request,
+        status: int,
+        code: str,
+        message: str,
+        details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> JSONResponse:
+        for prefix, shape in by_prefix.items():
+            if request.url.path.startswith(prefix):
+                response = shape(request, status, code, message, details or {})
+                extra = {**getattr(request.state, "response_headers", {}), **(headers or {})}
+                response.headers.update(extra)
+                return response
+        return envelope(request, status, code, message, details, headers)
+
     @app.exception_handler(InferatechError)
     async def _ours(request: Request, exc: InferatechError) -> JSONResponse:
-        return envelope(request, exc.status_code, exc.code, exc.message, exc.details, exc.headers)
+        return respond(request, exc.status_code, exc.code, exc.message, exc.details, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, errors = _validation_message(exc)
-        return envelope(request, 400, "INVALID_REQUEST", message, {"errors": errors})
+        return respond(request, 400, "INVALID_REQUEST", message, {"errors": errors})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "INVALID_REQUEST")
-        return envelope(request, exc.status_code, code, str(exc.detail))
+        return respond(request, exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         if is_outage(exc):
             log.warning("dependency unavailable: %s", type(exc).__name__)
-            return envelope(
+            return respond(
                 request, 503, "SERVICE_UNAVAILABLE", "a backing service is unavailable; retry"
             )
         # Outside the middleware's log context by now: name the request explicitly.
         log.exception("unhandled error", extra={"request_id": request_id_of(request)})
-        return envelope(request, 500, "INTERNAL_ERROR", "internal error; quote the request_id")
+        return respond(request, 500, "INTERNAL_ERROR", "internal error; quote the request_id")

@@ -15,6 +15,8 @@ from api.inference import ws
 from api.inference.auth_cache import AuthCache
 from api.inference.routing import WorkerDirectory
 from api.metrics import AccessMiddleware, make_registry
+from api.openai import errors as openai_errors
+from api.openai import router as openai
 from api.routes import (
     accounts,
     billing,
@@ -56,7 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics_registry, http_metrics = make_registry(settings)
     app.add_middleware(AccessMiddleware, metrics=http_metrics)
     app.add_middleware(RequestIdMiddleware)  # outermost: every line and metric has the id
-    install_error_handlers(app)
+    install_error_handlers(app, shapes={openai_errors.PREFIX: openai_errors.openai_error})
     routers = (
         health,
         metrics,
@@ -72,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for module in routers:
         app.include_router(module.router)
+    app.include_router(openai.router)  # /openai/v1, errors in OpenAI's shape
     return app
 
 

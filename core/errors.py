@@ -115,6 +115,18 @@ class ContextLengthExceeded(InvalidRequest):
     code = "CONTEXT_LENGTH_EXCEEDED"
 
 
+class ChatTemplateMissing(InvalidRequest):
+    """Messages sent to a model that has no chat template to render them."""
+
+    code = "CHAT_TEMPLATE_MISSING"
+
+
+class UnsupportedForModel(InvalidRequest):
+    """An operation this model's format cannot do (embeddings of an ONNX model)."""
+
+    code = "UNSUPPORTED_FOR_MODEL"
+
+
 class InferenceFailed(InferatechError):
     code = "INFERENCE_FAILED"
     status_code = 500
@@ -140,6 +152,8 @@ JOB_ERRORS: dict[str, type[InferatechError]] = {
     "TIMEOUT": JobTimeout,
     "JOB_CANCELLED": JobCancelled,
     "MODEL_NOT_READY": ModelNotReady,
+    "CHAT_TEMPLATE_MISSING": ChatTemplateMissing,
+    "UNSUPPORTED_FOR_MODEL": UnsupportedForModel,
 }
 
 

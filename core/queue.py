@@ -11,6 +11,8 @@ VALIDATE_QUEUE = "validate"
 VALIDATE_TASK = "inferatech.validate_model"
 INFER_QUEUE = "infer"
 INFER_TASK = "inferatech.infer"
+# A job whose params carry `"op": EMBED_OP` embeds its `input` texts instead of generating.
+EMBED_OP = "embed"
 BACKGROUND_QUEUE = "background"  # webhooks and maintenance: never on the inference path
 WEBHOOK_QUEUE = BACKGROUND_QUEUE
 WEBHOOK_TASK = "inferatech.deliver_webhook"

@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     job_ttl_s: int = 24 * 3600
     max_prompt_chars: int = 200_000
     max_completion_tokens: int = 4096
+    max_embedding_inputs: int = Field(default=2048, ge=1)  # texts per embeddings request
     runner_idle_ttl_s: int = 300
     runner_max: int = 4
     runner_memory_budget_bytes: int = 16 * GiB

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -11,13 +12,13 @@ from functools import partial
 from typing import Any
 
 from core import cluster_metrics, events, limits
-from core.queue import WEBHOOK_QUEUE, WEBHOOK_TASK
+from core.queue import EMBED_OP, WEBHOOK_QUEUE, WEBHOOK_TASK
 from core.redis import get_redis
 from core.settings import Settings
 from core.storage import get_storage
 from core.tables import JobStatus, utcnow
 from workers import jobs
-from workers.engines.base import GenerateRequest, SamplingParams
+from workers.engines.base import ChatMessage, GenerateRequest, SamplingParams
 from workers.jobs import JobContext, Terminal
 from workers.pool import RunnerPool
 from workers.runner.process import RunnerFatal, RunnerSetupFailed, RunnerTimeout
@@ -78,9 +79,11 @@ def _ms(start: datetime, end: datetime) -> float:
 
 
 def request_of(params: dict[str, Any]) -> GenerateRequest:
+    messages = params.get("messages")
     return GenerateRequest(
-        prompt=params["prompt"],
+        prompt=params.get("prompt") or "",
         raw=bool(params.get("raw")),
+        messages=None if messages is None else tuple(ChatMessage(**m) for m in messages),
         params=SamplingParams(
             max_tokens=params["max_tokens"],
             temperature=params["temperature"],
@@ -187,6 +190,8 @@ def _run(
             timings["cold_start_ms"] = round(cold_ms, 3) if cold else 0.0
             status = {"type": "status", "status": "running", "queue_ms": queue_ms}
             publisher.put({**status, "cold_start": cold})
+            if ctx.job.params.get("op") == EMBED_OP:
+                return _embed(ex, ctx, runner, publisher, timings, started)
             done = _generate(ex, ctx, runner, publisher, timings, started, texts)
     except RunnerSetupFailed as exc:
         return Terminal(
@@ -210,6 +215,33 @@ def _run(
         )
     timings["run_ms"] = round((time.perf_counter() - started) * 1000 - timings["cold_start_ms"], 3)
     return _terminal_of(done, timings, "".join(texts))
+
+
+def _embed(
+    ex: Executor,
+    ctx: JobContext,
+    runner: Any,
+    publisher: TokenPublisher,
+    timings: dict[str, Any],
+    started: float,
+) -> Terminal:
+    """An embedding job: the vectors travel with the terminal event, not as tokens."""
+    job = ctx.job
+    remaining = job.execution_timeout_s - (time.perf_counter() - started)
+    try:
+        vectors, done = runner.embed(job.params["input"], job.id, timeout=max(remaining, 1.0))
+    finally:
+        publisher.end()
+    timings["run_ms"] = round((time.perf_counter() - started) * 1000 - timings["cold_start_ms"], 3)
+    end = _terminal_of(done, timings, "")
+    if end.status is JobStatus.SUCCEEDED:
+        if not all(math.isfinite(x) for v in vectors for x in v):
+            end.status, end.error_code = JobStatus.FAILED, "INFERENCE_FAILED"
+            end.error_message, end.result = "the model produced non-finite embeddings", None
+            end.prompt_tokens = 0
+        else:
+            end.vectors = vectors
+    return end
 
 
 def _generate(

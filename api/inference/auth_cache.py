@@ -27,6 +27,7 @@ class Grant:
     model_id: str
     secret_hash: str = field(repr=False)  # a digest, but kept out of logs all the same
     model_sha256: str | None
+    model_name: str = ""  # `/openai/v1` callers may name the model instead of giving its id
     # The key's limits as minted (None: the server default); fixed for the key's life.
     rate_limit_rpm: int | None = None
     rate_limit_tpm: int | None = None
@@ -41,6 +42,7 @@ class Grant:
             model.id,
             key.secret_hash,
             model.sha256,
+            model.name,
             key.rate_limit_rpm,
             key.rate_limit_tpm,
             key.rate_limit_concurrency,

@@ -20,9 +20,9 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
-from fastapi import Request
 from sqlalchemy import func
 from sqlmodel import Session, col, select
+from starlette.requests import HTTPConnection
 
 from api.inference.auth_cache import Grant
 from core import limits
@@ -52,7 +52,7 @@ def limits_of(grant: Grant, settings: Settings) -> limits.KeyLimits:
 
 
 def enforce(
-    request: Request,
+    request: HTTPConnection,
     *,
     client: redis.Redis,  # type: ignore[type-arg]
     session: Session,
@@ -88,6 +88,12 @@ def enforce(
             details={"limit": _LIMIT_NAMES[verdict].replace(" ", "_"), "retry_after_s": retry},
             headers={"Retry-After": str(retry)},
         )
+    return headers
+
+
+def response_headers(conn: HTTPConnection) -> dict[str, str]:
+    """The `X-RateLimit-*` headers `enforce` left for this request (none before admission)."""
+    headers: dict[str, str] = getattr(conn.state, "response_headers", {})
     return headers
 
 

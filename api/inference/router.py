@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import anyio
-from celery import Celery
 from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -17,23 +16,19 @@ from api.deps import SessionDep, SettingsDep
 from api.inference import jobs as job_svc
 from api.inference import limits
 from api.inference.auth import grant_for, key_token
+from api.inference.auth_cache import AuthCache, Grant
 from api.inference.protocol import InferRequest, JobCreate, JobCreated, JobPublic
-from api.inference.routing import WorkerDirectory
 from api.inference.serving import (
+    JobSpec,
     Outcome,
-    create_job,
     deadline_for,
     follow_until,
     headers_of,
     response_of,
-    slot_lease_s,
     sse_event,
+    start_job,
 )
 from core import events
-from core import limits as core_limits
-from core.db import get_engine
-from core.ids import new_id
-from core.redis import get_redis
 from core.settings import Settings
 from core.tables import Job
 
@@ -43,39 +38,18 @@ Authorization = Annotated[str | None, Header()]
 
 def _start(request: Request, settings: Settings, body: InferRequest, auth: str | None) -> Job:
     """Authenticate, admit under the key's limits, persist and enqueue the job."""
-    celery: Celery = request.app.state.celery
-    directory: WorkerDirectory = request.app.state.workers
-    with Session(get_engine(settings), expire_on_commit=False) as session:
+
+    def authorize(session: Session, cache: AuthCache) -> Grant:
         token = key_token(auth, body.api_key)
-        grant = grant_for(session, settings, request.app.state.auth_cache, token, body.model_id)
-        request.state.model_id = grant.model_id  # a metrics label only once it authenticated
-        queue = directory.queue_for(grant.model_sha256 or grant.model_id)
-        job_id = new_id("job")
-        client = get_redis(settings)
-        lease = slot_lease_s(settings, body)
-        limits.enforce(
-            request, client=client, session=session, settings=settings, grant=grant,
-            job_id=job_id, lease_s=lease,
-        )  # fmt: skip
-        try:
-            return create_job(
-                session=session,
-                settings=settings,
-                celery=celery,
-                grant=grant,
-                req=body,
-                queue=queue,
-                live=isinstance(body, JobCreate) or body.stream,
-                job_id=job_id,
-            )
-        except BaseException:
-            core_limits.release(client, grant.key_id, job_id)  # no job, so no worker to free it
-            raise
+        return grant_for(session, settings, cache, token, body.model_id)
 
-
-def _limit_headers(request: Request) -> dict[str, str]:
-    headers: dict[str, str] = getattr(request.state, "response_headers", {})
-    return headers
+    return start_job(
+        conn=request,
+        settings=settings,
+        authorize=authorize,
+        spec=JobSpec.of(body),
+        live=isinstance(body, JobCreate) or body.stream,
+    )
 
 
 @router.post("/v1/infer", response_model=None)
@@ -97,7 +71,7 @@ async def infer(
         finally:
             await limits.release(aredis, job.api_key_id, job.id)
         reply = response_of(job, outcome, started)
-        headers = {**headers_of(outcome), **_limit_headers(request)}
+        headers = {**headers_of(outcome), **limits.response_headers(request)}
         return JSONResponse(reply.model_dump(), headers=headers)
     try:
         head = [
@@ -114,7 +88,7 @@ async def infer(
         media_type="text/event-stream",
         headers={
             **headers_of(outcome),
-            **_limit_headers(request),
+            **limits.response_headers(request),
             "Cache-Control": "no-cache",
             "X-Job-Id": job.id,
         },
@@ -151,7 +125,9 @@ async def submit(
     """Queue a job; poll `GET /v1/jobs/{id}` or follow `/stream`. Its slot ends with the job."""
     job = await run_in_threadpool(_start, request, settings, body, authorization)
     created = JobCreated(id=job.id, status="queued")
-    return JSONResponse(created.model_dump(), status_code=202, headers=_limit_headers(request))
+    return JSONResponse(
+        created.model_dump(), status_code=202, headers=limits.response_headers(request)
+    )
 
 
 @router.get("/v1/jobs/{job_id}")

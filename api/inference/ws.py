@@ -29,9 +29,11 @@ from sqlmodel import Session
 from starlette.datastructures import State
 
 from api.deps import SettingsDep
+from api.inference import limits
 from api.inference.auth import authenticate_key, grant_for, key_token
+from api.inference.auth_cache import AuthCache, Grant
 from api.inference.protocol import InferRequest
-from api.inference.serving import Outcome, create_job, deadline_for, follow_until
+from api.inference.serving import JobSpec, Outcome, deadline_for, follow_until, start_job
 from core import events
 from core.db import get_engine
 from core.errors import AuthenticationFailed, InferatechError, InvalidRequest
@@ -112,20 +114,19 @@ class _Connection:
         task.add_done_callback(lambda _: self.running.pop(msg_id, None))
 
     def _start(self, req: InferRequest) -> Job:
-        assert self.token is not None
-        with Session(get_engine(self.settings), expire_on_commit=False) as session:
-            grant = grant_for(
-                session, self.settings, self.state.auth_cache, self.token, req.model_id
-            )
-            queue = self.state.workers.queue_for(grant.model_sha256 or grant.model_id)
-            return create_job(
-                session=session,
-                settings=self.settings,
-                celery=self.state.celery,
-                grant=grant,
-                req=req,
-                queue=queue,
-            )
+        token = self.token
+        assert token is not None
+
+        def authorize(session: Session, cache: AuthCache) -> Grant:
+            return grant_for(session, self.settings, cache, token, req.model_id)
+
+        return start_job(
+            conn=self.ws,
+            settings=self.settings,
+            authorize=authorize,
+            spec=JobSpec.of(req),
+            live=True,
+        )
 
     async def _relay(self, msg_id: str, job: Job, started: float) -> None:
         outcome = Outcome()
@@ -149,6 +150,8 @@ class _Connection:
             self.jobs.pop(msg_id, None)
             if not answered:  # stop generating; the tokens so far are still recorded as usage
                 await _request_cancel(self.state.aredis, job.id)
+            with contextlib.suppress(Exception):  # the worker frees it too, when the job ends
+                await limits.release(self.state.aredis, job.api_key_id, job.id)
 
     async def on_cancel(self, msg_id: str) -> None:
         job_id = self.jobs.get(msg_id)

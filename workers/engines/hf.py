@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from workers.engines.base import EngineError, GenerateRequest, GenerationResult
+from workers.engines.base import (
+    ContextLengthExceeded,
+    Embeddings,
+    EngineError,
+    GenerateRequest,
+    GenerationResult,
+)
 from workers.engines.loop import check_context, stream_tokens
 from workers.engines.sampling import Sampler
 from workers.engines.tokens import HFTokens
@@ -75,6 +81,25 @@ class HFEngine:
                 room=room,
             )
         )
+
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        """Mean of the last hidden state over each text's tokens, scaled to unit length."""
+        vectors, total = [], 0
+        for text in texts:
+            ids = self.tokens.encode_text(text)
+            if len(ids) > self.context_length:
+                raise ContextLengthExceeded(len(ids), self.context_length)
+            with torch.inference_mode():
+                out = self.model(
+                    input_ids=torch.tensor([ids], device=self.device),
+                    output_hidden_states=True,
+                    use_cache=False,
+                    **self.forward_extra,
+                )
+                pooled = out.hidden_states[-1][0].float().mean(dim=0)
+                vectors.append(torch.nn.functional.normalize(pooled, dim=0).tolist())
+            total += len(ids)
+        return Embeddings(vectors, total)
 
 
 def _model_context(config: Any) -> int:
