@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from api import redaction
 from api.errors import RequestIdMiddleware, install_error_handlers
 from api.inference import router as inference
-from api.inference import ws
+from api.inference import sessions, ws
 from api.inference.auth_cache import AuthCache
 from api.inference.routing import WorkerDirectory
 from api.metrics import AccessMiddleware, make_registry
@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         workers,
         billing,
         inference,
+        sessions,
         ws,
     )
     for module in routers:

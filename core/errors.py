@@ -145,6 +145,14 @@ class JobNotFound(NotFound):
     code = "JOB_NOT_FOUND"
 
 
+class SessionNotFound(NotFound):
+    code = "SESSION_NOT_FOUND"
+
+
+class SessionBusy(Conflict):
+    code = "SESSION_BUSY"
+
+
 # Terminal error codes a worker reports → the exception the API raises for them.
 JOB_ERRORS: dict[str, type[InferatechError]] = {
     "CONTEXT_LENGTH_EXCEEDED": ContextLengthExceeded,

@@ -12,7 +12,7 @@ from core.tables import ApiKey, Job, Model, ModelStatus, utcnow
 
 PURGE_BATCH = 500
 # What a caller sent that retention drops: a prompt, a chat, texts to embed.
-PAYLOAD_PARAMS = frozenset({"prompt", "messages", "input"})
+PAYLOAD_PARAMS = frozenset({"prompt", "messages", "input", "session"})
 
 
 def delete_model(*, session: Session, storage: ObjectStorage, model: Model) -> None:

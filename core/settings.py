@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     execution_timeout_s: int = 600
     max_execution_timeout_s: int = 3600
     job_ttl_s: int = 24 * 3600
+    # Chain-mode sessions: idle time before a conversation is forgotten (each turn renews it).
+    session_ttl_s: int = Field(default=24 * 3600, ge=60, le=30 * 24 * 3600)
+    session_max_context_tokens: int = Field(default=32_768, ge=1)
     max_prompt_chars: int = 200_000
     max_completion_tokens: int = 4096
     max_embedding_inputs: int = Field(default=2048, ge=1)  # texts per embeddings request

@@ -11,7 +11,7 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from core import cluster_metrics, events, limits
+from core import cluster_metrics, events, limits, sessions
 from core.queue import EMBED_OP, WEBHOOK_QUEUE, WEBHOOK_TASK
 from core.redis import get_redis
 from core.settings import Settings
@@ -426,6 +426,16 @@ def _end(
         pipe.execute()
         return "skipped"
     cluster_metrics.record_job(pipe, _metrics_of(ctx, end))
+    if session := ctx.job.params.get("session"):  # chain mode: the turn, before the answer
+        succeeded = end.status is JobStatus.SUCCEEDED and end.result is not None
+        sessions.queue_turn(
+            pipe,
+            session,
+            ctx.job.id,
+            completion=str(end.result["completion"]) if succeeded and end.result else None,
+            prompt_tokens=end.prompt_tokens,
+            completion_tokens=end.completion_tokens,
+        )
     events.queue_events(pipe, ctx.job.id, [*held, end.event()])
     pipe.execute()
     log.info("job ended", extra=_log_fields(ctx, end))

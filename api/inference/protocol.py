@@ -24,6 +24,9 @@ class InferRequest(BaseModel):
     stop: list[str] = Field(default_factory=list, max_length=4)
     seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
     stream: StrictBool = False
+    session_id: str | None = Field(
+        default=None, pattern=r"^ses_[A-Za-z0-9]{1,40}$", description="continue a chain session"
+    )
 
     @field_validator("stop", mode="before")
     @classmethod

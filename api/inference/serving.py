@@ -16,7 +16,7 @@ from celery import Celery
 from sqlmodel import Session
 from starlette.requests import HTTPConnection
 
-from api.inference import limits
+from api.inference import limits, sessions
 from api.inference.auth_cache import AuthCache, Grant
 from api.inference.protocol import InferRequest, InferResponse, JobCreate
 from api.inference.routing import WorkerDirectory
@@ -48,6 +48,7 @@ class JobSpec:
     ttl_s: int | None = None
     webhook_url: str | None = None
     detached: bool = False  # an async job (`/v1/jobs`): nobody waits for it
+    session_id: str | None = None  # a chain-mode session the job continues
 
     @classmethod
     def of(cls, req: InferRequest) -> JobSpec:
@@ -56,6 +57,7 @@ class JobSpec:
             params=req.model_dump(include=GENERATION_FIELDS),
             input_chars=len(req.prompt),
             max_tokens=req.max_tokens,
+            session_id=req.session_id,
         )
         if isinstance(req, JobCreate):
             spec = dataclasses.replace(
@@ -91,10 +93,16 @@ def start_job(
         conn.state.model_id = grant.model_id  # a metrics label only once it authenticated
         job_id = new_id("job")
         client = get_redis(settings)
-        limits.enforce(
-            conn, client=client, session=session, settings=settings, grant=grant,
-            job_id=job_id, lease_s=slot_lease_s(settings, spec),
-        )  # fmt: skip
+        if spec.session_id is not None:  # holds the session's lock until the job ends
+            spec = sessions.continued(client, spec, grant, job_id, timeout_and_ttl(settings, spec))
+        try:
+            limits.enforce(
+                conn, client=client, session=session, settings=settings, grant=grant,
+                job_id=job_id, lease_s=slot_lease_s(settings, spec),
+            )  # fmt: skip
+        except BaseException:
+            sessions.release(client, spec, job_id)
+            raise
         try:
             return create_job(
                 session=session,
@@ -108,6 +116,7 @@ def start_job(
             )
         except BaseException:
             core_limits.release(client, grant.key_id, job_id)  # no job, so no worker to free it
+            sessions.release(client, spec, job_id)
             raise
 
 

@@ -108,6 +108,8 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     tools: list[Any] | None = None
     functions: list[Any] | None = None
+    # Ours, not OpenAI's (send it with `extra_body`): continue a chain-mode session.
+    session_id: str | None = Field(default=None, pattern=r"^ses_[A-Za-z0-9]{1,40}$")
 
     @model_validator(mode="after")
     def _no_tools(self) -> ChatCompletionRequest:

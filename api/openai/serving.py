@@ -120,6 +120,7 @@ def chat_spec(body: ChatCompletionRequest, settings: Settings) -> JobSpec:
         input_chars=sum(len(m["content"]) for m in messages),
         input_name="messages",
         max_tokens=limit,
+        session_id=body.session_id,
     )
 
 
