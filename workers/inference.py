@@ -17,6 +17,7 @@ from core.settings import Settings
 from core.storage import get_storage
 from core.tables import JobStatus, utcnow
 from workers import jobs
+from workers.conversion import served, served_sha256
 from workers.engines.base import GenerateRequest, SamplingParams
 from workers.jobs import JobContext, Terminal
 from workers.pool import RunnerPool
@@ -52,11 +53,12 @@ class Executor:
         self.pool.start_reaper()
 
     def cached_files(self, ctx: JobContext) -> list[CachedFile]:
+        """The served bundle: converted safetensors in place of any pickle-based upload."""
         return [
             CachedFile(
                 f.path, f.sha256 or "", f.size_bytes, partial(self.storage.open_read, f.object_key)
             )
-            for f in ctx.files
+            for f in served(ctx.files)
         ]
 
 
@@ -176,8 +178,10 @@ def _run(
     queue_ms = timings["queue_ms"]
     try:
         model = ctx.model
+        # The cache holds the served bundle (converted files, never pickles) under its own
+        # digest; runners stay keyed by the model's digest, which API routing knows.
         with (
-            ex.cache.use(model.sha256 or "", ex.cached_files(ctx)) as bundle,
+            ex.cache.use(served_sha256(served(ctx.files)), ex.cached_files(ctx)) as bundle,
             ex.pool.acquire(model.sha256 or "", bundle, model.format or "") as (
                 runner,
                 cold,

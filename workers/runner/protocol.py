@@ -77,10 +77,38 @@ class Done:  # from child, exactly one per Generate
     engine_ms: float = 0.0
 
 
-Event = Setup | Generate | Cancel | Shutdown | Ready | SetupFailed | Token | Done
+@dataclass(frozen=True)
+class Convert:  # from parent, to a converter child: one pickle-based weights file
+    tag: str
+    source: str  # a copy of the validated upload, inside the child's temp dir
+    target: str  # where the child writes the safetensors, inside its temp dir
+
+
+@dataclass(frozen=True)
+class Converted:  # from converter child, exactly one per Convert
+    tag: str
+    error: bool = False
+    detail: str = ""
+    tensors: int = 0
+
+
+Event = (
+    Setup | Generate | Cancel | Shutdown | Ready | SetupFailed | Token | Done | Convert | Converted
+)
 _TYPES: dict[str, type[Any]] = {
     cls.__name__: cls
-    for cls in (Setup, Generate, Cancel, Shutdown, Ready, SetupFailed, Token, Done)
+    for cls in (
+        Setup,
+        Generate,
+        Cancel,
+        Shutdown,
+        Ready,
+        SetupFailed,
+        Token,
+        Done,
+        Convert,
+        Converted,
+    )
 }
 MAX_LINE = 1 << 20
 
