@@ -64,7 +64,11 @@ class ConvertedFile:
 
 
 def converted_path(path: str) -> str:
-    """`pytorch_model-00001-of-00002.bin` → `model-00001-of-00002.safetensors`, `x.pt` → `x.safetensors`."""
+    """The served name of a converted upload: `x.pt` → `x.safetensors`.
+
+    `pytorch_model-00001-of-00002.bin` → `model-00001-of-00002.safetensors`: the names
+    transformers looks for.
+    """
     folder, name = posixpath.split(path)
     stem = name.rsplit(".", 1)[0]
     if stem.startswith("pytorch_model"):
@@ -101,6 +105,14 @@ def convert_bundle(
     if not sources:
         return []
     taken = {f.path.lower() for f in report.files}
+    if SAFETENSORS_INDEX in taken:
+        # The worker writes this index for converted shards; an uploaded one would point
+        # transformers at safetensors files the upload cannot contain.
+        raise ConversionRejected(
+            "BUNDLE_INVALID",
+            f"{SAFETENSORS_INDEX} belongs to safetensors weights; remove it",
+            path=SAFETENSORS_INDEX,
+        )
     largest = max(f.size for f in sources)
     config = SandboxConfig(
         threads=settings.runner_threads, max_file_bytes=GROWTH * largest + HEADER_ROOM
@@ -136,7 +148,8 @@ def _convert_one(
         staged = converter.stage(partial(storage.open_read, key), source.sha256, source.size)
         return converter.convert(staged)
     except ConversionFailed as exc:
-        raise ConversionRejected(exc.code, f"{source.path}: {exc.message}", path=source.path) from exc
+        message = f"{source.path}: {exc.message}"
+        raise ConversionRejected(exc.code, message, path=source.path) from exc
 
 
 def _copy_out(produced: Path, dest: Path, cap: int) -> Path:
@@ -144,7 +157,8 @@ def _copy_out(produced: Path, dest: Path, cap: int) -> Path:
     try:
         fd = os.open(produced, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
-        raise _invalid(produced.name, f"the converted file cannot be opened ({exc.strerror})")
+        reason = f"the converted file cannot be opened ({exc.strerror})"
+        raise _invalid(produced.name, reason) from None
     with os.fdopen(fd, "rb") as src:
         info = os.fstat(src.fileno())
         if not stat.S_ISREG(info.st_mode):
@@ -174,7 +188,8 @@ def _store(
             summary = validate_safetensors(reader)
             digest = reader.finish()
         except Rejected as exc:
-            raise _invalid(source, f"the converted file is not valid safetensors: {exc.message}")
+            reason = f"the converted file is not valid safetensors: {exc.message}"
+            raise _invalid(source, reason) from None
     if summary["tensor_count"] == 0:
         raise _invalid(source, "the converted file holds no tensors")
     with local.open("rb") as f:

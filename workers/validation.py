@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from functools import partial
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded

@@ -281,7 +281,9 @@ class S3Storage:
             try:
                 with open(source, "rb") as body:
                     # Conditional write: a concurrent writer of the same key loses, not wins.
-                    self._client.put_object(Bucket=self.bucket, Key=full, Body=body, IfNoneMatch="*")
+                    self._client.put_object(
+                        Bucket=self.bucket, Key=full, Body=body, IfNoneMatch="*"
+                    )
             except ClientError as exc:
                 if _error_code(exc) not in {"PreconditionFailed", "412"}:
                     raise

@@ -249,7 +249,9 @@ def test_get_storage_file_url_returns_cached_local_storage(tmp_path: Path) -> No
     assert (tmp_path / "objs").is_dir()
 
 
-def test_put_file_stores_once_and_never_replaces(local_storage: LocalStorage, tmp_path: Path) -> None:
+def test_put_file_stores_once_and_never_replaces(
+    local_storage: LocalStorage, tmp_path: Path
+) -> None:
     first, second = tmp_path / "first", tmp_path / "second"
     first.write_bytes(b"converted weights")
     second.write_bytes(b"other bytes")

@@ -22,7 +22,9 @@ from workers.runner.process import Runner, RunnerSetupFailed
 
 def _stage_and_convert(converter: Converter, source: Path) -> Path:
     data = source.read_bytes()
-    staged = converter.stage(partial(source.open, "rb"), hashlib.sha256(data).hexdigest(), len(data))
+    staged = converter.stage(
+        partial(source.open, "rb"), hashlib.sha256(data).hexdigest(), len(data)
+    )
     return converter.convert(staged)
 
 
@@ -149,7 +151,7 @@ def test_converter_stage_refuses_an_upload_changed_since_validation(
 def test_serving_runner_refuses_a_bundle_holding_a_pickle(transformers_bin_bundle: Path) -> None:
     runner = Runner(transformers_bin_bundle, "transformers")
     try:
-        with pytest.raises(RunnerSetupFailed, match="pytorch_model.bin is pickle-based"):
+        with pytest.raises(RunnerSetupFailed, match=r"pytorch_model\.bin is pickle-based"):
             runner.start()
     finally:
         runner.stop()

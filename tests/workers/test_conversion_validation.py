@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from fastapi.testclient import TestClient
@@ -15,8 +15,13 @@ from core.db import session_scope
 from core.storage import get_storage
 from core.tables import Model, ModelFile, ModelStatus
 from tests.api.test_infer import GREEDY, infer
-from tests.utils.factories import Content, bundle_dir, create_account, upload_model
-from tests.utils.factories import validating_model
+from tests.utils.factories import (
+    Content,
+    bundle_dir,
+    create_account,
+    upload_model,
+    validating_model,
+)
 from tests.utils.hostile_pickles import canary_pickle, torch_like_zip, zip_members
 from tests.utils.stack import StackInfo
 from tests.workers.conftest import fault_convert_argv, runner_processes
@@ -83,7 +88,9 @@ def test_upload_pickle_bundle_is_converted_stored_and_served_as_safetensors(
     fmt: str,
     pickle_path: str,
 ) -> None:
-    verdict = upload_model(client, create_account(client), bundle_dir(request.getfixturevalue(fixture)))
+    verdict = upload_model(
+        client, create_account(client), bundle_dir(request.getfixturevalue(fixture))
+    )
     assert verdict["status"] == "ready", verdict
     assert verdict["format"] == fmt
     listed = {f["path"]: f for f in verdict["files"]}
@@ -113,7 +120,7 @@ def _hostile_pt(fx: Path, canary: Path) -> dict[str, Content]:
 
 
 class _Recording(converter_module.Converter):
-    made: list[_Recording] = []
+    made: ClassVar[list[_Recording]] = []
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -202,7 +209,10 @@ def test_sharded_bin_bundle_gets_a_safetensors_index_and_serves(
     state = torch.load(bundle / "pytorch_model.bin", weights_only=True)
     (bundle / "pytorch_model.bin").unlink()
     names = sorted(state)
-    halves = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    halves = {
+        "pytorch_model-00001-of-00002.bin": names[::2],
+        "pytorch_model-00002-of-00002.bin": names[1::2],
+    }
     weight_map = {}
     for shard, keys in halves.items():
         torch.save({k: state[k] for k in keys}, bundle / shard)

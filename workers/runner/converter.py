@@ -9,6 +9,7 @@ goes with it.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -105,9 +106,9 @@ class Converter:
     def _result(self, event: Converted, target: Path) -> Path:
         if event.error:
             self._fail("CONVERSION_FAILED", f"the weights could not be converted: {event.detail}")
-        if not target.is_file() or target.is_symlink():
+        if not os.path.lexists(target):
             self._fail("CONVERSION_FAILED", "the converter reported success but wrote no file")
-        return target
+        return target  # whatever it is (a link, a pipe): the caller opens it with care
 
     def _fail(self, code: str, reason: str) -> NoReturn:
         """Kill the child (its state is unknown) and raise, with the end of its stderr."""

@@ -20,9 +20,7 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("model_file", schema=None) as batch_op:
         batch_op.add_column(
-            sa.Column(
-                "converted_from", sqlmodel.sql.sqltypes.AutoString(length=255), nullable=True
-            )
+            sa.Column("converted_from", sqlmodel.sql.sqltypes.AutoString(length=255), nullable=True)
         )
 
 
