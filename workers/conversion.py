@@ -122,6 +122,7 @@ def convert_bundle(
         out: list[ConvertedFile] = []
         shards: dict[str, list[str]] = {}
         timeout = settings.validation_convert_timeout_s
+        cap = config.max_file_bytes
         with Converter(timeout_s=timeout, sandbox=config, argv=argv) as converter:
             for source in sources:
                 target = converted_path(source.path)
@@ -130,7 +131,7 @@ def convert_bundle(
                         "BUNDLE_INVALID", f"{target} would replace an uploaded file", path=target
                     )
                 produced = _convert_one(converter, storage, keys[source.path], source)
-                local = _copy_out(produced, private / f"{len(out)}", config.max_file_bytes)
+                local = _copy_out(produced, private / f"{len(out)}", source.path, cap)
                 converted, names = _store(storage, prefix, source.path, target, local)
                 out.append(converted)
                 shards[target] = names
@@ -152,23 +153,23 @@ def _convert_one(
         raise ConversionRejected(exc.code, message, path=source.path) from exc
 
 
-def _copy_out(produced: Path, dest: Path, cap: int) -> Path:
+def _copy_out(produced: Path, dest: Path, source: str, cap: int) -> Path:
     """A private copy of the child's output: a regular file, not a link, fifo or moving target."""
     try:
         fd = os.open(produced, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
         reason = f"the converted file cannot be opened ({exc.strerror})"
-        raise _invalid(produced.name, reason) from None
+        raise _invalid(source, reason) from None
     with os.fdopen(fd, "rb") as src:
         info = os.fstat(src.fileno())
         if not stat.S_ISREG(info.st_mode):
-            raise _invalid(produced.name, "the converter wrote something other than a file")
+            raise _invalid(source, "the converter wrote something other than a file")
         copied = 0
         with dest.open("xb") as out:
             while block := src.read(_COPY_CHUNK):
                 copied += len(block)
                 if copied > cap:
-                    raise _invalid(produced.name, f"the converted file is over {cap} bytes")
+                    raise _invalid(source, f"the converted file is over {cap} bytes")
                 out.write(block)
     return dest
 

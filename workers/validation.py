@@ -190,7 +190,7 @@ def record(
 
 def _record_converted(s: Session, model_id: str, converted: Sequence[ConvertedFile]) -> None:
     """The converted files, replacing any an interrupted earlier run recorded."""
-    s.exec(  # type: ignore[call-overload]
+    s.execute(
         delete(ModelFile).where(
             col(ModelFile.model_id) == model_id, col(ModelFile.converted_from).is_not(None)
         )
