@@ -112,6 +112,7 @@ def load_transformers(bundle_dir: Path, device: str, context_cap: int) -> HFEngi
 
 def load_pytorch(bundle_dir: Path, weights: list[Path], device: str, context_cap: int) -> HFEngine:
     """A `.pt/.pth` state dict beside config.json, as the safetensors converted at validation."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
@@ -128,7 +129,7 @@ def load_pytorch(bundle_dir: Path, weights: list[Path], device: str, context_cap
                 config, trust_remote_code=False
             )
         model.load_state_dict(state, strict=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise EngineError(f"could not build the model from config.json: {exc}") from exc
     dtype = torch.float32 if device == "cpu" else _floating_dtype(state)
     model.to(device=device, dtype=dtype).eval()
