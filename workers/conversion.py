@@ -93,8 +93,6 @@ def convert_bundle(
     prefix: str,
     report: BundleReport,
     keys: dict[str, str],
-    *,
-    argv: Sequence[str] | None = None,
 ) -> list[ConvertedFile]:
     """Convert every pickle-based file of a validated bundle; `prefix` is the model's key prefix.
 
@@ -123,7 +121,7 @@ def convert_bundle(
         shards: dict[str, list[str]] = {}
         timeout = settings.validation_convert_timeout_s
         cap = config.max_file_bytes
-        with Converter(timeout_s=timeout, sandbox=config, argv=argv) as converter:
+        with Converter(timeout_s=timeout, sandbox=config) as converter:
             for source in sources:
                 target = converted_path(source.path)
                 if target.lower() in taken:
@@ -132,6 +130,7 @@ def convert_bundle(
                     )
                 produced = _convert_one(converter, storage, keys[source.path], source)
                 local = _copy_out(produced, private / f"{len(out)}", source.path, cap)
+                produced.unlink()  # weights are big: one copy on disk at a time
                 converted, names = _store(storage, prefix, source.path, target, local)
                 out.append(converted)
                 shards[target] = names
@@ -147,7 +146,9 @@ def _convert_one(
 ) -> Path:
     try:
         staged = converter.stage(partial(storage.open_read, key), source.sha256, source.size)
-        return converter.convert(staged)
+        produced = converter.convert(staged)
+        staged.unlink()
+        return produced
     except ConversionFailed as exc:
         message = f"{source.path}: {exc.message}"
         raise ConversionRejected(exc.code, message, path=source.path) from exc
