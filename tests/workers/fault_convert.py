@@ -2,12 +2,16 @@
 
 `exit` dies (status 3) on the first Convert, `hang` never answers, `garbage` writes bytes that
 are not safetensors and reports success, `symlink` makes the target a link to /etc/passwd,
-`fifo` makes it a named pipe, `huge_header` writes a header that claims more than the file.
+`fifo` makes it a named pipe, `huge_header` writes a header that claims more than the file,
+`escape PATH PORT` acts as a pickle that got code execution: it tries to write PATH, connect
+to 127.0.0.1:PORT and fork, and reports what happened as its error detail.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import struct
 import sys
 import time
@@ -19,8 +23,29 @@ from workers.runner.protocol import Convert, Converted
 MODE = sys.argv[1] if len(sys.argv) > 1 else "exit"
 
 
+def _attempt(action: object) -> str:
+    try:
+        result = action()  # type: ignore[operator]
+    except OSError as exc:
+        return f"denied:{exc.errno}"
+    if result == 0:  # the forked child
+        os._exit(0)
+    return "allowed"
+
+
+def escape() -> dict[str, str]:
+    path, port = sys.argv[2], int(sys.argv[3])
+    return {
+        "write": _attempt(lambda: Path(path).write_text("escaped")),
+        "connect": _attempt(lambda: socket.create_connection(("127.0.0.1", port), timeout=2)),
+        "fork": _attempt(os.fork),
+    }
+
+
 def faulty_answer(event: Convert) -> Converted:
     target = Path(event.target)
+    if MODE == "escape":
+        return Converted(tag=event.tag, error=True, detail="PROBE " + json.dumps(escape()))
     if MODE == "exit":
         os._exit(3)
     if MODE == "hang":

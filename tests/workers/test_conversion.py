@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import socket
 import subprocess
 import sys
 from functools import partial
@@ -173,3 +175,22 @@ def test_serving_runner_torch_load_tripwire_stops_library_unpickling(
     )
     assert proc.returncode != 0
     assert "torch.load is disabled in serving runners" in proc.stderr
+
+
+def test_converter_child_is_confined_like_a_serving_runner(
+    pytorch_bundle: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "escaped"
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        argv = [*fault_convert_argv("escape"), str(outside), str(port)]
+        with (
+            Converter(timeout_s=60, argv=argv) as converter,
+            pytest.raises(ConversionFailed) as info,
+        ):
+            _stage_and_convert(converter, pytorch_bundle / "model.pt")
+    found, _ = json.JSONDecoder().raw_decode(info.value.message.split("PROBE ", 1)[1])
+    assert found["write"].startswith("denied") and not outside.exists()  # Landlock
+    assert found["connect"].startswith("denied")  # no network
+    assert found["fork"] == "denied:1"  # seccomp: EPERM
+    assert not runner_processes()
