@@ -7,7 +7,6 @@ import json
 import socket
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,7 @@ from workers.runner.process import Runner, RunnerSetupFailed
 
 def _stage_and_convert(converter: Converter, source: Path) -> Path:
     data = source.read_bytes()
-    staged = converter.stage(
-        partial(source.open, "rb"), hashlib.sha256(data).hexdigest(), len(data)
-    )
+    staged = converter.stage(lambda: source.open("rb"), hashlib.sha256(data).hexdigest(), len(data))
     return converter.convert(staged)
 
 
@@ -146,7 +143,7 @@ def test_converter_stage_refuses_an_upload_changed_since_validation(
     source = pytorch_bundle / "model.pt"
     size = source.stat().st_size
     with Converter(timeout_s=60) as converter, pytest.raises(ConversionFailed, match="changed"):
-        converter.stage(partial(source.open, "rb"), "0" * 64, size)
+        converter.stage(lambda: source.open("rb"), "0" * 64, size)
     assert converter.pid is None  # no child was started for it
 
 

@@ -213,7 +213,7 @@ def test_sharded_bin_bundle_gets_a_safetensors_index_and_serves(
         "pytorch_model-00001-of-00002.bin": names[::2],
         "pytorch_model-00002-of-00002.bin": names[1::2],
     }
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for shard, keys in halves.items():
         torch.save({k: state[k] for k in keys}, bundle / shard)
         weight_map |= dict.fromkeys(keys, shard)
