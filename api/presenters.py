@@ -38,6 +38,7 @@ def model_public(session: Session, model: Model, *, api_key: str | None = None) 
                 uploaded=f.uploaded,
                 sha256=f.sha256,
                 kind=f.kind,
+                converted_from=f.converted_from,
             )
             for f in files_of(session, model.id)
         ],

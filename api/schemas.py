@@ -69,6 +69,10 @@ class ModelFilePublic(BaseModel):
     uploaded: bool
     sha256: str | None = None
     kind: str | None = None
+    converted_from: str | None = Field(
+        default=None,
+        description="set on safetensors the platform converted from this pickle-based upload",
+    )
 
 
 class Rejection(BaseModel):

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     validation_time_limit_s: int = 1800
     validation_max_pickle_bytes: int = 64 * MiB
     validation_smoke_test: bool = True
+    # One pickle-based weights file's conversion to safetensors, in the sandbox (seconds).
+    validation_convert_timeout_s: float = Field(default=600.0, gt=0)
     log_level: str = "INFO"
     # One JSON object a line (json) or plain lines (text); unset: text in development only.
     log_format: Literal["json", "text"] | None = None

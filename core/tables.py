@@ -126,6 +126,9 @@ class ModelFile(SQLModel, table=True):
     uploaded: bool = Field(default=False)
     sha256: str | None = Field(default=None, max_length=64)
     kind: str | None = Field(default=None, max_length=30)
+    # Set on a safetensors file the worker made from this pickle-based upload at validation;
+    # runners load it, never the pickle (the pickle row stays, for the owner and deletion).
+    converted_from: str | None = Field(default=None, max_length=255)
 
 
 class ApiKey(SQLModel, table=True):

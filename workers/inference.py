@@ -16,8 +16,9 @@ from core.queue import EMBED_OP, WEBHOOK_QUEUE, WEBHOOK_TASK
 from core.redis import get_redis
 from core.settings import Settings
 from core.storage import get_storage
-from core.tables import JobStatus, utcnow
+from core.tables import JobStatus, ModelFile, utcnow
 from workers import jobs
+from workers.conversion import served, served_sha256
 from workers.engines.base import ChatMessage, GenerateRequest, SamplingParams
 from workers.jobs import JobContext, Terminal
 from workers.pool import RunnerPool
@@ -52,12 +53,12 @@ class Executor:
         )
         self.pool.start_reaper()
 
-    def cached_files(self, ctx: JobContext) -> list[CachedFile]:
+    def cached_files(self, rows: list[ModelFile]) -> list[CachedFile]:
         return [
             CachedFile(
                 f.path, f.sha256 or "", f.size_bytes, partial(self.storage.open_read, f.object_key)
             )
-            for f in ctx.files
+            for f in rows
         ]
 
 
@@ -179,8 +180,11 @@ def _run(
     queue_ms = timings["queue_ms"]
     try:
         model = ctx.model
+        # The cache holds the served bundle (converted safetensors, never a pickle) under its
+        # own digest; runners stay keyed by the model's digest, which API routing knows.
+        files = served(ctx.files)
         with (
-            ex.cache.use(model.sha256 or "", ex.cached_files(ctx)) as bundle,
+            ex.cache.use(served_sha256(files), ex.cached_files(files)) as bundle,
             ex.pool.acquire(model.sha256 or "", bundle, model.format or "") as (
                 runner,
                 cold,

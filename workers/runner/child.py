@@ -17,7 +17,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
 from workers.engines.base import (
     ChatMessage,
@@ -129,9 +129,27 @@ def preload_while_waiting(stdin: BinaryIO) -> None:
         traceback.print_exc(file=sys.stderr)
 
 
+def forbid_unpickling() -> None:
+    """A serving runner never unpickles: from here on `torch.load` raises, whoever calls it.
+
+    Pickle-based uploads were converted to safetensors at validation and the loader refuses
+    any pickle in a bundle; this tripwire also covers a library that would reach for one.
+    """
+    import torch
+    import torch.serialization
+
+    def refuse(*args: object, **kwargs: object) -> NoReturn:
+        raise RuntimeError("torch.load is disabled in serving runners (safetensors only)")
+
+    torch.load = refuse
+    torch.serialization.load = refuse
+
+
 def load(setup: Setup) -> Engine:
     from workers.engines.loader import load_engine  # heavy imports happen after the fd swap
 
+    if setup.format in ("transformers", "pytorch"):
+        forbid_unpickling()
     return load_engine(
         Path(setup.bundle_dir), setup.format, device=setup.device, threads=setup.threads
     )

@@ -93,8 +93,34 @@ class Done:  # from child, exactly one per Generate or Embed
     engine_ms: float = 0.0
 
 
+@dataclass(frozen=True)
+class Convert:  # from parent, to a converter child: one pickle-based weights file
+    tag: str
+    source: str  # a copy of the validated upload, inside the child's temp dir
+    target: str  # where the child writes the safetensors, inside its temp dir
+
+
+@dataclass(frozen=True)
+class Converted:  # from converter child, exactly one per Convert
+    tag: str
+    error: bool = False
+    detail: str = ""
+    tensors: int = 0
+
+
 Event = (
-    Setup | Generate | Embed | Cancel | Shutdown | Ready | SetupFailed | Token | Embedding | Done
+    Setup
+    | Generate
+    | Embed
+    | Cancel
+    | Shutdown
+    | Ready
+    | SetupFailed
+    | Token
+    | Embedding
+    | Done
+    | Convert
+    | Converted
 )
 Request = Generate | Embed
 _TYPES: dict[str, type[Any]] = {
@@ -110,6 +136,8 @@ _TYPES: dict[str, type[Any]] = {
         Token,
         Embedding,
         Done,
+        Convert,
+        Converted,
     )
 }
 MAX_LINE = 1 << 20
