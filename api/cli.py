@@ -105,9 +105,9 @@ def cmd_billing_reconcile(args: argparse.Namespace) -> int:
     if not drift:
         print("ledger and Stripe agree for every customer and hour")
         return 0
-    rows = [[d.customer, d.hour.isoformat(), str(d.ledger), str(d.stripe), f"{d.delta:+d}"]
-            for d in drift]  # fmt: skip
-    _table(["customer", "hour", "ledger", "stripe", "drift"], rows)
+    rows = [[d.meter, d.customer, d.hour.isoformat(), str(d.ledger), str(d.stripe),
+             f"{d.delta:+d}"] for d in drift]  # fmt: skip
+    _table(["meter", "customer", "hour", "ledger", "stripe", "drift"], rows)
     return 1
 
 
@@ -134,7 +134,8 @@ def cmd_accounts_create(args: argparse.Namespace) -> int:
     else:
         api = _api(args, need_token=False)
     account = api.call("POST", "/v1/accounts", body)
-    billed = f", billed to {account['stripe_customer_id']}" if args.stripe_customer else ""
+    customer = account.get("stripe_customer_id")
+    billed = f", billed to {customer}" if customer else ""
     print(f"account {account['id']} ({account['name']}){billed}")
     print(f"token {account['token']} (shown once)")
     if not args.no_save:
@@ -231,8 +232,15 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     return 0
 
 
+KEY_LIMIT_FLAGS = ("rpm", "tpm", "concurrency", "monthly_token_budget")
+
+
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    key = _api(args).call("POST", f"/v1/models/{args.model_id}/keys", {"name": args.name})
+    body: dict[str, Any] = {"name": args.name, "log_payloads": args.log_payloads}
+    for flag in KEY_LIMIT_FLAGS:
+        if (value := getattr(args, flag)) is not None:
+            body[flag if flag == "monthly_token_budget" else f"rate_limit_{flag}"] = value
+    key = _api(args).call("POST", f"/v1/models/{args.model_id}/keys", body)
     print(f"key {key['id']} for {key['model_id']}: {key['key']} (shown once)")
     return 0
 
@@ -309,6 +317,15 @@ def _client_commands(sub: Any) -> None:
     create_key = _add(keys, "create", cmd_keys_create, parents=[opts])
     create_key.add_argument("model_id")
     create_key.add_argument("--name", default="default")
+    for flag, what in (("rpm", "requests per minute"), ("tpm", "tokens per minute"),
+                       ("concurrency", "requests in flight")):  # fmt: skip
+        create_key.add_argument(
+            f"--{flag}", type=int, help=f"{what} (at most the server's default)"
+        )
+    create_key.add_argument(
+        "--monthly-token-budget", type=int, help="tokens a calendar month (UTC)"
+    )
+    create_key.add_argument("--log-payloads", action="store_true", help="allow payload logging")
     _add(keys, "revoke", cmd_keys_revoke, parents=[opts]).add_argument("key_id")
     bill = _add(keys, "link-customer", cmd_keys_link_customer, parents=[_operator_opts()],
                 help="bill a key to another Stripe customer (none: unlink)")  # fmt: skip

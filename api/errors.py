@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -14,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.errors import InferatechError
+from core.logs import log_context
 
 log = logging.getLogger("inferatech.api")
 
@@ -32,22 +34,38 @@ _HTTP_CODES = {
 }
 
 
+# Another body for the errors of the routes under a prefix (OpenAI's error object under
+# /openai/): (request, status, code, message, details) → response.
+ErrorShape = Callable[[Request, int, str, str, dict[str, Any]], JSONResponse]
+
+
 def request_id_of(request: Request) -> str:
     return str(getattr(request.state, "request_id", "")) or "unknown"
 
 
 def envelope(
-    request: Request, status: int, code: str, message: str, details: dict[str, Any] | None = None
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    details: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
+    """The error body; carries the route's rate-limit headers once the key was admitted."""
     body = {
         "error": {"code": code, "message": message, "details": details or {}},
         "request_id": request_id_of(request),
     }
-    return JSONResponse(body, status_code=status)
+    extra = {**getattr(request.state, "response_headers", {}), **(headers or {})}
+    return JSONResponse(body, status_code=status, headers=extra)
 
 
 class RequestIdMiddleware:
-    """Accepts a sane `X-Request-ID` or generates one; echoes it on every response."""
+    """Accepts a sane `X-Request-ID` or generates one; echoes it on every response.
+
+    The id is also the log context of everything the request does (`core.logs`), and rides
+    along in the Celery tasks it queues.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -65,7 +83,8 @@ class RequestIdMiddleware:
                 message.setdefault("headers", []).append((b"x-request-id", rid.encode()))
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        with log_context(request_id=rid):
+            await self.app(scope, receive, send_with_id)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, list[dict[str, Any]]]:
@@ -98,27 +117,47 @@ def is_outage(exc: BaseException) -> bool:
     )
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, shapes: Mapping[str, ErrorShape] | None = None) -> None:
+    """Every error through one place; routes under a prefix of `shapes` get that body."""
+    by_prefix = dict(shapes or {})
+
+    def respond(
+        request: Request,
+        status: int,
+        code: str,
+        message: str,
+        details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> JSONResponse:
+        for prefix, shape in by_prefix.items():
+            if request.url.path.startswith(prefix):
+                response = shape(request, status, code, message, details or {})
+                extra = {**getattr(request.state, "response_headers", {}), **(headers or {})}
+                response.headers.update(extra)
+                return response
+        return envelope(request, status, code, message, details, headers)
+
     @app.exception_handler(InferatechError)
     async def _ours(request: Request, exc: InferatechError) -> JSONResponse:
-        return envelope(request, exc.status_code, exc.code, exc.message, exc.details)
+        return respond(request, exc.status_code, exc.code, exc.message, exc.details, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, errors = _validation_message(exc)
-        return envelope(request, 400, "INVALID_REQUEST", message, {"errors": errors})
+        return respond(request, 400, "INVALID_REQUEST", message, {"errors": errors})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "INVALID_REQUEST")
-        return envelope(request, exc.status_code, code, str(exc.detail))
+        return respond(request, exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         if is_outage(exc):
             log.warning("dependency unavailable: %s", type(exc).__name__)
-            return envelope(
+            return respond(
                 request, 503, "SERVICE_UNAVAILABLE", "a backing service is unavailable; retry"
             )
+        # Outside the middleware's log context by now: name the request explicitly.
         log.exception("unhandled error", extra={"request_id": request_id_of(request)})
-        return envelope(request, 500, "INTERNAL_ERROR", "internal error; quote the request_id")
+        return respond(request, 500, "INTERNAL_ERROR", "internal error; quote the request_id")

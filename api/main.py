@@ -12,19 +12,25 @@ from api import redaction
 from api.batches import router as batches
 from api.errors import RequestIdMiddleware, install_error_handlers
 from api.inference import router as inference
+from api.inference import sessions, ws
 from api.inference.auth_cache import AuthCache
 from api.inference.routing import WorkerDirectory
+from api.metrics import AccessMiddleware, make_registry
+from api.openai import errors as openai_errors
+from api.openai import router as openai
 from api.prompt_routing import router as prompt_routers
 from api.routes import (
     accounts,
     billing,
     health,
     keys,
+    metrics,
     models,
     storage_events,
     uploads,
     workers,
 )
+from core import logs
 from core.queue import make_celery
 from core.redis import get_redis, make_async_redis
 from core.settings import Settings, get_settings
@@ -32,8 +38,12 @@ from core.settings import Settings, get_settings
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    logging.basicConfig(level=settings.log_level)
+    logs.configure(settings.log_level, settings.effective_log_format)
+    logs.propagate_to_celery()
     redaction.install()
+    # `inferatech.access` logs each request (route template, status, duration, request id);
+    # uvicorn's own access line would only repeat it, raw path and query included.
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -47,10 +57,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Inferatech", version="0.1.0", lifespan=lifespan)
     app.state.celery = make_celery(settings)
     app.state.auth_cache = AuthCache(settings.auth_cache_ttl_s, settings.auth_cache_max_entries)
-    app.add_middleware(RequestIdMiddleware)
-    install_error_handlers(app)
+    app.state.metrics_registry, http_metrics = make_registry(settings)
+    app.add_middleware(AccessMiddleware, metrics=http_metrics)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every line and metric has the id
+    install_error_handlers(app, shapes={openai_errors.PREFIX: openai_errors.openai_error})
     routers = (
         health,
+        metrics,
         accounts,
         models,
         keys,
@@ -61,9 +74,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         prompt_routers,
         batches,
         inference,
+        sessions,
+        ws,
     )
     for module in routers:
         app.include_router(module.router)
+    app.include_router(openai.router)  # /openai/v1, errors in OpenAI's shape
     return app
 
 

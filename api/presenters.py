@@ -38,6 +38,7 @@ def model_public(session: Session, model: Model, *, api_key: str | None = None) 
                 uploaded=f.uploaded,
                 sha256=f.sha256,
                 kind=f.kind,
+                converted_from=f.converted_from,
             )
             for f in files_of(session, model.id)
         ],
@@ -73,4 +74,9 @@ def key_public(key: ApiKey) -> KeyPublic:
         created_at=key.created_at,
         last_used_at=key.last_used_at,
         revoked_at=key.revoked_at,
+        rate_limit_rpm=key.rate_limit_rpm,
+        rate_limit_tpm=key.rate_limit_tpm,
+        rate_limit_concurrency=key.rate_limit_concurrency,
+        monthly_token_budget=key.monthly_token_budget,
+        log_payloads=key.log_payloads,
     )

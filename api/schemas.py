@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 
 class Strict(BaseModel):
@@ -69,6 +69,10 @@ class ModelFilePublic(BaseModel):
     uploaded: bool
     sha256: str | None = None
     kind: str | None = None
+    converted_from: str | None = Field(
+        default=None,
+        description="set on safetensors the platform converted from this pickle-based upload",
+    )
 
 
 class Rejection(BaseModel):
@@ -113,7 +117,17 @@ class ModelComplete(Strict):
 
 
 class KeyCreate(Strict):
+    """A new key; limits left out (null) follow the server's defaults, 0 means unlimited.
+
+    The server's defaults are also the ceiling: an account can tighten a key, not loosen it.
+    """
+
     name: str = Field(default="default", min_length=1, max_length=100)
+    rate_limit_rpm: StrictInt | None = Field(default=None, ge=0, le=10_000_000)
+    rate_limit_tpm: StrictInt | None = Field(default=None, ge=0, le=10_000_000_000)
+    rate_limit_concurrency: StrictInt | None = Field(default=None, ge=0, le=100_000)
+    monthly_token_budget: StrictInt | None = Field(default=None, ge=1, le=10**15)
+    log_payloads: StrictBool = False
 
 
 class KeyPublic(BaseModel):
@@ -125,6 +139,11 @@ class KeyPublic(BaseModel):
     created_at: datetime
     last_used_at: datetime | None = None
     revoked_at: datetime | None = None
+    rate_limit_rpm: int | None = None
+    rate_limit_tpm: int | None = None
+    rate_limit_concurrency: int | None = None
+    monthly_token_budget: int | None = None
+    log_payloads: bool = False
 
 
 class KeyCreated(KeyPublic):

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from datetime import datetime
 
 import stripe
-from sqlmodel import Session, select
+from sqlalchemy import update
+from sqlmodel import Session, col, select
 
 from billing import ledger
-from billing.stripe_api import client_for
+from billing.stripe_api import client_for, describe
+from core.db import update_rows
 from core.errors import (
     AccountNotFound,
     BillingInactive,
@@ -26,6 +29,8 @@ CUSTOMER_ID = re.compile(r"^cus_[A-Za-z0-9]{1,96}$")
 
 # Stripe subscription statuses that stop inference until an invoice is paid.
 SUSPENDED = frozenset({"unpaid", "canceled", "incomplete_expired", "paused"})
+
+log = logging.getLogger("inferatech.billing")
 
 
 def apply_status(
@@ -72,21 +77,59 @@ def ensure_active(session: Session, key: ApiKey) -> None:
         )
 
 
+def _create_customer(settings: Settings, account: Account) -> str:
+    """A new Stripe customer for the account; raises the SDK's error.
+
+    The idempotency key is the account id's: a retry after a lost answer, or two requests
+    racing, get back the customer Stripe already made (within Stripe's 24-hour key window).
+    """
+    customer = client_for(settings).v1.customers.create(
+        {"name": account.name, "metadata": {"inferatech_account_id": account.id}},
+        {"idempotency_key": f"inferatech-customer-{account.id}"},
+    )
+    return str(customer.id)
+
+
+def _link_created(session: Session, account: Account, customer: str) -> str:
+    """Link a customer made for the account unless someone linked one meanwhile; the winner."""
+    stmt = (
+        update(Account)
+        .where(col(Account.id) == account.id, col(Account.stripe_customer_id).is_(None))
+        .values(stripe_customer_id=customer, billing_status=_status_of(session, customer))
+    )
+    if update_rows(session, stmt):
+        ledger.requeue_unlinked(session, account_id=account.id)
+    session.commit()
+    session.refresh(account)
+    return str(account.stripe_customer_id)
+
+
 def ensure_customer(session: Session, settings: Settings, account: Account) -> str:
     """The account's Stripe customer, created through the API on first need."""
     if account.stripe_customer_id:
         return account.stripe_customer_id
     try:
-        customer = client_for(settings).v1.customers.create(
-            {"name": account.name, "metadata": {"inferatech_account_id": account.id}},
-            {"idempotency_key": f"inferatech-customer-{account.id}"},
-        )
+        customer = _create_customer(settings, account)
     except stripe.StripeError as exc:
-        raise ServiceUnavailable("Stripe is unavailable; retry") from exc
-    account.stripe_customer_id = str(customer.id)
-    session.add(account)
-    session.commit()
-    return account.stripe_customer_id
+        raise ServiceUnavailable("Stripe could not create this account's customer; retry") from exc
+    return _link_created(session, account, customer)
+
+
+def link_new_account(session: Session, settings: Settings, account: Account) -> None:
+    """At signup, give a committed account its own Stripe customer when Stripe is configured.
+
+    A Stripe failure leaves the account unlinked rather than lost: it gets its customer on
+    demand (`POST /v1/billing/customer`, the portal) or from an operator, and usage recorded
+    meanwhile is set aside by the pusher and re-queued at that link.
+    """
+    if not settings.stripe_configured or account.stripe_customer_id:
+        return
+    try:
+        customer = _create_customer(settings, account)
+    except stripe.StripeError as exc:
+        log.warning("account %s has no Stripe customer yet: %s", account.id, describe(exc))
+        return
+    _link_created(session, account, customer)
 
 
 def portal_url(session: Session, settings: Settings, account: Account) -> str:

@@ -9,11 +9,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import redis
 import stripe
 
 from billing import ledger
 from billing.stripe_api import Outcome, classify, client_for, describe
+from core.cluster_metrics import record_push_failures
 from core.db import session_scope
+from core.redis import get_redis
 from core.settings import Settings
 from core.tables import UsageEvent, utcnow
 
@@ -245,4 +248,14 @@ def push_all(
         total.add(report)
         if report.claimed < settings.billing_push_batch:
             break
+    if total.retried or total.failed:
+        _count_failures(settings, total)
     return total
+
+
+def _count_failures(settings: Settings, report: PushReport) -> None:
+    """For `/metrics`, through Redis; a metric is never a reason for a push to fail."""
+    try:
+        record_push_failures(get_redis(settings), retried=report.retried, failed=report.failed)
+    except (redis.RedisError, RuntimeError):  # RuntimeError: no Redis configured (the CLI)
+        log.warning("could not count billing push failures in Redis")

@@ -12,6 +12,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
+from billing import ledger
 from billing.customers import SUSPENDED, apply_status
 from billing.stripe_api import client_for
 from core.errors import InvalidRequest, NotImplementedByConfig, ServiceUnavailable
@@ -165,6 +166,7 @@ def _link_account(session: Session, account_id: str | None, customer: str) -> No
     if account is not None and account.stripe_customer_id in (None, customer):
         account.stripe_customer_id = customer
         session.add(account)
+        ledger.requeue_unlinked(session, account_id=account.id)
 
 
 def _meter_errors(session: Session, event: dict[str, Any]) -> None:

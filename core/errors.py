@@ -11,10 +11,17 @@ class InferatechError(Exception):
     code: ClassVar[str] = "INTERNAL_ERROR"
     status_code: ClassVar[int] = 500
 
-    def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.details = details or {}
+        self.headers = headers or {}  # e.g. Retry-After on a 429
 
 
 class InvalidRequest(InferatechError):
@@ -85,6 +92,19 @@ class SignupDisabled(InferatechError):
     status_code = 403
 
 
+class RateLimitExceeded(InferatechError):
+    """A per-minute or concurrency limit of the key; `Retry-After` says when to come back."""
+
+    code = "RATE_LIMIT_EXCEEDED"
+    status_code = 429
+
+
+class BudgetExceeded(RateLimitExceeded):
+    """The key's monthly token budget is spent; it refills on the 1st (UTC)."""
+
+    code = "BUDGET_EXCEEDED"
+
+
 class ServiceUnavailable(InferatechError):
     code = "SERVICE_UNAVAILABLE"
     status_code = 503
@@ -101,6 +121,18 @@ class NotImplementedByConfig(InferatechError):
 
 class ContextLengthExceeded(InvalidRequest):
     code = "CONTEXT_LENGTH_EXCEEDED"
+
+
+class ChatTemplateMissing(InvalidRequest):
+    """Messages sent to a model that has no chat template to render them."""
+
+    code = "CHAT_TEMPLATE_MISSING"
+
+
+class UnsupportedForModel(InvalidRequest):
+    """An operation this model's format cannot do (embeddings of an ONNX model)."""
+
+    code = "UNSUPPORTED_FOR_MODEL"
 
 
 class InferenceFailed(InferatechError):
@@ -121,6 +153,14 @@ class JobNotFound(NotFound):
     code = "JOB_NOT_FOUND"
 
 
+class SessionNotFound(NotFound):
+    code = "SESSION_NOT_FOUND"
+
+
+class SessionBusy(Conflict):
+    code = "SESSION_BUSY"
+
+
 # Terminal error codes a worker reports → the exception the API raises for them.
 JOB_ERRORS: dict[str, type[InferatechError]] = {
     "CONTEXT_LENGTH_EXCEEDED": ContextLengthExceeded,
@@ -128,6 +168,8 @@ JOB_ERRORS: dict[str, type[InferatechError]] = {
     "TIMEOUT": JobTimeout,
     "JOB_CANCELLED": JobCancelled,
     "MODEL_NOT_READY": ModelNotReady,
+    "CHAT_TEMPLATE_MISSING": ChatTemplateMissing,
+    "UNSUPPORTED_FOR_MODEL": UnsupportedForModel,
 }
 
 

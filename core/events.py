@@ -38,13 +38,22 @@ def publish(client: redis.Redis, job_id: str, event: dict[str, Any]) -> None:  #
 
 def publish_many(client: redis.Redis, job_id: str, batch: list[dict[str, Any]]) -> None:  # type: ignore[type-arg]
     """Append several events in one round trip, in order."""
-    key = stream_key(job_id)
     pipe = client.pipeline(transaction=False)
+    queue_events(pipe, job_id, batch)
+    pipe.execute()
+
+
+def queue_events(
+    pipe: redis.client.Pipeline,  # type: ignore[type-arg]
+    job_id: str,
+    batch: list[dict[str, Any]],
+) -> None:
+    """Queue the appends on a pipeline the caller executes (with its other commands)."""
+    key = stream_key(job_id)
     for event in batch:
         pipe.xadd(key, {"e": json.dumps(event, separators=(",", ":"))}, maxlen=STREAM_MAXLEN)
     if any(event.get("type") in ("done", "status") for event in batch):
         pipe.expire(key, STREAM_TTL_S)
-    pipe.execute()
 
 
 def request_cancel(client: redis.Redis, job_id: str, ttl_s: int = STREAM_TTL_S) -> None:  # type: ignore[type-arg]

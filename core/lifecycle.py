@@ -11,6 +11,8 @@ from core.storage.base import ObjectStorage
 from core.tables import ApiKey, Job, Model, ModelStatus, utcnow
 
 PURGE_BATCH = 500
+# What a caller sent that retention drops: a prompt, a chat, texts to embed.
+PAYLOAD_PARAMS = frozenset({"prompt", "messages", "input", "session"})
 
 
 def delete_model(*, session: Session, storage: ObjectStorage, model: Model) -> None:
@@ -47,7 +49,7 @@ def purge_expired_payloads(session: Session) -> int:
     )
     jobs = list(session.exec(stmt))
     for job in jobs:
-        job.params = {k: v for k, v in job.params.items() if k != "prompt"}
+        job.params = {k: v for k, v in job.params.items() if k not in PAYLOAD_PARAMS}
         if job.result:
             job.result = {k: v for k, v in job.result.items() if k != "completion"}
         job.purged_at = now

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import redis
 from celery import Celery
 
 from core.settings import Settings
@@ -10,6 +11,8 @@ VALIDATE_QUEUE = "validate"
 VALIDATE_TASK = "inferatech.validate_model"
 INFER_QUEUE = "infer"
 INFER_TASK = "inferatech.infer"
+# A job whose params carry `"op": EMBED_OP` embeds its `input` texts instead of generating.
+EMBED_OP = "embed"
 BACKGROUND_QUEUE = "background"  # webhooks and maintenance: never on the inference path
 WEBHOOK_QUEUE = BACKGROUND_QUEUE
 WEBHOOK_TASK = "inferatech.deliver_webhook"
@@ -89,3 +92,19 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
     )
     return app
+
+
+# Kombu's Redis transport keeps each queue as one list per priority step: the queue's own
+# name (the default priority) and `<name>\x06\x16<step>` for steps 3, 6 and 9.
+_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+
+
+def queue_depths(client: redis.Redis, queues: list[str]) -> dict[str, int]:  # type: ignore[type-arg]
+    """Messages waiting in each queue (taken but unacknowledged ones are not counted)."""
+    pipe = client.pipeline(transaction=False)
+    for name in queues:
+        for suffix in _PRIORITY_SUFFIXES:
+            pipe.llen(name + suffix)
+    lengths = pipe.execute()
+    step = len(_PRIORITY_SUFFIXES)
+    return {name: sum(lengths[i * step : (i + 1) * step]) for i, name in enumerate(queues)}

@@ -45,17 +45,28 @@ class Settings(BaseSettings):
     validation_time_limit_s: int = 1800
     validation_max_pickle_bytes: int = 64 * MiB
     validation_smoke_test: bool = True
+    # One pickle-based weights file's conversion to safetensors, in the sandbox (seconds).
+    validation_convert_timeout_s: float = Field(default=600.0, gt=0)
     log_level: str = "INFO"
+    # One JSON object a line (json) or plain lines (text); unset: text in development only.
+    log_format: Literal["json", "text"] | None = None
+    # Set: `GET /metrics` wants `Authorization: Bearer <token>`. Unset: it is open (keep it
+    # off the public network); it never shows prompts, keys or accounts, only ids and counts.
+    metrics_token: SecretStr | None = None
 
     # Execution layer
     execution_timeout_s: int = 600
     max_execution_timeout_s: int = 3600
     job_ttl_s: int = 24 * 3600
+    # Chain-mode sessions: idle time before a conversation is forgotten (each turn renews it).
+    session_ttl_s: int = Field(default=24 * 3600, ge=60, le=30 * 24 * 3600)
+    session_max_context_tokens: int = Field(default=32_768, ge=1)
     max_prompt_chars: int = 200_000
     max_completion_tokens: int = 4096
     # Batches: requests per batch and the largest request body `POST /v1/batches` reads.
     batch_max_requests: int = Field(default=1000, ge=1)
     batch_max_body_bytes: int = Field(default=16 * MiB, ge=1024)
+    max_embedding_inputs: int = Field(default=2048, ge=1)  # texts per embeddings request
     runner_idle_ttl_s: int = 300
     runner_max: int = 4
     runner_memory_budget_bytes: int = 16 * GiB
@@ -76,6 +87,11 @@ class Settings(BaseSettings):
     # takes effect within this many seconds. 0 disables the cache.
     auth_cache_ttl_s: float = Field(default=10, ge=0, le=30)
     auth_cache_max_entries: int = Field(default=10_000, ge=1)
+    # Per-key limits (0 = unlimited), enforced in Redis across API replicas. They are also the
+    # ceiling an account may give a key it mints: owners tighten, operators raise.
+    rate_limit_rpm: int = Field(default=1200, ge=0)
+    rate_limit_tpm: int = Field(default=2_000_000, ge=0)
+    rate_limit_concurrency: int = Field(default=64, ge=0)
 
     # Billing (Stripe). No API key: the ledger still records, the pusher idles.
     stripe_api_key: SecretStr | None = None
@@ -121,6 +137,12 @@ class Settings(BaseSettings):
     @property
     def stripe_configured(self) -> bool:
         return self.stripe_api_key is not None and bool(self.stripe_api_key.get_secret_value())
+
+    @property
+    def effective_log_format(self) -> Literal["json", "text"]:
+        if self.log_format is not None:
+            return self.log_format
+        return "text" if self.environment == "development" else "json"
 
     @property
     def effective_database_url(self) -> str:

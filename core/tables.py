@@ -126,6 +126,9 @@ class ModelFile(SQLModel, table=True):
     uploaded: bool = Field(default=False)
     sha256: str | None = Field(default=None, max_length=64)
     kind: str | None = Field(default=None, max_length=30)
+    # Set on a safetensors file the worker made from this pickle-based upload at validation;
+    # runners load it, never the pickle (the pickle row stays, for the owner and deletion).
+    converted_from: str | None = Field(default=None, max_length=255)
 
 
 class ApiKey(SQLModel, table=True):
@@ -140,6 +143,12 @@ class ApiKey(SQLModel, table=True):
     billed_customer_id: str | None = Field(default=None, max_length=100)
     # A router-scoped key calls only its router (`model_id` is then the router's default).
     router_id: str | None = Field(default=None, foreign_key="router.id", index=True, max_length=40)
+    # Limits set at mint; NULL means the server's default (`INFERATECH_RATE_LIMIT_*`), 0 none.
+    rate_limit_rpm: int | None = Field(default=None)
+    rate_limit_tpm: int | None = Field(default=None, sa_type=sa.BigInteger)
+    rate_limit_concurrency: int | None = Field(default=None)
+    monthly_token_budget: int | None = Field(default=None, sa_type=sa.BigInteger)
+    log_payloads: bool = Field(default=False)
     created_at: datetime = ts()
     last_used_at: datetime | None = ts(nullable=True)
     revoked_at: datetime | None = ts(nullable=True)

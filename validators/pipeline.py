@@ -277,9 +277,14 @@ def _bundle_metadata(fmt: ModelFormat, report: BundleReport, ctx: _Context) -> d
 
 def bundle_sha256(files: Sequence[FileReport]) -> str:
     """The file's digest for one file; else a digest over sorted `path\\tsha256` lines."""
+    return bundle_digest([(f.path, f.sha256) for f in files])
+
+
+def bundle_digest(files: Sequence[tuple[str, str]]) -> str:
+    """`bundle_sha256` over `(path, sha256)` pairs (a served bundle, rows from the database)."""
     if len(files) == 1:
-        return files[0].sha256
-    lines = sorted(f"{f.path}\t{f.sha256}\n" for f in files)
+        return files[0][1]
+    lines = sorted(f"{path}\t{sha256}\n" for path, sha256 in files)
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 

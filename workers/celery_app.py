@@ -2,15 +2,40 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown
+from celery.signals import (
+    celeryd_after_setup,
+    celeryd_init,
+    setup_logging,
+    worker_ready,
+    worker_shutdown,
+)
 
+from core import logs
 from core.queue import INFER_QUEUE, direct_queue, make_celery
 from core.settings import get_settings
 
+log = logging.getLogger("inferatech.worker")
 app = make_celery(get_settings())
 app.conf.include = ["workers.tasks"]
+logs.propagate_to_celery()
+
+
+@setup_logging.connect  # type: ignore[untyped-decorator]
+def _setup_logging(**_: Any) -> None:
+    """Our format (JSON by default) instead of Celery's; a receiver here replaces Celery's setup."""
+    settings = get_settings()
+    logs.configure(settings.log_level, settings.effective_log_format)
+
+
+@celeryd_init.connect  # type: ignore[untyped-decorator]
+def _worker_init(instance: Any, **_: Any) -> None:
+    """Logging before Celery's first warning; in JSON mode its banner becomes a log line."""
+    _setup_logging()
+    if get_settings().effective_log_format == "json":
+        instance.quiet = True  # every output line must be JSON
 
 
 @celeryd_after_setup.connect  # type: ignore[untyped-decorator]
@@ -19,6 +44,8 @@ def _add_direct_queue(sender: str, instance: Any, **_: Any) -> None:
     queues = instance.app.amqp.queues
     if INFER_QUEUE in queues.consume_from:
         queues.select_add(direct_queue(sender))
+    log.info("worker %s consuming %s", sender, ", ".join(sorted(queues.consume_from)),
+             extra={"worker": sender, "queues": sorted(queues.consume_from)})  # fmt: skip
 
 
 @worker_ready.connect  # type: ignore[untyped-decorator]
@@ -29,6 +56,6 @@ def _start_heartbeat(sender: Any, **_: Any) -> None:
     from workers.inference import executor_for
 
     ex = executor_for(get_settings())
-    beat = Heartbeat(sender.hostname, ex.pool, ex.redis)
+    beat = Heartbeat(sender.hostname, ex.pool, ex.redis, ex.cache)
     beat.start()
     worker_shutdown.connect(lambda **_: beat.stop(), weak=False)

@@ -16,6 +16,7 @@ import redis
 
 from core.queue import HEARTBEAT_INDEX, HEARTBEAT_PREFIX, direct_queue
 from workers.pool import RunnerPool
+from workers.weight_cache import WeightCache
 
 log = logging.getLogger("inferatech.heartbeat")
 INTERVAL_S = 2.0
@@ -35,7 +36,10 @@ def hardware() -> dict[str, Any]:
     return {"cpus": os.cpu_count() or 1, "gpus": gpus}
 
 
-def snapshot(nodename: str, pool: RunnerPool, hw: dict[str, Any]) -> dict[str, Any]:
+def snapshot(
+    nodename: str, pool: RunnerPool, hw: dict[str, Any], cache: WeightCache | None = None
+) -> dict[str, Any]:
+    """Routing state, and the counters `/metrics` shows per worker."""
     stats = pool.stats()
     return {
         "name": nodename,
@@ -49,6 +53,8 @@ def snapshot(nodename: str, pool: RunnerPool, hw: dict[str, Any]) -> dict[str, A
         "free_slots": max(pool.config.max_runners - stats.busy, 0),
         "cold_starts": stats.cold_starts,
         "hits": stats.hits,
+        "cache_hits": cache.hits if cache is not None else 0,
+        "cache_misses": cache.misses if cache is not None else 0,
         "hardware": hw,
         "at": time.time(),
     }
@@ -66,8 +72,14 @@ def publish(client: redis.Redis, beat: dict[str, Any]) -> None:  # type: ignore[
 class Heartbeat:
     """A daemon thread publishing this worker's snapshot every INTERVAL_S."""
 
-    def __init__(self, nodename: str, pool: RunnerPool, client: redis.Redis) -> None:  # type: ignore[type-arg]
-        self.nodename, self.pool, self.client = nodename, pool, client
+    def __init__(
+        self,
+        nodename: str,
+        pool: RunnerPool,
+        client: redis.Redis,  # type: ignore[type-arg]
+        cache: WeightCache | None = None,
+    ) -> None:
+        self.nodename, self.pool, self.client, self.cache = nodename, pool, client, cache
         self._stop = threading.Event()
         self._hw = hardware()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
@@ -86,7 +98,7 @@ class Heartbeat:
     def _run(self) -> None:
         while True:
             try:
-                publish(self.client, snapshot(self.nodename, self.pool, self._hw))
+                publish(self.client, snapshot(self.nodename, self.pool, self._hw, self.cache))
             except redis.RedisError as exc:  # keep beating once Redis is back
                 log.warning("heartbeat failed: %s", type(exc).__name__)
             if self._stop.wait(INTERVAL_S):

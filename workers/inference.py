@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -10,15 +11,16 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from core import batches, events
+from core import batches, cluster_metrics, events, limits, sessions
 from core.db import session_scope
-from core.queue import BATCH_WEBHOOK_TASK, WEBHOOK_QUEUE, WEBHOOK_TASK
+from core.queue import BATCH_WEBHOOK_TASK, EMBED_OP, WEBHOOK_QUEUE, WEBHOOK_TASK
 from core.redis import get_redis
 from core.settings import Settings
 from core.storage import get_storage
-from core.tables import JobStatus, utcnow
+from core.tables import JobStatus, ModelFile, utcnow
 from workers import jobs
-from workers.engines.base import GenerateRequest, SamplingParams
+from workers.conversion import served, served_sha256
+from workers.engines.base import ChatMessage, GenerateRequest, SamplingParams
 from workers.jobs import JobContext, Terminal
 from workers.pool import RunnerPool
 from workers.runner.process import RunnerFatal, RunnerSetupFailed, RunnerTimeout
@@ -52,12 +54,12 @@ class Executor:
         )
         self.pool.start_reaper()
 
-    def cached_files(self, ctx: JobContext) -> list[CachedFile]:
+    def cached_files(self, rows: list[ModelFile]) -> list[CachedFile]:
         return [
             CachedFile(
                 f.path, f.sha256 or "", f.size_bytes, partial(self.storage.open_read, f.object_key)
             )
-            for f in ctx.files
+            for f in rows
         ]
 
 
@@ -79,9 +81,11 @@ def _ms(start: datetime, end: datetime) -> float:
 
 
 def request_of(params: dict[str, Any]) -> GenerateRequest:
+    messages = params.get("messages")
     return GenerateRequest(
-        prompt=params["prompt"],
+        prompt=params.get("prompt") or "",
         raw=bool(params.get("raw")),
+        messages=None if messages is None else tuple(ChatMessage(**m) for m in messages),
         params=SamplingParams(
             max_tokens=params["max_tokens"],
             temperature=params["temperature"],
@@ -177,8 +181,11 @@ def _run(
     queue_ms = timings["queue_ms"]
     try:
         model = ctx.model
+        # The cache holds the served bundle (converted safetensors, never a pickle) under its
+        # own digest; runners stay keyed by the model's digest, which API routing knows.
+        files = served(ctx.files)
         with (
-            ex.cache.use(model.sha256 or "", ex.cached_files(ctx)) as bundle,
+            ex.cache.use(served_sha256(files), ex.cached_files(files)) as bundle,
             ex.pool.acquire(model.sha256 or "", bundle, model.format or "") as (
                 runner,
                 cold,
@@ -188,7 +195,9 @@ def _run(
             timings["cold_start_ms"] = round(cold_ms, 3) if cold else 0.0
             status = {"type": "status", "status": "running", "queue_ms": queue_ms}
             publisher.put({**status, "cold_start": cold})
-            done = _generate(ex, ctx, runner, publisher, started, texts)
+            if ctx.job.params.get("op") == EMBED_OP:
+                return _embed(ex, ctx, runner, publisher, timings, started)
+            done = _generate(ex, ctx, runner, publisher, timings, started, texts)
     except RunnerSetupFailed as exc:
         return Terminal(
             JobStatus.FAILED, error_code="LOAD_FAILED", error_message=str(exc), timings=timings
@@ -213,11 +222,39 @@ def _run(
     return _terminal_of(done, timings, "".join(texts))
 
 
+def _embed(
+    ex: Executor,
+    ctx: JobContext,
+    runner: Any,
+    publisher: TokenPublisher,
+    timings: dict[str, Any],
+    started: float,
+) -> Terminal:
+    """An embedding job: the vectors travel with the terminal event, not as tokens."""
+    job = ctx.job
+    remaining = job.execution_timeout_s - (time.perf_counter() - started)
+    try:
+        vectors, done = runner.embed(job.params["input"], job.id, timeout=max(remaining, 1.0))
+    finally:
+        publisher.end()
+    timings["run_ms"] = round((time.perf_counter() - started) * 1000 - timings["cold_start_ms"], 3)
+    end = _terminal_of(done, timings, "")
+    if end.status is JobStatus.SUCCEEDED:
+        if not all(math.isfinite(x) for v in vectors for x in v):
+            end.status, end.error_code = JobStatus.FAILED, "INFERENCE_FAILED"
+            end.error_message, end.result = "the model produced non-finite embeddings", None
+            end.prompt_tokens = 0
+        else:
+            end.vectors = vectors
+    return end
+
+
 def _generate(
     ex: Executor,
     ctx: JobContext,
     runner: Any,
     publisher: TokenPublisher,
+    timings: dict[str, Any],
     started: float,
     texts: list[str],
 ) -> Done:
@@ -228,6 +265,9 @@ def _generate(
     watcher.start()
 
     def on_token(tok: Token) -> None:
+        if not texts:  # from the job's creation, as its client sees it
+            since_start_ms = (time.perf_counter() - started) * 1000
+            timings["first_token_ms"] = round(timings["queue_ms"] + since_start_ms, 3)
         texts.append(tok.text)
         publisher.put({"type": "token", "text": tok.text, "index": tok.index})
 
@@ -333,6 +373,41 @@ def _terminal_of(done: Done, timings: dict[str, Any], text: str) -> Terminal:
     return end
 
 
+def _seconds(timings: dict[str, Any], name: str) -> float | None:
+    value = timings.get(name)
+    return value / 1000 if isinstance(value, int | float) else None
+
+
+def _metrics_of(ctx: JobContext, end: Terminal) -> cluster_metrics.JobMetrics:
+    t = end.timings
+    cold = _seconds(t, "cold_start_ms")
+    return cluster_metrics.JobMetrics(
+        model_id=ctx.job.model_id,
+        status=end.status.value,
+        prompt_tokens=end.prompt_tokens,
+        completion_tokens=end.completion_tokens,
+        queue_s=_seconds(t, "queue_ms"),
+        cold_start_s=cold if cold else None,  # 0.0: a warm runner, not a cold start
+        first_token_s=_seconds(t, "first_token_ms"),
+        duration_s=(utcnow() - ctx.job.created_at).total_seconds(),
+    )
+
+
+def _log_fields(ctx: JobContext, end: Terminal) -> dict[str, Any]:
+    """Ids, counts and timings of an ended job: never its prompt or completion."""
+    fields: dict[str, Any] = {
+        "job_id": ctx.job.id,
+        "model_id": ctx.job.model_id,
+        "status": end.status.value,
+        "prompt_tokens": end.prompt_tokens,
+        "completion_tokens": end.completion_tokens,
+        "error_code": end.error_code,
+    }
+    for name in ("queue_ms", "cold_start_ms", "first_token_ms", "run_ms"):
+        fields[name] = end.timings.get(name)
+    return fields
+
+
 def _end(
     ex: Executor, ctx: JobContext, end: Terminal, publisher: TokenPublisher | None = None
 ) -> str:
@@ -342,11 +417,33 @@ def _end(
     finally:
         if publisher is not None:
             held = publisher.close()  # every token is on the stream before the terminal event
+    pipe = ex.redis.pipeline(transaction=False)
+    if ctx.job.api_key_id:
+        # Debited here, not by the API: only the worker sees every job end exactly once
+        # (`finish` above), a client that hung up or never waited (`/v1/jobs`) included.
+        # Before the terminal event, so a caller's next request already sees the debit.
+        tokens = end.prompt_tokens + end.completion_tokens if finished else 0
+        limits.queue_settle(
+            pipe, key_id=ctx.job.api_key_id, job_id=ctx.job.id, tokens=tokens, now=utcnow()
+        )
     if not finished:
-        if held:
-            events.publish_many(ex.redis, ctx.job.id, held)
+        events.queue_events(pipe, ctx.job.id, held)
+        pipe.execute()
         return "skipped"
-    events.publish_many(ex.redis, ctx.job.id, [*held, end.event()])
+    cluster_metrics.record_job(pipe, _metrics_of(ctx, end))
+    if session := ctx.job.params.get("session"):  # chain mode: the turn, before the answer
+        succeeded = end.status is JobStatus.SUCCEEDED and end.result is not None
+        sessions.queue_turn(
+            pipe,
+            session,
+            ctx.job.id,
+            completion=str(end.result["completion"]) if succeeded and end.result else None,
+            prompt_tokens=end.prompt_tokens,
+            completion_tokens=end.completion_tokens,
+        )
+    events.queue_events(pipe, ctx.job.id, [*held, end.event()])
+    pipe.execute()
+    log.info("job ended", extra=_log_fields(ctx, end))
     if ctx.job.webhook_url:
         from workers.celery_app import app
 

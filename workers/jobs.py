@@ -48,6 +48,8 @@ class Terminal:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     timings: dict[str, Any] = field(default_factory=dict)
+    # An embedding job's vectors: they reach the caller on the stream, never the database.
+    vectors: list[list[float]] | None = None
 
     def event(self) -> dict[str, Any]:
         ev: dict[str, Any] = {"type": "done", "status": self.status.value}
@@ -57,8 +59,15 @@ class Terminal:
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
             }
+            if self.vectors is not None:
+                ev["result"]["embeddings"] = self.vectors
         else:
             ev["error"] = {"code": self.error_code, "message": self.error_message}
+            # What a cancelled or failed job still consumed (and is billed for).
+            ev["usage"] = {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+            }
         return ev
 
 

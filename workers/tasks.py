@@ -11,6 +11,7 @@ from billing import pusher
 from core import lifecycle
 from core.db import session_scope
 from core.errors import StorageError
+from core.logs import log_context
 from core.queue import (
     BATCH_WEBHOOK_TASK,
     BILLING_PUSH_TASK,
@@ -63,7 +64,8 @@ def validate_model(self: Any, model_id: str) -> str:
 def infer(self: Any, job_id: str, timeout_s: float | None = None, live: bool = True) -> str:
     """Run one inference job (idempotent by job id); `live` False: nobody streams it."""
     ex = inference.executor_for(get_settings())
-    outcome = inference.run_job(job_id, ex, timeout_s, live=live)
+    with log_context(job_id=job_id):
+        outcome = inference.run_job(job_id, ex, timeout_s, live=live)
     if outcome == "busy":  # another worker holds the job: look again later
         raise self.retry(countdown=5)
     return outcome

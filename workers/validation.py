@@ -1,15 +1,21 @@
-"""Run the validators over a model's uploaded objects and record the verdict."""
+"""Run the validators over a model's uploaded objects and record the verdict.
+
+Order: structure and safety checks of every file (no ML library), then pickle-based weights
+converted to safetensors in a sandbox (`workers.conversion`), then a smoke load of the bundle
+runners will get (the converted one), then one transaction with the verdict and the files.
+"""
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import update
-from sqlmodel import select
+from sqlalchemy import delete, update
+from sqlmodel import Session, col, select
 
 from core.db import session_scope, update_rows
 from core.redis import get_redis
@@ -18,7 +24,8 @@ from core.storage import get_storage
 from core.storage.base import ObjectStorage
 from core.tables import Model, ModelFile, ModelStatus, utcnow
 from validators.base import BundleReport, Finding
-from validators.pipeline import BundleFile, validate_bundle
+from validators.pipeline import BundleFile, bundle_digest, validate_bundle
+from workers.conversion import ConversionRejected, ConvertedFile, convert_bundle
 from workers.smoke import smoke_test
 from workers.weight_cache import CachedFile
 
@@ -42,7 +49,13 @@ def run(model_id: str, settings: Settings) -> str:
         model = s.get(Model, model_id)
         if model is None or model.status is not ModelStatus.VALIDATING:
             return "skipped"
-        rows = list(s.exec(select(ModelFile).where(ModelFile.model_id == model_id)))
+        prefix = f"{model.account_id}/{model.id}/"
+        # Converted files of an earlier, interrupted run are the worker's, not the upload.
+        rows = [
+            r
+            for r in s.exec(select(ModelFile).where(ModelFile.model_id == model_id))
+            if r.converted_from is None
+        ]
     lock = get_redis(settings).lock(
         f"lock:validate:{model_id}", timeout=settings.validation_time_limit_s + 120, blocking=False
     )
@@ -61,24 +74,57 @@ def run(model_id: str, settings: Settings) -> str:
             log.exception("validator crashed on %s", model_id)
             reject(model_id, settings, "VALIDATOR_ERROR", "the bundle could not be parsed safely")
             return "rejected"
+        converted = _convert(model_id, settings, report, rows, prefix) if report.ok else []
         if report.ok and settings.validation_smoke_test:
-            _smoke(model_id, settings, report, rows)
-        return record(model_id, settings, report)
+            _smoke(model_id, settings, report, rows, converted)
+        return record(model_id, settings, report, converted)
     finally:
         lock.release()
 
 
-def _smoke(model_id: str, settings: Settings, report: BundleReport, rows: list[ModelFile]) -> None:
-    """Load the model once in a runner; a failure becomes the report's LOAD_FAILED finding."""
+def _convert(
+    model_id: str, settings: Settings, report: BundleReport, rows: list[ModelFile], prefix: str
+) -> list[ConvertedFile]:
+    """Pickle-based weights → safetensors in the sandbox; a failure rejects the model."""
+    keys = {r.path: r.object_key for r in rows}
+    try:
+        return convert_bundle(settings, get_storage(settings), prefix, report, keys)
+    except ConversionRejected as exc:
+        report.findings.append(Finding(exc.code, exc.message, path=exc.path))
+    except SoftTimeLimitExceeded:
+        raise
+    except Exception as exc:
+        if _is_transient(exc):
+            raise
+        log.exception("conversion crashed on %s", model_id)
+        message = f"the weights could not be converted ({type(exc).__name__}); quote the model id"
+        report.findings.append(Finding("CONVERSION_FAILED", message))
+    return []
+
+
+def _smoke(
+    model_id: str,
+    settings: Settings,
+    report: BundleReport,
+    rows: list[ModelFile],
+    converted: list[ConvertedFile],
+) -> None:
+    """Load the served bundle once in a runner; a failure becomes a LOAD_FAILED finding."""
     storage = get_storage(settings)
     keys = {r.path: r.object_key for r in rows}
+    replaced = {c.source for c in converted}
     files = [
         CachedFile(f.path, f.sha256, f.size, partial(storage.open_read, keys[f.path]))
         for f in report.files
+        if f.path not in replaced
+    ] + [
+        CachedFile(c.path, c.sha256, c.size, partial(storage.open_read, c.object_key))
+        for c in converted
     ]
     fmt = report.format.value if report.format else ""
+    digest = bundle_digest([(f.path, f.sha256) for f in files])
     try:
-        result = smoke_test(settings, report.sha256 or "", fmt, files)
+        result = smoke_test(settings, digest, fmt, files)
     except SoftTimeLimitExceeded:
         raise
     except Exception as exc:
@@ -101,7 +147,12 @@ def _is_transient(exc: Exception) -> bool:
     return isinstance(exc, StorageError | ConnectionError | TimeoutError)
 
 
-def record(model_id: str, settings: Settings, report: BundleReport) -> str:
+def record(
+    model_id: str,
+    settings: Settings,
+    report: BundleReport,
+    converted: Sequence[ConvertedFile] = (),
+) -> str:
     rejection = report.rejection
     with session_scope(settings) as s:
         for fr in report.files:
@@ -111,6 +162,7 @@ def record(model_id: str, settings: Settings, report: BundleReport) -> str:
                 .where(ModelFile.model_id == model_id, ModelFile.path == fr.path)  # type: ignore[arg-type]
                 .values(sha256=fr.sha256, kind=fr.kind.value),
             )
+        _record_converted(s, model_id, converted)
         values: dict[str, Any] = {"updated_at": utcnow(), "validated_at": utcnow()}
         if rejection is None:
             values |= {
@@ -134,6 +186,28 @@ def record(model_id: str, settings: Settings, report: BundleReport) -> str:
     verdict = "ready" if rejection is None else "rejected"
     log.info("model %s %s%s", model_id, verdict, f" ({rejection.code})" if rejection else "")
     return verdict if moved else "skipped"
+
+
+def _record_converted(s: Session, model_id: str, converted: Sequence[ConvertedFile]) -> None:
+    """The converted files, replacing any an interrupted earlier run recorded."""
+    s.execute(
+        delete(ModelFile).where(
+            col(ModelFile.model_id) == model_id, col(ModelFile.converted_from).is_not(None)
+        )
+    )
+    for c in converted:
+        s.add(
+            ModelFile(
+                model_id=model_id,
+                path=c.path,
+                size_bytes=c.size,
+                object_key=c.object_key,
+                uploaded=True,
+                sha256=c.sha256,
+                kind=c.kind,
+                converted_from=c.source,
+            )
+        )
 
 
 def reject(model_id: str, settings: Settings, code: str, message: str) -> None:

@@ -118,7 +118,7 @@ class WeightCache:
             return blob
         tmp = self.blobs / f".tmp-{f.sha256}-{uuid.uuid4().hex}"
         try:
-            digest, size = _copy_hashing(f.open, tmp)
+            digest, size = copy_hashing(f.open, tmp)
             if size != f.size or digest != f.sha256:
                 raise CacheIntegrityError(
                     f"{f.path}: expected {f.size} bytes sha256 {f.sha256[:12]}…,"
@@ -214,7 +214,7 @@ class WeightCache:
             os.close(fd)
 
 
-def _copy_hashing(opener: Callable[[], BinaryIO], dest: Path) -> tuple[str, int]:
+def copy_hashing(opener: Callable[[], BinaryIO], dest: Path) -> tuple[str, int]:
     digest = hashlib.sha256()
     size = 0
     with opener() as src, open(dest, "xb") as out:

@@ -20,7 +20,7 @@ from api.batches.protocol import (
 from api.inference.auth_cache import AuthCache
 from api.inference.jobs import Reader
 from api.inference.protocol import InferRequest, JobError
-from api.inference.serving import enqueue, new_job
+from api.inference.serving import JobSpec, enqueue, new_job
 from api.prompt_routing.resolve import open_scope
 from core import batches, events
 from core.db import update_rows
@@ -89,7 +89,7 @@ def create_batch(
             job = new_job(
                 settings=settings,
                 grant=target.grant,
-                req=req,
+                spec=JobSpec.of(req),
                 router_id=target.router_id,
                 batch_id=batch.id,
             )

@@ -27,10 +27,27 @@ class Grant:
     model_id: str
     secret_hash: str = field(repr=False)  # a digest, but kept out of logs all the same
     model_sha256: str | None
+    model_name: str = ""  # `/openai/v1` callers may name the model instead of giving its id
+    # The key's limits as minted (None: the server default); fixed for the key's life.
+    rate_limit_rpm: int | None = None
+    rate_limit_tpm: int | None = None
+    rate_limit_concurrency: int | None = None
+    monthly_token_budget: int | None = None
 
     @classmethod
     def of(cls, key: ApiKey, model: Model) -> Grant:
-        return cls(key.id, key.account_id, model.id, key.secret_hash, model.sha256)
+        return cls(
+            key.id,
+            key.account_id,
+            model.id,
+            key.secret_hash,
+            model.sha256,
+            model.name,
+            key.rate_limit_rpm,
+            key.rate_limit_tpm,
+            key.rate_limit_concurrency,
+            key.monthly_token_budget,
+        )
 
 
 class AuthCache:

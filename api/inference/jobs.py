@@ -9,7 +9,7 @@ from sqlmodel import Session, select
 
 from api.inference.auth import authenticate_key, key_token
 from api.inference.protocol import InferResponse, JobError, JobPublic, JobTimings
-from core import events, keys
+from core import events, keys, limits, sessions
 from core.db import get_engine, update_rows
 from core.errors import AuthenticationFailed, JobNotFound
 from core.redis import get_redis
@@ -89,6 +89,10 @@ def cancel(session: Session, settings: Settings, job: Job) -> Job:
     client = get_redis(settings)
     events.request_cancel(client, job.id)
     if cancelled_now:
+        if job.api_key_id:  # no worker will end it: free its concurrency slot here
+            limits.release(client, job.api_key_id, job.id)
+        if chain := job.params.get("session"):  # and its session's lock
+            sessions.release(client, str(chain["id"]), job.id)
         error = {"code": "JOB_CANCELLED", "message": "cancelled before it started"}
         events.publish(client, job.id, {"type": "done", "status": "cancelled", "error": error})
     session.refresh(job)

@@ -41,6 +41,9 @@ class InferRequest(GenerationParams):
     prompt: str = Field(min_length=1)
     api_key: str | None = Field(default=None, max_length=200, description="prefer the header")
     stream: StrictBool = False
+    session_id: str | None = Field(
+        default=None, pattern=r"^ses_[A-Za-z0-9]{1,40}$", description="continue a chain session"
+    )
 
 
 class JobCreate(InferRequest):

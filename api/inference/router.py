@@ -6,8 +6,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from celery import Celery
-from fastapi import APIRouter, Header, Request, Response
+import anyio
+from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlmodel import Session
@@ -15,22 +15,23 @@ from sqlmodel import Session
 from api.batches.service import close_and_notify
 from api.deps import SessionDep, SettingsDep
 from api.inference import jobs as job_svc
+from api.inference import limits
 from api.inference.auth import key_token
+from api.inference.auth_cache import AuthCache
 from api.inference.protocol import InferRequest, JobCreate, JobCreated, JobPublic
-from api.inference.routing import WorkerDirectory
 from api.inference.serving import (
+    JobSpec,
     Outcome,
-    create_job,
     deadline_for,
     follow_until,
     headers_of,
     response_of,
     routed_header,
     sse_event,
+    start_job,
 )
-from api.prompt_routing.resolve import resolve_target
+from api.prompt_routing.resolve import Target, resolve_target
 from core import events
-from core.db import get_engine
 from core.settings import Settings
 from core.tables import Job
 
@@ -39,24 +40,19 @@ Authorization = Annotated[str | None, Header()]
 
 
 def _start(request: Request, settings: Settings, body: InferRequest, auth: str | None) -> Job:
-    celery: Celery = request.app.state.celery
-    directory: WorkerDirectory = request.app.state.workers
-    with Session(get_engine(settings), expire_on_commit=False) as session:
+    """Authenticate, admit under the key's limits, persist and enqueue the job."""
+
+    def authorize(session: Session, cache: AuthCache) -> Target:
         token = key_token(auth, body.api_key)
-        cache = request.app.state.auth_cache
-        target = resolve_target(session, settings, cache, token, body.model_id, body.prompt)
-        grant = target.grant
-        queue = directory.queue_for(grant.model_sha256 or grant.model_id)
-        return create_job(
-            session=session,
-            settings=settings,
-            celery=celery,
-            grant=grant,
-            req=body,
-            queue=queue,
-            live=isinstance(body, JobCreate) or body.stream,
-            router_id=target.router_id,
-        )
+        return resolve_target(session, settings, cache, token, body.model_id, body.prompt)
+
+    return start_job(
+        conn=request,
+        settings=settings,
+        authorize=authorize,
+        spec=JobSpec.of(body),
+        live=isinstance(body, JobCreate) or body.stream,
+    )
 
 
 @router.post("/v1/infer", response_model=None)
@@ -72,20 +68,33 @@ async def infer(
     aredis = request.app.state.aredis
     outcome = Outcome()
     if not body.stream:
-        async for _ in follow_until(aredis, job.id, outcome, deadline=deadline_for(job)):
-            pass
+        try:
+            async for _ in follow_until(aredis, job.id, outcome, deadline=deadline_for(job)):
+                pass
+        finally:
+            await limits.release(aredis, job.api_key_id, job.id)
         reply = response_of(job, outcome, started)
-        return JSONResponse(reply.model_dump(), headers=headers_of(job, outcome))
-    head = [
-        e
-        async for e in follow_until(
-            aredis, job.id, outcome, deadline=deadline_for(job), until="status"
-        )
-    ]
+        headers = {**headers_of(job, outcome), **limits.response_headers(request)}
+        return JSONResponse(reply.model_dump(), headers=headers)
+    try:
+        head = [
+            e
+            async for e in follow_until(
+                aredis, job.id, outcome, deadline=deadline_for(job), until="status"
+            )
+        ]
+    except BaseException:
+        await limits.release(aredis, job.api_key_id, job.id)
+        raise
     return StreamingResponse(
         _sse(aredis, job, outcome, head, started),
         media_type="text/event-stream",
-        headers={**headers_of(job, outcome), "Cache-Control": "no-cache", "X-Job-Id": job.id},
+        headers={
+            **headers_of(job, outcome),
+            **limits.response_headers(request),
+            "Cache-Control": "no-cache",
+            "X-Job-Id": job.id,
+        },
     )
 
 
@@ -104,22 +113,24 @@ async def _sse(
                 yield chunk
         finished = True
     finally:
-        if not finished:  # the client went away: stop generating; usage is still recorded
-            await aredis.set(events.cancel_key(job.id), b"1", ex=events.STREAM_TTL_S)  # type: ignore[attr-defined]
+        # A hang-up cancels this task (anyio: every later await too): shield the clean-up,
+        # or the runner would never hear of it and the slot would wait for the job to end.
+        with anyio.CancelScope(shield=True):
+            if not finished:  # the client went away: stop generating; usage is still recorded
+                await aredis.set(events.cancel_key(job.id), b"1", ex=events.STREAM_TTL_S)  # type: ignore[attr-defined]
+            await limits.release(aredis, job.api_key_id, job.id)  # type: ignore[arg-type]
 
 
-@router.post("/v1/jobs", status_code=202)
+@router.post("/v1/jobs", status_code=202, response_model=JobCreated)
 async def submit(
-    body: JobCreate,
-    request: Request,
-    response: Response,
-    settings: SettingsDep,
-    authorization: Authorization = None,
-) -> JobCreated:
-    """Queue a job; poll `GET /v1/jobs/{id}` or follow `/stream`."""
+    body: JobCreate, request: Request, settings: SettingsDep, authorization: Authorization = None
+) -> JSONResponse:
+    """Queue a job; poll `GET /v1/jobs/{id}` or follow `/stream`. Its slot ends with the job."""
     job = await run_in_threadpool(_start, request, settings, body, authorization)
-    response.headers.update(routed_header(job))
-    return JobCreated(id=job.id, status="queued", routed_to=job.model_id if job.router_id else None)
+    routed_to = job.model_id if job.router_id else None
+    created = JobCreated(id=job.id, status="queued", routed_to=routed_to)
+    headers = {**limits.response_headers(request), **routed_header(job)}
+    return JSONResponse(created.model_dump(), status_code=202, headers=headers)
 
 
 @router.get("/v1/jobs/{job_id}")

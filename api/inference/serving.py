@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -13,13 +14,20 @@ from typing import Any
 import redis.asyncio as aioredis
 from celery import Celery
 from sqlmodel import Session
+from starlette.requests import HTTPConnection
 
-from api.inference.auth_cache import Grant
+from api.inference import limits, sessions
+from api.inference.auth_cache import AuthCache, Grant
 from api.inference.protocol import InferRequest, InferResponse, JobCreate
+from api.inference.routing import WorkerDirectory
+from api.prompt_routing.resolve import Target
 from core import events
+from core import limits as core_limits
+from core.db import get_engine
 from core.errors import JobTimeout, ServiceUnavailable, job_error
 from core.ids import new_id
 from core.queue import INFER_QUEUE, INFER_TASK, INTERACTIVE_PRIORITY
+from core.redis import get_redis
 from core.settings import Settings
 from core.tables import Job, JobStatus, utcnow
 
@@ -29,37 +37,122 @@ GENERATION_FIELDS = {"prompt", "raw", "temperature", "max_tokens", "top_p", "top
 WAIT_GRACE_S = 60
 
 
+@dataclass(frozen=True)
+class JobSpec:
+    """What a job runs (the worker's params: a generation or an embedding) and its limits."""
+
+    params: dict[str, Any]
+    input_chars: int  # prompt, messages or embedding inputs, all counted
+    input_name: str = "prompt"  # how the error about too many characters names the input
+    max_tokens: int = 0
+    execution_timeout_s: int | None = None
+    ttl_s: int | None = None
+    webhook_url: str | None = None
+    detached: bool = False  # an async job (`/v1/jobs`): nobody waits for it
+    session_id: str | None = None  # a chain-mode session the job continues
+
+    @classmethod
+    def of(cls, req: InferRequest) -> JobSpec:
+        """A `/v1/infer` or `/v1/jobs` body."""
+        spec = cls(
+            params=req.model_dump(include=GENERATION_FIELDS),
+            input_chars=len(req.prompt),
+            max_tokens=req.max_tokens,
+            session_id=req.session_id,
+        )
+        if isinstance(req, JobCreate):
+            spec = dataclasses.replace(
+                spec,
+                execution_timeout_s=req.execution_timeout_s,
+                ttl_s=req.ttl_s,
+                webhook_url=req.webhook_url,
+                detached=True,
+            )
+        return spec
+
+
+def start_job(
+    *,
+    conn: HTTPConnection,
+    settings: Settings,
+    authorize: Callable[[Session, AuthCache], Grant | Target],
+    spec: JobSpec,
+    live: bool,
+) -> Job:
+    """The one way every inference route starts a job: authorize, admit, pick the queue, enqueue.
+
+    `conn` is the request (or WebSocket): its app's state has the Celery app, the worker
+    directory and the auth cache, and its own state receives the key's `X-RateLimit-*`
+    headers. `authorize` returns the caller's grant (or the target a prompt router chose);
+    the key's limits are enforced right after it, holding a concurrency slot that the worker
+    frees when the job ends.
+    """
+    state = conn.app.state
+    celery: Celery = state.celery
+    directory: WorkerDirectory = state.workers
+    with Session(get_engine(settings), expire_on_commit=False) as session:
+        allowed = authorize(session, state.auth_cache)
+        target = allowed if isinstance(allowed, Target) else Target(allowed)
+        grant = target.grant
+        conn.state.model_id = grant.model_id  # a metrics label only once it authenticated
+        job_id = new_id("job")
+        client = get_redis(settings)
+        if spec.session_id is not None:  # holds the session's lock until the job ends
+            spec = sessions.continued(client, spec, grant, job_id, timeout_and_ttl(settings, spec))
+        try:
+            limits.enforce(
+                conn, client=client, session=session, settings=settings, grant=grant,
+                job_id=job_id, lease_s=slot_lease_s(settings, spec),
+            )  # fmt: skip
+        except BaseException:
+            sessions.release(client, spec, job_id)
+            raise
+        try:
+            return create_job(
+                session=session,
+                settings=settings,
+                celery=celery,
+                grant=grant,
+                spec=spec,
+                queue=directory.queue_for(grant.model_sha256 or grant.model_id),
+                live=live,
+                job_id=job_id,
+                router_id=target.router_id,
+            )
+        except BaseException:
+            core_limits.release(client, grant.key_id, job_id)  # no job, so no worker to free it
+            sessions.release(client, spec, job_id)
+            raise
+
+
 def new_job(
     *,
     settings: Settings,
     grant: Grant,
-    req: InferRequest,
+    spec: JobSpec,
+    job_id: str | None = None,
     router_id: str | None = None,
     batch_id: str | None = None,
 ) -> Job:
-    """A checked, unsaved job row for `req`, served by the grant's model."""
-    if len(req.prompt) > settings.max_prompt_chars:
-        raise job_error("INVALID_REQUEST", f"prompt is over {settings.max_prompt_chars} characters")
-    if req.max_tokens > settings.max_completion_tokens:
+    """A checked, unsaved job row for `spec`, served by the grant's model."""
+    if spec.input_chars > settings.max_prompt_chars:
+        raise job_error(
+            "INVALID_REQUEST", f"{spec.input_name} is over {settings.max_prompt_chars} characters"
+        )
+    if spec.max_tokens > settings.max_completion_tokens:
         raise job_error(
             "INVALID_REQUEST", f"max_tokens is capped at {settings.max_completion_tokens}"
         )
-    timeout = settings.execution_timeout_s
-    ttl = settings.job_ttl_s
-    webhook = None
-    if isinstance(req, JobCreate):
-        timeout = min(req.execution_timeout_s or timeout, settings.max_execution_timeout_s)
-        ttl = req.ttl_s or ttl
-        webhook = req.webhook_url
+    timeout, ttl = timeout_and_ttl(settings, spec)
     return Job(
-        id=new_id("job"),
+        id=job_id or new_id("job"),
         account_id=grant.account_id,
         model_id=grant.model_id,
         api_key_id=grant.key_id,
         router_id=router_id,
         batch_id=batch_id,
-        params=req.model_dump(include=GENERATION_FIELDS),
-        webhook_url=webhook,
+        params=spec.params,
+        webhook_url=spec.webhook_url,
         execution_timeout_s=timeout,
         expires_at=utcnow() + timedelta(seconds=ttl),
     )
@@ -98,9 +191,10 @@ def create_job(
     settings: Settings,
     celery: Celery,
     grant: Grant,
-    req: InferRequest,
+    spec: JobSpec,
     queue: str = INFER_QUEUE,
     live: bool = True,
+    job_id: str | None = None,
     router_id: str | None = None,
 ) -> Job:
     """Persist the job, then enqueue it by name; a broker outage fails it with 503.
@@ -108,11 +202,28 @@ def create_job(
     `live` False (a non-streaming `/v1/infer`: only this request ever reads the job) lets the
     worker publish the tokens with the terminal event instead of one by one.
     """
-    job = new_job(settings=settings, grant=grant, req=req, router_id=router_id)
+    job = new_job(settings=settings, grant=grant, spec=spec, job_id=job_id, router_id=router_id)
     session.add(job)
     session.commit()
     enqueue(session=session, celery=celery, job=job, queue=queue, live=live)
     return job
+
+
+def timeout_and_ttl(settings: Settings, spec: JobSpec) -> tuple[int, int]:
+    """The job's execution timeout and TTL (queue + run): settings, or the job's own asks."""
+    timeout = min(spec.execution_timeout_s or settings.execution_timeout_s,
+                  settings.max_execution_timeout_s)  # fmt: skip
+    return timeout, spec.ttl_s or settings.job_ttl_s
+
+
+def slot_lease_s(settings: Settings, spec: JobSpec) -> int:
+    """How long a concurrency slot may outlive a dead holder: as long as the job may live.
+
+    A waited-for job lasts `timeout + WAIT_GRACE_S` at most; an async job may sit queued for
+    its TTL.
+    """
+    timeout, ttl = timeout_and_ttl(settings, spec)
+    return timeout + WAIT_GRACE_S + (ttl if spec.detached else 0)
 
 
 @dataclass
@@ -123,6 +234,7 @@ class Outcome:
     queue_ms: float | None = None
     cold_start: bool = False
     done: dict[str, Any] | None = None
+    cursor: str = "0"  # the last stream entry read: a second follow resumes after it
 
 
 async def follow_until(
@@ -134,7 +246,8 @@ async def follow_until(
     until: str = "done",
 ) -> AsyncIterator[dict[str, Any]]:
     """Events of the job, recorded in `outcome`, until the `until` event type (or done)."""
-    async for _, event in events.afollow(aredis, job_id):
+    async for entry_id, event in events.afollow(aredis, job_id, after=outcome.cursor):
+        outcome.cursor = entry_id
         if event is None:
             if time.monotonic() > deadline:
                 raise JobTimeout("the job did not finish in time")
@@ -212,3 +325,28 @@ def sse_event(event: dict[str, Any], started: float) -> bytes | None:
             "latency_ms": round((time.perf_counter() - started) * 1000, 3),
         }
     )
+
+
+async def relay(
+    aredis: aioredis.Redis,  # type: ignore[type-arg]
+    job: Job,
+    outcome: Outcome,
+    head: list[dict[str, Any]],
+) -> AsyncGenerator[dict[str, Any]]:
+    """A streamed job's events: `head` (already read), then the rest until done.
+
+    Closed early (the client went away), it asks the worker to stop; the worker still
+    records the usage of what was generated.
+    """
+    finished = outcome.done is not None
+    try:
+        for event in head:
+            yield event
+        if finished:
+            return
+        async for event in follow_until(aredis, job.id, outcome, deadline=deadline_for(job)):
+            yield event
+        finished = True
+    finally:
+        if not finished:
+            await aredis.set(events.cancel_key(job.id), b"1", ex=events.STREAM_TTL_S)

@@ -49,8 +49,7 @@ def mint_key(
 ) -> KeyCreated:
     """Mint a key scoped to this router; the plaintext is returned once."""
     found = svc.get_owned_router(session, owner, router_id)
-    name = (body or KeyCreate()).name
     key, plaintext = svc.mint_router_key(
-        session=session, settings=settings, router=found, name=name
+        session=session, settings=settings, router=found, key_in=body or KeyCreate()
     )
     return KeyCreated(**key_public(key).model_dump(), key=plaintext)

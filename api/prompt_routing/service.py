@@ -6,6 +6,7 @@ from sqlmodel import Session, col, select
 
 from api.prompt_routing.protocol import RouterCreate, RouterPublic, Rule
 from api.prompt_routing.rules import compile_rules
+from api.schemas import KeyCreate
 from api.services import models as model_svc
 from core.errors import ModelNotFound, ModelNotReady, RouterNotFound
 from core.ids import new_id
@@ -80,13 +81,16 @@ def delete_router(*, session: Session, router: Router) -> list[str]:
 
 
 def mint_router_key(
-    *, session: Session, settings: Settings, router: Router, name: str
+    *, session: Session, settings: Settings, router: Router, key_in: KeyCreate
 ) -> tuple[ApiKey, str]:
-    """A key that may call this router only (its `model_id` is the default, a placeholder)."""
+    """A key that may call this router only (its `model_id` is the default, a placeholder).
+
+    Its limits (`key_in`) apply to every call through the router, whichever model serves.
+    """
     default = session.get(Model, router.default_model_id)
     assert default is not None  # a foreign key
     key, plaintext = model_svc.mint_key(
-        session=session, settings=settings, model=default, name=name
+        session=session, settings=settings, model=default, key_in=key_in
     )
     key.router_id = router.id
     session.add(key)

@@ -10,10 +10,11 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlmodel import Session, col, select
 
-from api.deps import CurrentAccount, SessionDep, SettingsDep, require_operator
+from api.deps import AuthCacheDep, CurrentAccount, SessionDep, SettingsDep, require_operator
 from api.inference.auth_cache import AuthCache
+from api.schemas import CustomerLinked
 from billing import webhooks
-from billing.customers import portal_url
+from billing.customers import ensure_customer, portal_url
 from billing.stripe_api import require_configured
 from billing.usage import usage_report
 from core.db import get_engine
@@ -73,6 +74,19 @@ def billing_portal(session: SessionDep, settings: SettingsDep, account: CurrentA
     """A Stripe billing-portal link for the account (501 when Stripe is not configured)."""
     require_configured(settings)
     return {"url": portal_url(session, settings, account)}
+
+
+@router.post("/v1/billing/customer")
+def billing_customer(
+    session: SessionDep, settings: SettingsDep, account: CurrentAccount, auth_cache: AuthCacheDep
+) -> CustomerLinked:
+    """The account's Stripe customer, created now if signup could not reach Stripe (501 without)."""
+    require_configured(settings)
+    before = account.stripe_customer_id
+    customer = ensure_customer(session, settings, account)
+    if customer != before:
+        auth_cache.clear()  # cached grants were checked against the old (absent) customer
+    return CustomerLinked(id=account.id, stripe_customer_id=customer)
 
 
 @router.get("/v1/usage")

@@ -24,13 +24,11 @@ def mint(
     owner: CurrentAccount,
     body: KeyCreate | None = None,
 ) -> KeyCreated:
-    """Mint another key for a ready model; the plaintext is returned once."""
+    """Mint another key for a ready model, with its own limits; the plaintext is shown once."""
     model = svc.get_owned_model(session, owner, model_id)
     if model.status is not ModelStatus.READY:
         raise ModelNotReady(f"model is {model.status.value}; keys are issued once it is ready")
-    key, plaintext = svc.mint_key(
-        session=session, settings=settings, model=model, name=(body or KeyCreate()).name
-    )
+    key, plaintext = svc.mint_key(session=session, settings=settings, model=model, key_in=body)
     session.commit()
     return KeyCreated(**key_public(key).model_dump(), key=plaintext)
 

@@ -8,7 +8,7 @@ from celery import Celery
 from sqlalchemy import update
 from sqlmodel import Session, select
 
-from api.schemas import CompletedPartIn, ModelCreate
+from api.schemas import CompletedPartIn, KeyCreate, ModelCreate
 from core import keys
 from core.bundles import path_problem
 from core.db import update_rows
@@ -228,17 +228,29 @@ def complete_model(
     return model
 
 
+LIMIT_FIELDS = ("rate_limit_rpm", "rate_limit_tpm", "rate_limit_concurrency")
+
+
 def mint_key(
-    *, session: Session, settings: Settings, model: Model, name: str
+    *, session: Session, settings: Settings, model: Model, key_in: KeyCreate | None = None
 ) -> tuple[ApiKey, str]:
+    """A new key; its limits may tighten the server's defaults, never loosen them."""
+    key_in = key_in or KeyCreate()
+    for name in LIMIT_FIELDS:
+        value, ceiling = getattr(key_in, name), getattr(settings, name)
+        if value is not None and ceiling and not 0 < value <= ceiling:
+            raise InvalidRequest(
+                f"{name} may be at most {ceiling}, the server's limit (so not 0, unlimited)",
+                details={"field": name, "max": ceiling},
+            )
     minted = keys.mint(keys.API_KEY_PREFIX, settings.key_pepper.get_secret_value())
     key = ApiKey(
         id=minted.key_id,
         account_id=model.account_id,
         model_id=model.id,
-        name=name,
         secret_hash=minted.secret_hash,
         display_prefix=minted.display_prefix,
+        **key_in.model_dump(),
     )
     session.add(key)
     return key, minted.plaintext
@@ -259,7 +271,7 @@ def deliver_first_key(*, session: Session, settings: Settings, model: Model) -> 
     if update_rows(session, stmt) != 1:
         session.rollback()
         return None
-    _, plaintext = mint_key(session=session, settings=settings, model=model, name="default")
+    _, plaintext = mint_key(session=session, settings=settings, model=model)
     session.commit()
     session.refresh(model)
     return plaintext

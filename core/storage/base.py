@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import BinaryIO, Literal, Protocol
 
 from core.errors import InvalidRequest
@@ -147,6 +148,15 @@ class ObjectStorage(Protocol):
 
     def open_read(self, key: str) -> BinaryIO:
         """A forward-only binary stream of the object (bounded memory)."""
+        ...
+
+    def put_file(self, key: str, source: Path) -> bool:
+        """Store a file the platform made (never a client's) at `key`, write-once.
+
+        Returns False, leaving the stored object as it is, when `key` already exists: callers
+        use content-addressed keys, so an existing object is the same bytes (and the weight
+        cache verifies every object against its recorded SHA-256 anyway).
+        """
         ...
 
     def delete_prefix(self, prefix: str) -> int:

@@ -273,6 +273,29 @@ class LocalStorage:
     def open_read(self, key: str) -> BinaryIO:
         return open(self._path(key), "rb")
 
+    def put_file(self, key: str, source: Path) -> bool:
+        target = self._path(key)
+        try:
+            make_dirs(target.parent)
+            fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=_TMP_PREFIX)
+        except OSError as exc:
+            raise StorageError("local object storage could not store a file") from exc
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+                while block := src.read(_COPY_CHUNK):
+                    out.write(block)
+                finish(out, b"")
+            os.link(tmp, target)  # write-once, atomically, as client uploads are
+            fsync_dir(target.parent)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise StorageError("local object storage could not store a file") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
+
     def delete_prefix(self, prefix: str) -> int:
         check_key(prefix, is_prefix=True)
         head, _, tail = prefix.rpartition("/")

@@ -6,6 +6,7 @@ import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import boto3
@@ -271,6 +272,23 @@ class S3Storage:
                     raise FileNotFoundError(key) from exc
                 raise
         return io.BufferedReader(_S3Reader(body), buffer_size=_READ_BUFFER)
+
+    def put_file(self, key: str, source: Path) -> bool:
+        full = self._key(key)
+        with _storage_errors("store a file"):
+            if self._head_size(full) is not None:
+                return False
+            try:
+                with open(source, "rb") as body:
+                    # Conditional write: a concurrent writer of the same key loses, not wins.
+                    self._client.put_object(
+                        Bucket=self.bucket, Key=full, Body=body, IfNoneMatch="*"
+                    )
+            except ClientError as exc:
+                if _error_code(exc) not in {"PreconditionFailed", "412"}:
+                    raise
+                return False
+        return True
 
     def delete_prefix(self, prefix: str) -> int:
         full = self._prefix + check_key(prefix, is_prefix=True)

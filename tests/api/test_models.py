@@ -25,7 +25,14 @@ def test_declare_model_returns_signed_upload_plan(client: TestClient) -> None:
     assert plan["method"] == "put"
     assert plan["url"].startswith("http")
     assert created["files"] == [
-        {"path": "model.gguf", "size_bytes": 100, "uploaded": False, "sha256": None, "kind": None}
+        {
+            "path": "model.gguf",
+            "size_bytes": 100,
+            "uploaded": False,
+            "sha256": None,
+            "kind": None,
+            "converted_from": None,
+        }
     ]
 
 

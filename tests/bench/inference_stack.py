@@ -29,7 +29,7 @@ from core.tables import Job
 from tests.conftest import make_settings
 from tests.utils.factories import Content, create_account, upload_model
 from tests.utils.services import free_port
-from tests.utils.stack import ROOT, SYSTEM_REDIS, Worker, env_for, start_worker, stop_process
+from tests.utils.stack import ROOT, SYSTEM_REDIS, ApiProcess, Worker, start_api, start_worker
 
 # Database 15: `system_redis_url()` hands out 1-14 to test processes.
 BENCH_REDIS = f"{SYSTEM_REDIS}/15"
@@ -38,43 +38,6 @@ RUNNER_MARK = "workers.runner.child"
 IDLE_TTL_S = 2
 # Engine threads per runner (and for the in-process baseline); the product default unless set.
 RUNNER_THREADS = os.environ.get("INFERATECH_BENCH_RUNNER_THREADS")
-
-
-@dataclass
-class ApiProcess:
-    """`python -m uvicorn --factory api.main:app_factory`, as `inferatech api` runs it."""
-
-    process: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        stop_process(self.process)
-
-
-def start_api(settings: Settings, port: int, log_path: Path) -> ApiProcess:
-    cmd = [sys.executable, "-m", "uvicorn", "--factory", "api.main:app_factory",
-           "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env_for(settings), stdout=out, stderr=subprocess.STDOUT
-        )
-    api = ApiProcess(proc, port, log_path)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{api.url}/healthz", timeout=1).status_code == 200:
-                return api
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            api.stop()
-            raise RuntimeError(f"the API did not start:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.1)
 
 
 @dataclass
@@ -139,6 +102,10 @@ def bench_stack(data_dir: Path) -> Iterator[BenchStack]:
         redis_url=BENCH_REDIS,
         public_base_url=f"http://127.0.0.1:{port}",
         runner_idle_ttl_s=IDLE_TTL_S,
+        # Limits on, so their cost is in every number, but never reached by the load levels.
+        rate_limit_rpm=10**9,
+        rate_limit_tpm=10**12,
+        rate_limit_concurrency=10**6,
         **({"runner_threads": int(RUNNER_THREADS)} if RUNNER_THREADS else {}),
     )
     redis.Redis.from_url(BENCH_REDIS, socket_connect_timeout=3).flushdb()

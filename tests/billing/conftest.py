@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -17,7 +19,7 @@ from core.settings import Settings
 from core.tables import Account, ApiKey, Job, JobStatus, Model, ModelStatus, UsageEvent, utcnow
 from tests.conftest import make_settings
 from tests.utils.fake_stripe import WEBHOOK_SECRET, FakeStripe
-from tests.utils.stack import postgres_database, system_redis_url
+from tests.utils.stack import ROOT, env_for, postgres_database, system_redis_url
 
 WIPE = ("usage_event", "processed_webhook_event", "billing_customer", "job", "api_key",
         "model_file", "model", "account")  # fmt: skip
@@ -124,6 +126,14 @@ def make_usage(
     return ids
 
 
+def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """`inferatech …` in a child process that sees `settings`."""
+    return subprocess.run(
+        [sys.executable, "-m", "api.cli", *args], cwd=ROOT, env=env_for(settings),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
 def usage_rows(settings: Settings) -> dict[str, UsageEvent]:
     from sqlmodel import select
 
@@ -159,6 +169,7 @@ def account_with_key(
     client: TestClient, settings: Settings, customer: str | None, billed: str | None = None
 ) -> dict[str, str]:
     """An account (through the API), a ready model and a real API key for it."""
+    from api.schemas import KeyCreate
     from api.services.models import mint_key
 
     resp = client.post("/v1/accounts", json={"name": "acme"})
@@ -172,7 +183,9 @@ def account_with_key(
                       status=ModelStatus.READY, total_bytes=1000, key_delivered=True)  # fmt: skip
         s.add_all([account, model])
         s.flush()
-        key, plaintext = mint_key(session=s, settings=settings, model=model, name="k")
+        key, plaintext = mint_key(
+            session=s, settings=settings, model=model, key_in=KeyCreate(name="k")
+        )
         key.billed_customer_id = billed
     return {"token": token, "account": account_id, "model": model.id, "key": plaintext,
             "key_id": key.id}  # fmt: skip

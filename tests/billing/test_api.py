@@ -6,8 +6,10 @@ from datetime import timedelta
 
 from fastapi.testclient import TestClient
 
-from core.settings import Settings, get_settings
-from core.tables import utcnow
+from core.db import session_scope
+from core.ids import new_id
+from core.settings import GiB, Settings, get_settings
+from core.tables import Model, ModelStatus, utcnow
 from tests.billing.conftest import account_with_key, make_usage
 from tests.conftest import SECRETS
 from tests.utils.factories import auth
@@ -21,17 +23,32 @@ def test_portal_creates_the_customer_once_and_returns_a_url(
     api: Api, fake_stripe: FakeStripe
 ) -> None:
     client, settings = api
-    who = account_with_key(client, settings, None)
+    who = account_with_key(client, settings, None)  # signup's customer unlinked again
+    creates = len(fake_stripe.requests_to("/v1/customers"))
 
     first = client.post("/v1/billing/portal", headers=auth(who["token"]))
     second = client.post("/v1/billing/portal", headers=auth(who["token"]))
 
     assert first.status_code == 200, first.text
     assert first.json()["url"].startswith("https://billing.stripe.test/p/session/")
-    assert len(fake_stripe.requests_to("/v1/customers")) == 1
+    assert len(fake_stripe.requests_to("/v1/customers")) == creates + 1
+    assert len(fake_stripe.customers_of(who["account"])) == 1  # same idempotency key, same one
     portals = fake_stripe.requests_to("/v1/billing_portal/sessions")
     assert len(portals) == 2 and portals[0].body["return_url"] == "http://testserver"
     assert second.status_code == 200
+
+
+def test_portal_returns_to_the_configured_url(api: Api, fake_stripe: FakeStripe) -> None:
+    client, settings = api
+    who = account_with_key(client, settings, "cus_a")
+    back = settings.model_copy(update={"billing_portal_return_url": "https://app.example/billing"})
+    client.app.dependency_overrides[get_settings] = lambda: back  # type: ignore[attr-defined]
+
+    resp = client.post("/v1/billing/portal", headers=auth(who["token"]))
+
+    assert resp.status_code == 200, resp.text
+    [portal] = fake_stripe.requests_to("/v1/billing_portal/sessions")
+    assert portal.body == {"customer": "cus_a", "return_url": "https://app.example/billing"}
 
 
 def test_portal_without_stripe_answers_501_naming_the_setting(api: Api) -> None:
@@ -93,6 +110,36 @@ def test_usage_groups_equal_the_ledger_and_carry_cost(api: Api) -> None:
     assert len(by["day"]["data"]) == 2
     assert [g["group"] for g in by["model"]["data"]] == [who["model"]]
     assert {g["group"]: g["events"] for g in by["key"]["data"]} == {who["key_id"]: 3, "none": 2}
+
+
+def test_usage_cost_uses_the_model_price_else_its_size_class(api: Api) -> None:
+    client, settings = api
+    who = account_with_key(client, settings, "cus_a")
+    sizes = {"priced": 100, "medium": 2 * GiB, "large": 9 * GiB}
+    ids = {}
+    with session_scope(settings) as s:
+        for name, size in sizes.items():
+            model = Model(id=new_id("mdl"), account_id=who["account"], name=name,
+                          status=ModelStatus.READY, total_bytes=size)  # fmt: skip
+            s.add(model)
+            ids[name] = model.id
+    for name in sizes:
+        make_usage(settings, who["account"], ids[name], prompt=1000, completion=2000)
+    priced = settings.model_copy(
+        update={"billing_model_prices": {ids["priced"]: {"prompt": 3, "completion": 0.5}}}
+    )
+    client.app.dependency_overrides[get_settings] = lambda: priced  # type: ignore[attr-defined]
+
+    resp = client.get("/v1/usage", params={"group_by": "model"}, headers=auth(who["token"]))
+
+    assert resp.status_code == 200, resp.text
+    costs = {g["group"]: g["cost_usd"] for g in resp.json()["data"]}
+    assert costs == {
+        ids["priced"]: "4.000000",  # its own price: 3 + 2 * 0.5
+        ids["medium"]: "0.500000",  # 0.1 + 2 * 0.2
+        ids["large"]: "2.500000",  # 0.5 + 2 * 1.0
+    }
+    assert resp.json()["total"]["cost_usd"] == "7.000000"
 
 
 def test_usage_window_excludes_events_outside_it(api: Api) -> None:

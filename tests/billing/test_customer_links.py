@@ -217,6 +217,21 @@ def test_cli_accounts_create_with_stripe_customer(
     assert account.stripe_customer_id == customer
 
 
+def test_cli_accounts_create_without_customer_gets_its_own(
+    cli_env: str, api: Api, fake_stripe: FakeStripe, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _client, settings = api
+
+    code = cli.main(["accounts", "create", "--name", "acme", "--no-save"])
+
+    out = capsys.readouterr().out
+    assert code == 0, out
+    (account,) = _accounts(settings).values()
+    [made] = fake_stripe.customers_of(account.id)
+    assert account.stripe_customer_id == made["id"]
+    assert f"billed to {made['id']}" in out
+
+
 def test_cli_accounts_create_with_customer_refuses_bad_input(
     cli_env: str, api: Api, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -12,9 +12,10 @@ import redis
 from fastapi.testclient import TestClient
 from sqlmodel import select
 
+from billing.ledger import NO_CUSTOMER
 from core.db import session_scope
 from core.settings import Settings
-from core.tables import Account, BillingCustomer, ProcessedWebhookEvent, PushState
+from core.tables import Account, BillingCustomer, ProcessedWebhookEvent, PushState, UsageEvent
 from tests.billing.conftest import account_with_key, make_account, make_usage, usage_rows
 from tests.utils.factories import auth
 from tests.utils.fake_stripe import WEBHOOK_SECRET, FakeStripe, event, sign
@@ -73,6 +74,22 @@ def test_webhook_unpaid_subscription_suspends_keys_until_paid(api: Api) -> None:
     with session_scope(settings) as s:
         account = s.get(Account, who["account"])
         assert account is not None and account.billing_status == "active"
+
+
+def test_webhook_payment_failed_records_past_due_and_keeps_serving(api: Api) -> None:
+    client, settings = api
+    who = account_with_key(client, settings, "cus_a")
+    invoice = {"id": "in_1", "object": "invoice", "customer": "cus_a", "subscription": "sub_1"}
+
+    resp = deliver(client, event("invoice.payment_failed", invoice))
+
+    assert resp.status_code == 200, resp.text
+    state = customer_state(settings, "cus_a")
+    assert state is not None and (state.status, state.subscription_id) == ("past_due", "sub_1")
+    assert submit_job(client, who).status_code == 202  # Stripe is still retrying the card
+    unpaid = subscription("cus_a", "unpaid")
+    deliver(client, event("customer.subscription.updated", unpaid, created=int(time.time()) + 1))
+    assert submit_job(client, who).json()["error"]["code"] == "BILLING_INACTIVE"
 
 
 def test_webhook_suspends_a_key_billed_to_another_customer(api: Api) -> None:
@@ -241,6 +258,11 @@ def test_webhook_new_subscription_after_cancellation_reactivates(api: Api) -> No
 def test_webhook_checkout_completed_links_the_account(api: Api) -> None:
     client, settings = api
     who = account_with_key(client, settings, None)
+    (orphan,) = make_usage(settings, who["account"], who["model"], customer=None)
+    with session_scope(settings) as s:  # set aside by the pusher for want of a customer
+        row = s.get(UsageEvent, orphan)
+        assert row is not None
+        row.push_state, row.last_error = PushState.FAILED, NO_CUSTOMER
     session = {
         "id": "cs_1",
         "object": "checkout.session",
@@ -256,6 +278,7 @@ def test_webhook_checkout_completed_links_the_account(api: Api) -> None:
         assert account is not None and account.stripe_customer_id == "cus_new"
     state = customer_state(settings, "cus_new")
     assert state is not None and state.status == "active" and state.subscription_id == "sub_9"
+    assert usage_rows(settings)[orphan].push_state is PushState.PENDING  # billed to cus_new now
 
 
 def test_webhook_meter_error_report_marks_events_failed(api: Api) -> None:

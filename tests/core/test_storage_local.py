@@ -247,3 +247,18 @@ def test_get_storage_file_url_returns_cached_local_storage(tmp_path: Path) -> No
     assert get_storage(settings) is storage
     storage.ping()
     assert (tmp_path / "objs").is_dir()
+
+
+def test_put_file_stores_once_and_never_replaces(
+    local_storage: LocalStorage, tmp_path: Path
+) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.write_bytes(b"converted weights")
+    second.write_bytes(b"other bytes")
+    assert local_storage.put_file("acct/mdl/converted/abc", first) is True
+    assert local_storage.put_file("acct/mdl/converted/abc", second) is False  # write-once
+    with local_storage.open_read("acct/mdl/converted/abc") as f:
+        assert f.read() == b"converted weights"
+    assert not [p for p in files_under(local_storage.root) if ".upload-" in p]  # no debris
+    with pytest.raises(InvalidObjectKey):
+        local_storage.put_file("acct/../escape", first)

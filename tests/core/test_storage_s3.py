@@ -226,3 +226,14 @@ def test_plan_upload_signs_for_public_endpoint_when_set(s3_settings: Any) -> Non
     small = storage.plan_upload(KEY, 10)
     assert (small.url or "").startswith("https://files.example.test/")
     assert storage.size_of(KEY) is None  # reads go to the internal endpoint
+
+
+def test_put_file_stores_once_and_never_replaces(s3_storage: S3Storage, tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.write_bytes(b"converted weights")
+    second.write_bytes(b"other bytes")
+    assert s3_storage.put_file("acct/mdl/converted/abc", first) is True
+    assert s3_storage.put_file("acct/mdl/converted/abc", second) is False  # write-once
+    with s3_storage.open_read("acct/mdl/converted/abc") as f:
+        assert f.read() == b"converted weights"
+    assert s3_storage.delete_prefix("acct/mdl/") == 1  # deleting the model removes it too

@@ -162,6 +162,27 @@ def test_create_and_revoke_key_for_ready_model(
     assert "revoked" in row
 
 
+def test_create_key_with_limits_sends_them_and_refuses_a_raise(
+    ready_upload: subprocess.CompletedProcess[str],
+    cli_env: dict[str, str],
+    stack: UpProcess,
+    account_token: str,
+) -> None:
+    match = READY_LINE.search(ready_upload.stdout)
+    assert match, ready_upload.stdout
+    flags = ["--rpm", "30", "--tpm", "9000", "--concurrency", "2"]
+    created = run_cli("keys", "create", match.group(1), *flags, "--monthly-token-budget",
+                      "100000", "--log-payloads", env=cli_env)  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    key_id = created.stdout.split()[1]
+    key = next(k for k in _get(stack, account_token, "/v1/keys")["data"] if k["id"] == key_id)
+    assert (key["rate_limit_rpm"], key["rate_limit_tpm"], key["rate_limit_concurrency"]) == (
+        30, 9000, 2)  # fmt: skip
+    assert key["monthly_token_budget"] == 100000 and key["log_payloads"] is True
+    raised = run_cli("keys", "create", match.group(1), "--rpm", "999999999", env=cli_env)
+    assert raised.returncode != 0 and "INVALID_REQUEST" in raised.stderr + raised.stdout
+
+
 def test_delete_model_makes_get_fail_with_model_not_found(
     cli_env: dict[str, str], account_token: str, tmp_path: Path
 ) -> None:

@@ -117,6 +117,7 @@ def validating_model(client: TestClient, settings: Any, files: dict[str, Content
 
 def ready_model_row(settings: Any, account_id: str) -> dict[str, str]:
     """A `ready` model row without files and a real key for it: for calls that never run it."""
+    from api.schemas import KeyCreate
     from api.services.models import mint_key
     from core.db import session_scope
     from core.ids import new_id
@@ -127,7 +128,9 @@ def ready_model_row(settings: Any, account_id: str) -> dict[str, str]:
                       status=ModelStatus.READY, total_bytes=1000, key_delivered=True)  # fmt: skip
         s.add(model)
         s.flush()
-        key, plaintext = mint_key(session=s, settings=settings, model=model, name="row-only")
+        key, plaintext = mint_key(
+            session=s, settings=settings, model=model, key_in=KeyCreate(name="row-only")
+        )
     return {"id": model.id, "key": plaintext, "key_id": key.id}
 
 

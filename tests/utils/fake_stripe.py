@@ -25,6 +25,7 @@ API_KEY = "sk_test_fake_0123456789"
 WEBHOOK_SECRET = "whsec_test_fake_0123456789"
 MAX_STREAM_EVENTS = 100
 METER_WINDOW = timedelta(days=35)
+CUSTOMER_PARAMS = {"name", "email", "description", "metadata"}
 
 
 @dataclass
@@ -61,7 +62,8 @@ class State:
     meter_events: dict[str, MeterEvent] = field(default_factory=dict)
     duplicates: int = 0
     customers: dict[str, dict[str, Any]] = field(default_factory=dict)
-    idempotent: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
+    # idempotency key → ((path, parameters), status, response) of the first request
+    idempotent: dict[str, tuple[tuple[str, Any], int, dict[str, Any]]] = field(default_factory=dict)
     sessions: dict[str, float] = field(default_factory=dict)  # token → expiry (epoch)
     meters: dict[str, str] = field(default_factory=dict)  # meter id → event name
     faults: deque[Fault] = field(default_factory=deque)
@@ -87,6 +89,19 @@ def _err(status: int, kind: str, message: str, code: str | None = None, **extra:
     if code:
         error["code"] = code
     return status, {"error": error}
+
+
+def _customer_problem(body: dict[str, Any]) -> tuple[str, str] | None:
+    """Stripe's limits on the customer fields billing sends: (param, message) when broken."""
+    if len(str(body.get("name") or "")) > 256:
+        return "name", "Name must be at most 256 characters."
+    metadata = body.get("metadata", {})
+    if not isinstance(metadata, dict) or len(metadata) > 50:
+        return "metadata", "Metadata can have up to 50 keys."
+    for key, value in metadata.items():
+        if len(key) > 40 or len(str(value)) > 500:
+            return f"metadata[{key}]", "Metadata keys are at most 40 and values 500 characters."
+    return None
 
 
 def _iso(epoch: float) -> str:
@@ -125,6 +140,19 @@ class FakeStripe:
     def add_customer(self, name: str = "acme") -> str:
         """A customer that exists on the server side (as the Dashboard would create one)."""
         return str(self._create_customer({"name": name})[1]["id"])
+
+    def add_meter(self, event_name: str) -> str:
+        """A meter that exists on the server side; returns its id."""
+        mid = f"mtr_{secrets.token_hex(6)}"
+        with self.lock:
+            self.state.meters[mid] = event_name
+        return mid
+
+    def customers_of(self, account_id: str) -> list[dict[str, Any]]:
+        """The customers created for an Inferatech account (by their metadata)."""
+        with self.lock:
+            return [c for c in self.state.customers.values()
+                    if c["metadata"].get("inferatech_account_id") == account_id]  # fmt: skip
 
     def add_v2_event(self, full: dict[str, Any]) -> None:
         """The full form of a thin event, served at GET /v2/core/events/{id}."""
@@ -166,12 +194,16 @@ class FakeStripe:
         key = headers.get("idempotency-key")
         if method == "POST" and key and not path.startswith("/v1/billing/meter_events"):
             with self.lock:
-                if key in self.state.idempotent:
-                    return self.state.idempotent[key]
+                seen = self.state.idempotent.get(key)
+            if seen is not None and seen[0] != (path, body):
+                return _err(400, "idempotency_error", "Keys for idempotent requests can only "
+                            "be used with the same parameters they were first used with.")  # fmt: skip
+            if seen is not None:
+                return seen[1], seen[2]
         status, resp = self._route(method, path, query, body)
         if method == "POST" and key and status < 500:
             with self.lock:
-                self.state.idempotent[key] = (status, resp)
+                self.state.idempotent[key] = ((path, body), status, resp)
         return status, resp
 
     def _route(
@@ -208,15 +240,30 @@ class FakeStripe:
     # Endpoints -------------------------------------------------------------------------
 
     def _create_customer(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        unknown = sorted(set(body) - CUSTOMER_PARAMS)
+        if unknown:
+            return _err(400, "invalid_request_error", f"Received unknown parameter: {unknown[0]}",
+                        "parameter_unknown", param=unknown[0])  # fmt: skip
+        problem = _customer_problem(body)
+        if problem:
+            return _err(400, "invalid_request_error", problem[1], "parameter_invalid",
+                        param=problem[0])  # fmt: skip
         cid = f"cus_{secrets.token_hex(7)}"
         customer = {
             "id": cid,
             "object": "customer",
+            "balance": 0,
             "created": int(time.time()),
-            "name": body.get("name"),
+            "currency": None,
+            "delinquent": False,
+            "description": body.get("description"),
             "email": body.get("email"),
-            "metadata": body.get("metadata", {}),
+            "invoice_prefix": secrets.token_hex(4).upper(),
             "livemode": False,
+            "metadata": body.get("metadata", {}),
+            "name": body.get("name"),
+            "preferred_locales": [],
+            "tax_exempt": "none",
         }
         with self.lock:
             self.state.customers[cid] = customer

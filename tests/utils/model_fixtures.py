@@ -77,3 +77,34 @@ def onnx_external_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("onnx_external")
     _model_files().make_onnx_bundle(out, external_data=True)
     return out
+
+
+def _served(src: Path, out: Path) -> Path:
+    """`src` as runners get it: pickle-based weights converted to safetensors, as validation
+    does (the converter child's own function, run here in-process on our own files)."""
+    import shutil
+
+    from workers.conversion import converted_path
+    from workers.runner.convert_child import convert
+
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src).as_posix()
+        if path.suffix in (".bin", ".pt", ".pth"):
+            convert(path, out / converted_path(rel))
+        elif path.is_file():
+            shutil.copy(path, out / rel)
+    return out
+
+
+@pytest.fixture(scope="session")
+def transformers_bin_served_bundle(
+    transformers_bin_bundle: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """transformers_bin_bundle after conversion: model.safetensors in place of the .bin."""
+    return _served(transformers_bin_bundle, tmp_path_factory.mktemp("hf_bin_served"))
+
+
+@pytest.fixture(scope="session")
+def pytorch_served_bundle(pytorch_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """pytorch_bundle after conversion: model.safetensors in place of model.pt."""
+    return _served(pytorch_bundle, tmp_path_factory.mktemp("pytorch_served"))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import redis
 
@@ -135,12 +136,16 @@ def start_worker(
     queues: str = "validate,background",
     pool: str = "solo",
     concurrency: int = 1,
+    beat_schedule: Path | None = None,
 ) -> Worker:
+    """A worker for `queues`; with `beat_schedule` (a file path) it also runs Celery beat."""
     cmd = [
         sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
         "-Q", queues, "-P", pool, "-c", str(concurrency), "--without-gossip", "--without-mingle",
         "--without-heartbeat", "-l", "INFO", "-n", f"test-{queues}-{os.getpid()}@%h",
     ]  # fmt: skip
+    if beat_schedule is not None:
+        cmd += ["-B", "-s", str(beat_schedule)]
     out = log_path.open("wb")
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env_for(settings), stdout=out, stderr=subprocess.STDOUT
@@ -153,6 +158,43 @@ def start_worker(
             raise RuntimeError(f"celery worker did not start:\n{worker.log()[-3000:]}")
         time.sleep(0.2)
     return worker
+
+
+@dataclass
+class ApiProcess:
+    """`python -m uvicorn --factory api.main:app_factory`, as `inferatech api` runs it."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
+def start_api(settings: Settings, port: int, log_path: Path) -> ApiProcess:
+    cmd = [sys.executable, "-m", "uvicorn", "--factory", "api.main:app_factory",
+           "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env_for(settings), stdout=out, stderr=subprocess.STDOUT
+        )
+    api = ApiProcess(proc, port, log_path)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{api.url}/healthz", timeout=1).status_code == 200:
+                return api
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            api.stop()
+            raise RuntimeError(f"the API did not start:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.1)
 
 
 @dataclass

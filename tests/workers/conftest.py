@@ -13,12 +13,22 @@ import pytest
 from workers.pool import RunnerPool
 from workers.runner.process import Runner
 
-RUNNER_MARKERS = ("workers.runner.child", "tests.workers.fault_child")
+RUNNER_MARKERS = (
+    "workers.runner.child",
+    "tests.workers.fault_child",
+    "workers.runner.convert_child",
+    "tests.workers.fault_convert",
+)
 
 
 def fault_argv(mode: str) -> list[str]:
     """A runner child whose engine misbehaves in one way (see fault_child.py)."""
     return [sys.executable, "-s", "-m", "tests.workers.fault_child", mode]
+
+
+def fault_convert_argv(mode: str) -> list[str]:
+    """A converter child that misbehaves in one way (see fault_convert.py)."""
+    return [sys.executable, "-s", "-m", "tests.workers.fault_convert", mode]
 
 
 def runner_processes() -> list[psutil.Process]:

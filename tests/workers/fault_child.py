@@ -4,7 +4,8 @@
 engine the real loader returns: `slow` sleeps between tokens,
 `slow_endless` also never stops on its own, `exit_in_generate` calls
 os._exit after two tokens, `ignore_cancel` never stops, `raise_in_generate` raises a bare
-RuntimeError, `print_in_setup` writes junk to stdout from Python and from C before loading.
+RuntimeError, `print_in_setup` writes junk to stdout from Python and from C before loading,
+`bad_vector` answers an Embed with strings for numbers, `short_vectors` with one vector less.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import ctypes
 import os
 import sys
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
-from workers.engines.base import Engine, GenerateRequest, GenerationResult
+from workers.engines.base import Embeddings, Engine, GenerateRequest, GenerationResult
 from workers.runner import child
 
 MODE = sys.argv[1] if len(sys.argv) > 1 else "slow"
@@ -30,6 +31,14 @@ class Faulty:
 
     def count_prompt_tokens(self, request: GenerateRequest) -> int:
         return self.inner.count_prompt_tokens(request)
+
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        real = self.inner.embed(texts)
+        if MODE == "bad_vector":
+            return Embeddings([["x"] * len(v) for v in real.vectors], real.prompt_tokens)  # type: ignore[misc]
+        if MODE == "short_vectors":
+            return Embeddings(real.vectors[:-1], real.prompt_tokens)
+        return real
 
     def generate(
         self, request: GenerateRequest, cancelled: Callable[[], bool]

@@ -68,11 +68,19 @@ def test_generate_gguf_streams_tokens_in_order_with_one_done(
     assert again.tag == "req-2" and not again.error and runner.state is RunnerState.READY
 
 
-@pytest.mark.parametrize("fmt", ["transformers", "pytorch", "onnx"])
+@pytest.mark.parametrize(
+    ("fmt", "fixture"),
+    [
+        ("transformers", "transformers_bundle"),
+        ("transformers", "transformers_bin_served_bundle"),
+        ("pytorch", "pytorch_served_bundle"),
+        ("onnx", "onnx_bundle"),
+    ],
+)
 def test_generate_torch_and_onnx_bundles(
-    make_runner: MakeRunner, request: pytest.FixtureRequest, fmt: str
+    make_runner: MakeRunner, request: pytest.FixtureRequest, fmt: str, fixture: str
 ) -> None:
-    bundle = request.getfixturevalue(f"{fmt}_bundle")
+    bundle = request.getfixturevalue(fixture)
     runner = make_runner(bundle, fmt)
     runner.start()
     done, tokens = collect(runner, greedy("Hello, world", 8))

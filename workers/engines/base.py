@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -20,13 +20,46 @@ class SamplingParams:
     seed: int | None = None
 
 
+ChatRole = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: ChatRole
+    content: str
+
+
 @dataclass(frozen=True)
 class GenerateRequest:
-    """One generation; `raw` sends the prompt verbatim, else as a chat-template user turn."""
+    """One generation: `messages` rendered with the chat template, or a `prompt`.
 
-    prompt: str
+    A prompt is one user turn of the template, or sent verbatim with `raw` (or when the model
+    has no template). Messages need the model's template: without one the request fails.
+    """
+
+    prompt: str = ""
     raw: bool = False
     params: SamplingParams = field(default_factory=SamplingParams)
+    messages: tuple[ChatMessage, ...] | None = None
+
+    @property
+    def templated(self) -> bool:
+        """Whether the chat template renders this request (if the model has one)."""
+        return self.messages is not None or not self.raw
+
+    def conversation(self) -> list[dict[str, str]]:
+        """What the chat template sees as `messages`."""
+        if self.messages is None:
+            return [{"role": "user", "content": self.prompt}]
+        return [{"role": m.role, "content": m.content} for m in self.messages]
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """One vector per input text, in order, and the tokens the texts took."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int
 
 
 @dataclass(frozen=True)
@@ -45,6 +78,19 @@ class EngineError(Exception):
     """A model-level failure: the request fails, the runner stays usable."""
 
     code = "INFERENCE_FAILED"
+
+
+class ChatTemplateMissing(EngineError):
+    code = "CHAT_TEMPLATE_MISSING"
+
+    def __init__(self) -> None:
+        super().__init__("this model has no chat template; send a prompt instead of messages")
+
+
+class UnsupportedForModel(EngineError):
+    """The operation exists, but not for this model's format."""
+
+    code = "UNSUPPORTED_FOR_MODEL"
 
 
 class ContextLengthExceeded(EngineError):
@@ -77,4 +123,8 @@ class Engine(Protocol):
         Stops at `max_tokens` ("length"), at end-of-sequence or a stop string ("stop"; the stop
         string itself is not yielded), or when `cancelled()` turns true ("cancelled").
         """
+        ...
+
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        """One unit-length vector per text (raises UnsupportedForModel where impossible)."""
         ...

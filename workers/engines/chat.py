@@ -7,6 +7,7 @@ renders a user-provided template outside this sandbox.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, NoReturn
 
@@ -15,7 +16,7 @@ from jinja2.ext import loopcontrols
 from jinja2.runtime import Context, Undefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from workers.engines.base import EngineError
+from workers.engines.base import ChatTemplateMissing, EngineError, GenerateRequest
 
 # A template that builds a bigger string or list than this by `*` is hostile, not chatty.
 MAX_REPEAT_ITEMS = 1_000_000
@@ -77,18 +78,18 @@ def _environment() -> _StrictSandbox:
 
 
 class ChatTemplate:
-    """One compiled template; `render` turns a prompt into a single user turn."""
+    """One compiled template; `render` turns a conversation into the model's prompt text."""
 
     def __init__(self, source: str, special_tokens: dict[str, str]) -> None:
         self.source = source
         self.special_tokens = dict(special_tokens)
         self._compiled: Any = None
 
-    def render(self, prompt: str) -> str:
-        """The text of a conversation with one user message, ready for the assistant."""
+    def render(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """The text of the conversation, ready for the assistant's next turn."""
         context = {
             **self.special_tokens,
-            "messages": [{"role": "user", "content": prompt}],
+            "messages": [dict(m) for m in messages],
             "add_generation_prompt": True,
             "tools": None,
             "documents": None,
@@ -118,5 +119,20 @@ class ChatTemplate:
 
 
 def render_chat(source: str, prompt: str, special_tokens: dict[str, str]) -> str:
-    """Render `source` once for `prompt` (engines keep a ChatTemplate instead)."""
-    return ChatTemplate(source, special_tokens).render(prompt)
+    """Render `source` once for `prompt` as one user turn (engines keep a ChatTemplate)."""
+    return ChatTemplate(source, special_tokens).render([{"role": "user", "content": prompt}])
+
+
+def prompt_text(chat: ChatTemplate | None, request: GenerateRequest) -> str | None:
+    """The rendered conversation, or None when the prompt goes to the model verbatim.
+
+    A prompt falls back to verbatim on a model without a template (as `/v1/infer` always
+    did); messages cannot, so they fail with CHAT_TEMPLATE_MISSING.
+    """
+    if not request.templated:
+        return None
+    if chat is None:
+        if request.messages is not None:
+            raise ChatTemplateMissing()
+        return None
+    return chat.render(request.conversation())

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from workers.engines.base import EngineError, GenerateRequest, GenerationResult
+from workers.engines.base import (
+    ContextLengthExceeded,
+    Embeddings,
+    EngineError,
+    GenerateRequest,
+    GenerationResult,
+)
 from workers.engines.loop import check_context, stream_tokens
 from workers.engines.sampling import Sampler
 from workers.engines.tokens import HFTokens
@@ -76,6 +82,25 @@ class HFEngine:
             )
         )
 
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        """Mean of the last hidden state over each text's tokens, scaled to unit length."""
+        vectors, total = [], 0
+        for text in texts:
+            ids = self.tokens.encode_text(text)
+            if len(ids) > self.context_length:
+                raise ContextLengthExceeded(len(ids), self.context_length)
+            with torch.inference_mode():
+                out = self.model(
+                    input_ids=torch.tensor([ids], device=self.device),
+                    output_hidden_states=True,
+                    use_cache=False,
+                    **self.forward_extra,
+                )
+                pooled = out.hidden_states[-1][0].float().mean(dim=0)
+                vectors.append(torch.nn.functional.normalize(pooled, dim=0).tolist())
+            total += len(ids)
+        return Embeddings(vectors, total)
+
 
 def _model_context(config: Any) -> int:
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
@@ -91,7 +116,7 @@ def _config_eos(model: Any) -> list[Any]:
 
 
 def load_transformers(bundle_dir: Path, device: str, context_cap: int) -> HFEngine:
-    """A Hugging Face folder (safetensors or pytorch_model.bin)."""
+    """A Hugging Face folder with safetensors weights (uploaded, or converted from `.bin`)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -101,6 +126,7 @@ def load_transformers(bundle_dir: Path, device: str, context_cap: int) -> HFEngi
             str(bundle_dir),
             trust_remote_code=False,
             local_files_only=True,
+            use_safetensors=True,  # never the pickle fallback (.bin was converted)
             dtype=torch.float32 if device == "cpu" else "auto",
         )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
@@ -110,12 +136,16 @@ def load_transformers(bundle_dir: Path, device: str, context_cap: int) -> HFEngi
 
 
 def load_pytorch(bundle_dir: Path, weights: list[Path], device: str, context_cap: int) -> HFEngine:
-    """A `.pt/.pth` state dict beside config.json, loaded with `weights_only=True`."""
+    """A `.pt/.pth` state dict beside config.json, as the safetensors converted at validation."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    state = _load_state_dict(weights)
+    state: dict[str, torch.Tensor] = {}
     try:
+        for path in weights:
+            state.update(load_file(path, device="cpu"))
         config = AutoConfig.from_pretrained(
             str(bundle_dir), trust_remote_code=False, local_files_only=True
         )
@@ -124,38 +154,11 @@ def load_pytorch(bundle_dir: Path, weights: list[Path], device: str, context_cap
                 config, trust_remote_code=False
             )
         model.load_state_dict(state, strict=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise EngineError(f"could not build the model from config.json: {exc}") from exc
     dtype = torch.float32 if device == "cpu" else _floating_dtype(state)
     model.to(device=device, dtype=dtype).eval()
     return HFEngine(model, HFTokens(bundle_dir, _config_eos(model)), device, context_cap)
-
-
-def _load_state_dict(paths: list[Path]) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    for path in paths:
-        try:
-            part = torch.load(path, weights_only=True, map_location="cpu", mmap=_is_zip(path))
-        except Exception as exc:  # any unpickling refusal is a model error
-            raise EngineError(f"{path.name}: not a loadable state dict ({exc})") from exc
-        state.update(_unwrap(part, path.name))
-    return state
-
-
-def _is_zip(path: Path) -> bool:
-    # mmap avoids a second copy of the weights but only works on the zip format.
-    with path.open("rb") as f:
-        return f.read(4) == b"PK\x03\x04"
-
-
-def _unwrap(obj: Any, name: str) -> dict[str, torch.Tensor]:
-    # Training scripts often save {"state_dict": ...} or {"model": ...}.
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and len(obj) == 1 and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise EngineError(f"{name}: expected a state dict of tensors")
-    return obj
 
 
 def _floating_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:

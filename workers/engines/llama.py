@@ -6,12 +6,19 @@ import codecs
 import ctypes
 import threading
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
-from workers.engines.base import EngineError, GenerateRequest, GenerationResult, resolve_seed
-from workers.engines.chat import ChatTemplate
+from workers.engines.base import (
+    ContextLengthExceeded,
+    Embeddings,
+    EngineError,
+    GenerateRequest,
+    GenerationResult,
+    resolve_seed,
+)
+from workers.engines.chat import ChatTemplate, prompt_text
 from workers.engines.loop import check_context, stream_tokens
 
 _LOG_LINES: deque[str] = deque(maxlen=40)
@@ -59,12 +66,23 @@ class _ByteDecoder:
 
 
 class LlamaEngine:
-    """A GGUF model in llama.cpp; sampling is llama.cpp's own sampler chain."""
+    """A GGUF model in llama.cpp; sampling is llama.cpp's own sampler chain.
 
-    def __init__(self, llm: Any, device: str, n_ctx: int) -> None:
+    Embeddings need a context created with `embedding=True` (llama-cpp-python refuses
+    `embed` otherwise, and pooling is fixed when a context is made), so the first embedding
+    request loads the file a second time in that mode, with mean pooling, and keeps it while
+    the runner lives. llama.cpp maps the weights, so on CPU both instances share the same
+    pages: the second load costs its own context, not a second copy of the weights.
+    """
+
+    def __init__(
+        self, llm: Any, device: str, n_ctx: int, load_embedder: Callable[[], Any] | None = None
+    ) -> None:
         import llama_cpp
 
         self.llm = llm
+        self._load_embedder = load_embedder
+        self._embedder: Any = None
         self.device = device
         # llama.cpp may round its context up; never promise more than was asked for.
         self.context_length = min(int(llm.n_ctx()), n_ctx)
@@ -76,7 +94,28 @@ class LlamaEngine:
 
     def close(self) -> None:
         """Free the model now (llama.cpp's own finaliser can fail at interpreter exit)."""
+        if self._embedder is not None:
+            self._embedder.close()
         self.llm.close()
+
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        embedder = self._embedding_model()
+        counts = [len(embedder.tokenize(t.encode(), add_bos=True, special=False)) for t in texts]
+        for count in counts:
+            if count > self.context_length:
+                raise ContextLengthExceeded(count, self.context_length)
+        try:
+            vectors = embedder.embed(list(texts), normalize=True, truncate=False)
+        except (ValueError, RuntimeError) as exc:
+            raise EngineError(f"llama.cpp could not embed: {_log_tail() or exc}") from exc
+        return Embeddings([[float(x) for x in v] for v in vectors], sum(counts))
+
+    def _embedding_model(self) -> Any:
+        if self._embedder is None:
+            if self._load_embedder is None:
+                raise EngineError("this engine was loaded without an embedding mode")
+            self._embedder = self._load_embedder()
+        return self._embedder
 
     def count_prompt_tokens(self, request: GenerateRequest) -> int:
         count = len(self._encode(request))
@@ -115,9 +154,9 @@ class LlamaEngine:
             tokens.close()
 
     def _encode(self, request: GenerateRequest) -> list[int]:
-        if request.raw or self.chat is None:
+        text = prompt_text(self.chat, request)
+        if text is None:
             return list(self.llm.tokenize(request.prompt.encode(), add_bos=True, special=False))
-        text = self.chat.render(request.prompt)
         # The template writes bos itself; parse special tokens it wrote as text.
         return list(self.llm.tokenize(text.encode(), add_bos=False, special=True))
 
@@ -174,20 +213,29 @@ def load_gguf(path: Path, device: str, threads: int, context_cap: int) -> LlamaE
     _log_tail()  # forget lines from earlier loads
     trained = _train_context(path)
     n_ctx = min(trained, context_cap) if trained > 0 else context_cap
-    try:
-        llm = llama_cpp.Llama(
-            model_path=str(path),
-            n_ctx=n_ctx,
-            n_threads=threads,
-            n_threads_batch=threads,
-            n_gpu_layers=layers,
-            verbose=False,
-        )
-    except (ValueError, RuntimeError, OSError) as exc:
-        # Name the file, not where the host keeps it.
-        detail = (_log_tail() or str(exc)).replace(str(path), path.name)
-        raise EngineError(f"llama.cpp could not load the model: {detail}") from exc
-    return LlamaEngine(llm, used, n_ctx)
+    options: dict[str, Any] = {
+        "model_path": str(path),
+        "n_ctx": n_ctx,
+        "n_threads": threads,
+        "n_threads_batch": threads,
+        "n_gpu_layers": layers,
+        "verbose": False,
+    }
+
+    def load(**extra: Any) -> Any:
+        try:
+            return llama_cpp.Llama(**options, **extra)
+        except (ValueError, RuntimeError, OSError) as exc:
+            # Name the file, not where the host keeps it.
+            detail = (_log_tail() or str(exc)).replace(str(path), path.name)
+            raise EngineError(f"llama.cpp could not load the model: {detail}") from exc
+
+    def load_embedder() -> Any:
+        # One whole input per batch: embeddings are pooled over a single decode.
+        mean = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+        return load(embedding=True, pooling_type=mean, n_batch=n_ctx, n_ubatch=n_ctx)
+
+    return LlamaEngine(load(), used, n_ctx, load_embedder)
 
 
 def _train_context(path: Path) -> int:

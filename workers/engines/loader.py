@@ -12,7 +12,9 @@ from workers.engines.devices import DEVICES, torch_device
 FORMATS = ("gguf", "transformers", "pytorch", "onnx")
 # Longest context an engine is set up for: llama.cpp allocates its KV cache up front.
 DEFAULT_CONTEXT_CAP = 8192
-_TORCH_KINDS = frozenset({FileKind.TORCH_ZIP, FileKind.TORCH_LEGACY})
+PICKLE_KINDS = frozenset(
+    {FileKind.TORCH_ZIP, FileKind.TORCH_LEGACY, FileKind.TORCH_TAR, FileKind.ZIP}
+)
 
 
 def load_engine(
@@ -28,6 +30,7 @@ def load_engine(
     The returned engine's `device` says what it actually runs on.
     """
     bundle_dir = Path(bundle_dir)
+    refuse_pickles(bundle_dir)
     if device.split(":")[0] not in DEVICES:
         raise EngineError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
     if fmt == "gguf":
@@ -53,7 +56,24 @@ def _load_torch(bundle_dir: Path, fmt: str, device: str, threads: int, cap: int)
     used = torch_device(device)
     if fmt == "transformers":
         return load_transformers(bundle_dir, used, cap)
-    return load_pytorch(bundle_dir, _files_of_kind(bundle_dir, _TORCH_KINDS), used, cap)
+    return load_pytorch(bundle_dir, _files_of_kind(bundle_dir, {FileKind.SAFETENSORS}), used, cap)
+
+
+def refuse_pickles(bundle: Path) -> None:
+    """Runners load only safetensors: pickle-based weights were converted at validation.
+
+    A served bundle never holds a pickle; one that does (a bug, an old cache entry, a
+    tampered directory) is refused before any loader could unpickle it.
+    """
+    candidates = [bundle] if bundle.is_file() else sorted(bundle.rglob("*"))
+    for path in candidates:
+        if path.is_file() and not path.is_symlink():
+            with path.open("rb") as f:
+                if sniff(f.read(HEAD_BYTES)) in PICKLE_KINDS:
+                    raise EngineError(
+                        f"{path.name} is pickle-based weights; runners load only the "
+                        "safetensors converted from it at validation"
+                    )
 
 
 def _files_of_kind(bundle: Path, kinds: set[FileKind] | frozenset[FileKind]) -> list[Path]:

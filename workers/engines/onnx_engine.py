@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from workers.engines.base import EngineError, GenerateRequest, GenerationResult
+from workers.engines.base import (
+    Embeddings,
+    EngineError,
+    GenerateRequest,
+    GenerationResult,
+    UnsupportedForModel,
+)
 from workers.engines.loop import check_context, stream_tokens
 from workers.engines.sampling import Sampler
 from workers.engines.tokens import HFTokens
@@ -104,6 +110,10 @@ class OnnxEngine:
                 room=room,
             )
         )
+
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        # An exported decoder graph gives logits, not hidden states, to pool.
+        raise UnsupportedForModel("embeddings are not available for ONNX models")
 
 
 def _providers(device: str) -> list[str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.engines.base import EngineError, GenerateRequest
-from workers.engines.chat import ChatTemplate
+from workers.engines.chat import ChatTemplate, prompt_text
 
 # Prompt tokens given to the stream decoder so the first piece gets its leading space right.
 _DECODE_CONTEXT = 4
@@ -60,12 +60,16 @@ class HFTokens:
         self.chat = _chat_template(self.tokenizer)
 
     def encode(self, request: GenerateRequest) -> list[int]:
-        """Prompt token ids: verbatim with special tokens, or the rendered chat turn."""
-        if request.raw or self.chat is None:
-            return list(self.backend.encode(request.prompt, add_special_tokens=True).ids)
-        text = self.chat.render(request.prompt)
+        """Prompt token ids: verbatim with special tokens, or the rendered conversation."""
+        text = prompt_text(self.chat, request)
+        if text is None:
+            return self.encode_text(request.prompt)
         # The template writes its own special tokens (bos) as text, like apply_chat_template.
         return list(self.backend.encode(text, add_special_tokens=False).ids)
+
+    def encode_text(self, text: str) -> list[int]:
+        """A text's token ids as the model reads plain input (special tokens added)."""
+        return list(self.backend.encode(text, add_special_tokens=True).ids)
 
     def decoder(self, prompt_ids: list[int]) -> StreamDecoder:
         return StreamDecoder(self.backend, prompt_ids)

@@ -17,16 +17,25 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
-from workers.engines.base import Engine, EngineError, GenerateRequest, SamplingParams
+from workers.engines.base import (
+    ChatMessage,
+    Engine,
+    EngineError,
+    GenerateRequest,
+    SamplingParams,
+)
 from workers.runner.protocol import (
     Cancel,
     Done,
+    Embed,
+    Embedding,
     Event,
     Generate,
     ProtocolError,
     Ready,
+    Request,
     Setup,
     SetupFailed,
     Shutdown,
@@ -120,9 +129,27 @@ def preload_while_waiting(stdin: BinaryIO) -> None:
         traceback.print_exc(file=sys.stderr)
 
 
+def forbid_unpickling() -> None:
+    """A serving runner never unpickles: from here on `torch.load` raises, whoever calls it.
+
+    Pickle-based uploads were converted to safetensors at validation and the loader refuses
+    any pickle in a bundle; this tripwire also covers a library that would reach for one.
+    """
+    import torch
+    import torch.serialization
+
+    def refuse(*args: object, **kwargs: object) -> NoReturn:
+        raise RuntimeError("torch.load is disabled in serving runners (safetensors only)")
+
+    torch.load = refuse
+    torch.serialization.load = refuse
+
+
 def load(setup: Setup) -> Engine:
     from workers.engines.loader import load_engine  # heavy imports happen after the fd swap
 
+    if setup.format in ("transformers", "pytorch"):
+        forbid_unpickling()
     return load_engine(
         Path(setup.bundle_dir), setup.format, device=setup.device, threads=setup.threads
     )
@@ -135,7 +162,7 @@ class Server:
         self.engine = engine
         self.out = out
         self.stdin = stdin
-        self.requests: queue.Queue[Generate | None] = queue.Queue()
+        self.requests: queue.Queue[Request | None] = queue.Queue()
         self.cancelled: set[str] = set()
         self.stopping = threading.Event()
 
@@ -143,7 +170,7 @@ class Server:
         try:
             for line in self.stdin:
                 event = decode(line)
-                if isinstance(event, Generate):
+                if isinstance(event, Generate | Embed):
                     self.requests.put(event)
                 elif isinstance(event, Cancel):
                     self.cancelled.add(event.tag)  # set.add is atomic under the GIL
@@ -158,8 +185,25 @@ class Server:
     def serve(self) -> None:
         threading.Thread(target=self.read_loop, name="runner-stdin", daemon=True).start()
         while (request := self.requests.get()) is not None:
-            self.out.send(self.run(request))
+            done = self.embed(request) if isinstance(request, Embed) else self.run(request)
+            self.out.send(done)
             self.cancelled.discard(request.tag)
+
+    def embed(self, e: Embed) -> Done:
+        """Every vector, then Done with the input tokens (nothing is sent on failure)."""
+        started = time.perf_counter()
+        try:
+            result = self.engine.embed(e.inputs)
+        except Exception as exc:
+            return _failed(e.tag, exc, started)
+        for index, vector in enumerate(result.vectors):
+            self.out.send(Embedding(tag=e.tag, index=index, vector=vector))
+        return Done(
+            tag=e.tag,
+            finish_reason="stop",
+            prompt_tokens=result.prompt_tokens,
+            engine_ms=(time.perf_counter() - started) * 1000,
+        )
 
     def run(self, g: Generate) -> Done:
         params = SamplingParams(
@@ -170,11 +214,13 @@ class Server:
             stop=tuple(g.stop),
             seed=g.seed,
         )
-        request = GenerateRequest(prompt=g.prompt, raw=g.raw, params=params)
         started = time.perf_counter()
         index = 0
         sink = TokenSink(self.out, g.coalesce_ms)
         try:
+            request = GenerateRequest(
+                prompt=g.prompt, raw=g.raw, params=params, messages=_messages(g.messages)
+            )
             stream = self.engine.generate(request, lambda: self._is_cancelled(g.tag))
             while True:
                 try:
@@ -186,13 +232,7 @@ class Server:
                 index += 1
         except Exception as exc:
             sink.flush()
-            if isinstance(exc, EngineError):
-                code = exc.code or "INFERENCE_FAILED"
-            else:  # an engine bug, not a model-level refusal: keep the trace for the operator
-                code = "INFERENCE_FAILED"
-                traceback.print_exc(file=sys.stderr)
-            engine_ms = (time.perf_counter() - started) * 1000
-            return Done(tag=g.tag, error=True, code=code, detail=short(exc), engine_ms=engine_ms)
+            return _failed(g.tag, exc, started)
         sink.flush()
         return Done(
             tag=g.tag,
@@ -204,6 +244,25 @@ class Server:
 
     def _is_cancelled(self, tag: str) -> bool:
         return tag in self.cancelled or self.stopping.is_set()
+
+
+def _failed(tag: str, exc: Exception, started: float) -> Done:
+    if isinstance(exc, EngineError):
+        code = exc.code or "INFERENCE_FAILED"
+    else:  # an engine bug, not a model-level refusal: keep the trace for the operator
+        code = "INFERENCE_FAILED"
+        traceback.print_exc(file=sys.stderr)
+    engine_ms = (time.perf_counter() - started) * 1000
+    return Done(tag=tag, error=True, code=code, detail=short(exc), engine_ms=engine_ms)
+
+
+def _messages(raw: list[dict[str, str]] | None) -> tuple[ChatMessage, ...] | None:
+    if raw is None:
+        return None
+    roles = ("system", "user", "assistant")
+    if not all(m.get("role") in roles and isinstance(m.get("content"), str) for m in raw):
+        raise EngineError("each message needs a role (system, user, assistant) and content")
+    return tuple(ChatMessage(m["role"], m["content"]) for m in raw)  # type: ignore[arg-type]
 
 
 def main() -> int:

@@ -10,10 +10,21 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from typing import IO
+from typing import IO, Generic, TypeVar
 
 from workers.engines.base import GenerateRequest
-from workers.runner.protocol import Done, Event, Generate, ProtocolError, Token, decode, encode
+from workers.runner.protocol import (
+    Done,
+    Embedding,
+    Event,
+    Generate,
+    ProtocolError,
+    Token,
+    decode,
+    encode,
+)
+
+Output = TypeVar("Output", Token, Embedding)
 
 STDERR_LINES = 200
 
@@ -107,18 +118,24 @@ class ChildPipes:
                 self._stderr.append(line.decode(errors="replace").rstrip())
 
 
-class Exchange:
-    """Bookkeeping for one request in flight: its deadline, its cancel, its consumer."""
+class Exchange(Generic[Output]):
+    """Bookkeeping for one request in flight: its deadline, its cancel, its consumer.
+
+    `kind` is the output event the request produces (Token or Embedding); `on_output` gets
+    each one.
+    """
 
     def __init__(
         self,
         tag: str,
-        on_token: Callable[[Token], None],
+        kind: type[Output],
+        on_output: Callable[[Output], None],
         timeout: float | None,
         cancel_event: threading.Event | None,
     ) -> None:
         self.tag = tag
-        self.on_token = on_token
+        self.kind: type[Output] = kind
+        self.on_output: Callable[[Output], None] = on_output
         self.timeout = timeout
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.cancel_event = cancel_event
@@ -137,11 +154,14 @@ class Exchange:
         sent = self.cancel_sent_at
         return sent is not None and time.monotonic() - sent > grace_s
 
-    def deliver(self, token: Token) -> None:
+    def takes(self, event: Event) -> bool:
+        return isinstance(event, self.kind) and event.tag == self.tag
+
+    def deliver(self, output: Output) -> None:
         if self.callback_error is not None:
             return
         try:
-            self.on_token(token)
+            self.on_output(output)
         except Exception as exc:  # the consumer is gone (client hung up): cancel, stay warm
             self.callback_error = exc
 
@@ -165,4 +185,5 @@ def generate_event(tag: str, request: GenerateRequest, coalesce_ms: float = 0.0)
         top_k=p.top_k,
         stop=list(p.stop),
         seed=p.seed,
+        messages=None if request.messages is None else request.conversation(),
     )

@@ -16,13 +16,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from workers.engines.base import GenerateRequest
 from workers.runner.pipes import ChildPipes, Exchange, PipeClosed, generate_event
 from workers.runner.protocol import (
     Cancel,
     Done,
+    Embed,
+    Embedding,
     Event,
     Ready,
     Setup,
@@ -208,12 +210,43 @@ class Runner:
         raises, the request is cancelled, the runner stays warm, and the error is re-raised.
         `coalesce_ms` > 0 lets the child deliver tokens in batches (nobody streams them).
         """
+        exchange = Exchange(tag, Token, on_token, timeout, cancel_event)
+        return self._request(exchange, generate_event(tag, request, coalesce_ms))
+
+    def embed(
+        self,
+        inputs: list[str],
+        tag: str,
+        *,
+        timeout: float | None = None,
+        cancel_event: threading.Event | None = None,
+    ) -> tuple[list[list[float]], Done]:
+        """One vector per input (in order) and the request's Done; failures as in generate."""
+        vectors: dict[int, list[float]] = {}
+
+        def keep(event: Embedding) -> None:
+            # The child is untrusted: anything but a list of numbers ends the request.
+            if not isinstance(event.index, int) or not isinstance(event.vector, list):
+                raise TypeError("an Embedding needs an int index and a list vector")
+            vectors[event.index] = [float(x) for x in event.vector]
+
+        exchange = Exchange(tag, Embedding, keep, timeout, cancel_event)
+        try:
+            done = self._request(exchange, Embed(tag=tag, inputs=list(inputs)))
+        except (TypeError, ValueError) as exc:
+            self._kill_and_clean()
+            raise RunnerFatal(f"runner sent a malformed vector: {exc}") from exc
+        if not done.error and sorted(vectors) != list(range(len(inputs))):
+            self._kill_and_clean()
+            raise RunnerFatal(f"runner sent {len(vectors)} vectors for {len(inputs)} inputs")
+        return [vectors[i] for i in sorted(vectors)], done
+
+    def _request(self, exchange: Exchange[Any], event: Event) -> Done:
         with self._lock:
             self._assert_state(RunnerState.READY)
             self.state = RunnerState.BUSY
-        exchange = Exchange(tag, on_token, timeout, cancel_event)
         try:
-            self._send(generate_event(tag, request, coalesce_ms))
+            self._send(event)
             done = self._serve(exchange)
         except BaseException:
             # Fatal, or we stopped listening mid-request: the child's state is unknown.
@@ -228,7 +261,7 @@ class Runner:
             raise exchange.callback_error
         return done
 
-    def _serve(self, ex: Exchange) -> Done:
+    def _serve(self, ex: Exchange[Any]) -> Done:
         while True:
             if ex.should_cancel():
                 self._send(Cancel(ex.tag))
@@ -237,7 +270,7 @@ class Runner:
                 kind = RunnerTimeout if ex.timed_out else RunnerFatal
                 raise kind(f"runner ignored Cancel for {CANCEL_GRACE_S:.0f}s; killed")
             event = self._next_event(_POLL_S)
-            if isinstance(event, Token) and event.tag == ex.tag:
+            if event is not None and ex.takes(event):
                 ex.deliver(event)
             elif isinstance(event, Done) and event.tag == ex.tag:
                 return ex.finish(event)

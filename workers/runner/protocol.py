@@ -1,7 +1,8 @@
 """The worker ↔ runner protocol: tiny typed events, JSON lines over the child's stdio.
 
 JSON, never pickle: the runner executes an untrusted model and must not be able to make its
-parent deserialise objects. Every request carries a `tag`; exactly one `Done` answers it.
+parent deserialise objects. Every request (Generate, Embed) carries a `tag`; exactly one
+`Done` answers it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ class Generate:  # from parent
     # 0: write each token at once (someone streams). Otherwise tokens are written together at
     # most every `coalesce_ms`, which spares the worker a wake-up per token.
     coalesce_ms: float = 0.0
+    # A chat ({role, content} dicts) for the model's template; `prompt` is then unused.
+    messages: list[dict[str, str]] | None = None
+
+
+@dataclass(frozen=True)
+class Embed:  # from parent: one Embedding per input, in order, then one Done
+    tag: str
+    inputs: list[str]
 
 
 @dataclass(frozen=True)
@@ -66,7 +75,14 @@ class Token:  # from child
 
 
 @dataclass(frozen=True)
-class Done:  # from child, exactly one per Generate
+class Embedding:  # from child, one per input of an Embed (one per line keeps lines short)
+    tag: str
+    index: int
+    vector: list[float]
+
+
+@dataclass(frozen=True)
+class Done:  # from child, exactly one per Generate or Embed
     tag: str
     error: bool = False
     code: str | None = None
@@ -77,10 +93,52 @@ class Done:  # from child, exactly one per Generate
     engine_ms: float = 0.0
 
 
-Event = Setup | Generate | Cancel | Shutdown | Ready | SetupFailed | Token | Done
+@dataclass(frozen=True)
+class Convert:  # from parent, to a converter child: one pickle-based weights file
+    tag: str
+    source: str  # a copy of the validated upload, inside the child's temp dir
+    target: str  # where the child writes the safetensors, inside its temp dir
+
+
+@dataclass(frozen=True)
+class Converted:  # from converter child, exactly one per Convert
+    tag: str
+    error: bool = False
+    detail: str = ""
+    tensors: int = 0
+
+
+Event = (
+    Setup
+    | Generate
+    | Embed
+    | Cancel
+    | Shutdown
+    | Ready
+    | SetupFailed
+    | Token
+    | Embedding
+    | Done
+    | Convert
+    | Converted
+)
+Request = Generate | Embed
 _TYPES: dict[str, type[Any]] = {
     cls.__name__: cls
-    for cls in (Setup, Generate, Cancel, Shutdown, Ready, SetupFailed, Token, Done)
+    for cls in (
+        Setup,
+        Generate,
+        Embed,
+        Cancel,
+        Shutdown,
+        Ready,
+        SetupFailed,
+        Token,
+        Embedding,
+        Done,
+        Convert,
+        Converted,
+    )
 }
 MAX_LINE = 1 << 20
 

@@ -1,7 +1,7 @@
 """prompt routers and batches
 
 Revision ID: 0008
-Revises: 0004
+Revises: 0006
 Create Date: 2026-11-22 08:45:16.498045
 """
 
@@ -14,7 +14,7 @@ from alembic import op
 import core.tables
 
 revision = "0008"
-down_revision = "0004"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 

@@ -15,8 +15,9 @@ from workers.engines.loader import load_engine
 BUNDLES = {
     "gguf": ("gguf_model", "gguf"),
     "safetensors": ("transformers_bundle", "transformers"),
-    "bin": ("transformers_bin_bundle", "transformers"),
-    "pytorch": ("pytorch_bundle", "pytorch"),
+    # Runners get pickle-based uploads as the safetensors converted at validation.
+    "bin": ("transformers_bin_served_bundle", "transformers"),
+    "pytorch": ("pytorch_served_bundle", "pytorch"),
     "onnx": ("onnx_bundle", "onnx"),
     "onnx_external": ("onnx_external_bundle", "onnx"),
 }

@@ -63,5 +63,5 @@ def test_render_template_raise_exception_becomes_engine_error() -> None:
 def test_render_template_syntax_error_is_invalid() -> None:
     template = ChatTemplate("{% for %}", SPECIAL)  # compiling is deferred to the first render
     with pytest.raises(EngineError) as info:
-        template.render("hi")
+        template.render([{"role": "user", "content": "hi"}])
     assert info.value.code == "CHAT_TEMPLATE_INVALID"

@@ -54,13 +54,34 @@ def test_load_engine_gguf_bad_version_names_the_version(gguf_model: Path, tmp_pa
         load_engine(tmp_path, "gguf")
 
 
-def test_load_engine_pytorch_non_tensor_pickle_raises(pytorch_bundle: Path, tmp_path: Path) -> None:
-    import torch
-
+@pytest.mark.parametrize(
+    ("fixture", "fmt", "pickle_name"),
+    [
+        ("pytorch_bundle", "pytorch", "model.pt"),
+        ("transformers_bin_bundle", "transformers", "pytorch_model.bin"),
+        # A pickle beside the converted weights, under a name that does not say so.
+        ("pytorch_served_bundle", "pytorch", "notes.txt"),
+    ],
+)
+def test_load_engine_bundle_with_pickle_is_refused_before_loading(
+    request: pytest.FixtureRequest, tmp_path: Path, fixture: str, fmt: str, pickle_name: str
+) -> None:
     bundle = tmp_path / "bundle"
-    shutil.copytree(pytorch_bundle, bundle)
-    torch.save({"weights": [1, 2, 3]}, bundle / "model.pt")
-    with pytest.raises(EngineError, match="state dict of tensors"):
+    shutil.copytree(request.getfixturevalue(fixture), bundle)
+    if pickle_name == "notes.txt":
+        shutil.copy(request.getfixturevalue("pytorch_bundle") / "model.pt", bundle / pickle_name)
+    with pytest.raises(EngineError, match="pickle-based weights") as info:
+        load_engine(bundle, fmt)
+    assert pickle_name in str(info.value)
+
+
+def test_load_engine_pytorch_without_converted_weights_raises(
+    pytorch_served_bundle: Path, tmp_path: Path
+) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(pytorch_served_bundle, bundle)
+    (bundle / "model.safetensors").unlink()
+    with pytest.raises(EngineError, match="no safetensors file"):
         load_engine(bundle, "pytorch")
 
 

@@ -1,0 +1,1 @@
+"""OpenAI-compatible endpoints under `/openai/v1`: point an official client at us."""

@@ -1,0 +1,67 @@
+"""Embed and chat requests over the runner's pipe: vectors in order, one Done, runner warm."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from workers.engines.base import ChatMessage, GenerateRequest, SamplingParams
+from workers.runner.process import Runner, RunnerFatal, RunnerState
+from workers.runner.protocol import Token
+
+MakeRunner = Callable[..., Runner]
+CHAT = (ChatMessage("system", "Be brief."), ChatMessage("user", "Hello"))
+
+
+def test_embed_returns_one_unit_vector_per_input_and_stays_warm(
+    make_runner: MakeRunner, gguf_dir: Path
+) -> None:
+    runner = make_runner(gguf_dir)
+    runner.start()
+    vectors, done = runner.embed(["one", "two words", "one"], "e-1")
+    assert not done.error and done.tag == "e-1" and done.prompt_tokens >= 3
+    assert len(vectors) == 3
+    assert vectors[0] == pytest.approx(vectors[2], abs=1e-5)  # batched: float noise only
+    assert vectors[0] != pytest.approx(vectors[1], abs=1e-3)
+    assert all(math.isclose(sum(x * x for x in v), 1.0, rel_tol=1e-4) for v in vectors)
+    assert runner.state is RunnerState.READY
+    # The same runner still generates after its embedding model was loaded.
+    tokens: list[Token] = []
+    request = GenerateRequest("Hello", raw=True, params=SamplingParams(max_tokens=3))
+    assert not runner.generate(request, "g-1", tokens.append).error
+
+
+def test_embed_on_onnx_is_a_model_error_not_a_dead_runner(
+    make_runner: MakeRunner, onnx_bundle: Path
+) -> None:
+    runner = make_runner(onnx_bundle, "onnx")
+    runner.start()
+    vectors, done = runner.embed(["hello"], "e-2")
+    assert done.error and done.code == "UNSUPPORTED_FOR_MODEL" and vectors == []
+    assert runner.state is RunnerState.READY
+
+
+def test_messages_cross_the_pipe_and_render_with_the_template(
+    make_runner: MakeRunner, gguf_dir: Path
+) -> None:
+    runner = make_runner(gguf_dir)
+    runner.start()
+    params = SamplingParams(max_tokens=2, temperature=0.0)
+    chat = runner.generate(GenerateRequest(messages=CHAT, params=params), "c", lambda _: None)
+    one = runner.generate(GenerateRequest("Hello", params=params), "p", lambda _: None)
+    assert not chat.error and not one.error
+    assert chat.prompt_tokens > one.prompt_tokens  # the system turn went through
+
+
+@pytest.mark.parametrize("mode", ["bad_vector", "short_vectors"])
+def test_embed_from_a_lying_child_is_fatal(
+    make_runner: MakeRunner, gguf_dir: Path, mode: str
+) -> None:
+    runner = make_runner(gguf_dir, mode=mode)
+    runner.start()
+    with pytest.raises(RunnerFatal):
+        runner.embed(["one", "two"], "e-3")
+    assert runner.state is RunnerState.DEFUNCT
