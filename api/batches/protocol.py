@@ -3,22 +3,38 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from api.inference.protocol import GenerationParams, JobError, JobStatusName
 
 BatchStatus = Literal["queued", "running", "completed", "cancelled"]
 
 
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: StrictStr
+
+
 class BatchRequest(GenerationParams):
-    """One request of a batch: a prompt (or, later, chat messages) and generation options."""
+    """One request of a batch: a prompt or chat messages, and generation options.
+
+    `messages` go through the model's chat template like `/openai/v1/chat/completions`; a
+    prompt is one user turn (or verbatim with `raw`), as in `/v1/infer`.
+    """
 
     custom_id: str = Field(min_length=1, max_length=64)
     prompt: str | None = Field(default=None, min_length=1)
-    # TODO(lead): accept once the worker renders `messages` (openai6); refused with 400 until then.
-    messages: list[dict[str, Any]] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=1000)
+
+    def routing_text(self) -> str:
+        """What a prompt router looks at: the prompt, or every message's text."""
+        if self.messages is not None:
+            return "\n".join(m.content for m in self.messages)
+        return self.prompt or ""
 
 
 class BatchCreate(BaseModel):

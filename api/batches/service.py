@@ -13,6 +13,7 @@ from sqlmodel import Session, col, select
 from api.batches.protocol import (
     BatchCreate,
     BatchPublic,
+    BatchRequest,
     BatchResult,
     BatchResultLine,
     Usage,
@@ -20,7 +21,7 @@ from api.batches.protocol import (
 from api.inference.auth_cache import AuthCache
 from api.inference.jobs import Reader
 from api.inference.protocol import InferRequest, JobError
-from api.inference.serving import JobSpec, enqueue, new_job
+from api.inference.serving import GENERATION_FIELDS, JobSpec, enqueue, new_job
 from api.prompt_routing.resolve import open_scope
 from core import batches, events
 from core.db import update_rows
@@ -50,13 +51,16 @@ def _check(body: BatchCreate, settings: Settings) -> None:
                 details={"field": f"{field}.custom_id"},
             )
         seen.add(item.custom_id)
-        if item.messages is not None:
+        if (item.prompt is None) == (item.messages is None):
             raise InvalidRequest(
-                f"{field}.messages: chat messages are not supported in batches yet; send `prompt`",
-                details={"field": f"{field}.messages"},
+                f"{field}: send exactly one of `prompt` and `messages`",
+                details={"field": f"{field}.prompt"},
             )
-        if item.prompt is None:
-            raise InvalidRequest(f"{field}.prompt: required", details={"field": f"{field}.prompt"})
+        if item.messages is not None and item.raw:
+            raise InvalidRequest(
+                f"{field}.raw: `messages` always go through the chat template",
+                details={"field": f"{field}.raw"},
+            )
 
 
 def create_batch(
@@ -81,15 +85,12 @@ def create_batch(
     )
     jobs: list[Job] = []
     for i, item in enumerate(body.requests):
-        req = InferRequest.model_validate(
-            {**item.model_dump(exclude={"custom_id", "messages"}), "model_id": body.model_id}
-        )
-        target = scope.target_for(session, req.prompt)
+        target = scope.target_for(session, item.routing_text())
         try:
             job = new_job(
                 settings=settings,
                 grant=target.grant,
-                spec=JobSpec.of(req),
+                spec=_spec_of(item, body.model_id),
                 router_id=target.router_id,
                 batch_id=batch.id,
             )
@@ -104,6 +105,20 @@ def create_batch(
     session.commit()
     _enqueue_all(session, celery, batch, jobs)
     return batch
+
+
+def _spec_of(item: BatchRequest, model_id: str) -> JobSpec:
+    if item.messages is None:
+        fields = item.model_dump(exclude={"custom_id", "messages"})
+        return JobSpec.of(InferRequest.model_validate({**fields, "model_id": model_id}))
+    messages = [m.model_dump() for m in item.messages]
+    sampling = item.model_dump(include=GENERATION_FIELDS - {"prompt", "raw"})
+    return JobSpec(
+        params={"messages": messages, **sampling},
+        input_chars=sum(len(m["content"]) for m in messages),
+        input_name="messages",
+        max_tokens=item.max_tokens,
+    )
 
 
 def _enqueue_all(session: Session, celery: Celery, batch: Batch, jobs: list[Job]) -> None:

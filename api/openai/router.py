@@ -44,7 +44,7 @@ def _start(
     request: Request, settings: Settings, auth: str | None, model: str, spec: JobSpec, live: bool
 ) -> Job:
     """Every route here starts its job through `start_job`, the API's one seam for that."""
-    authorize = svc.authorizer(settings, key_token(auth, None), model)
+    authorize = svc.authorizer(settings, key_token(auth, None), model, svc.routing_text(spec))
     return start_job(conn=request, settings=settings, authorize=authorize, spec=spec, live=live)
 
 

@@ -33,19 +33,24 @@ from api.openai.protocol import (
     ModelCard,
     Usage,
 )
+from api.prompt_routing.resolve import Target, resolve_target
+from api.prompt_routing.service import is_router_id
 from core import keys
 from core.errors import InvalidRequest, ModelNotFound, job_error
 from core.queue import EMBED_OP
 from core.settings import Settings
 from core.tables import ApiKey, JobStatus, Model, ModelStatus
 
-Authorize = Callable[[Session, AuthCache], Grant]
+Authorize = Callable[[Session, AuthCache], Grant | Target]
 
 
-def authorizer(settings: Settings, token: str, model: str) -> Authorize:
-    """The grant for `model`: a model id, or the name of a model in the key's account."""
+def authorizer(settings: Settings, token: str, model: str, text: str = "") -> Authorize:
+    """The grant for `model`: a model id, the name of a model in the key's account, or a
+    prompt router's id (which picks a model by `text`)."""
 
-    def authorize(session: Session, cache: AuthCache) -> Grant:
+    def authorize(session: Session, cache: AuthCache) -> Grant | Target:
+        if is_router_id(model):
+            return resolve_target(session, settings, cache, token, model, text)
         parsed = keys.parse(token, keys.API_KEY_PREFIX)
         cached = cache.get(parsed.key_id) if parsed else None
         if cached is not None and cached.model_name == model:  # a name, seen before
@@ -71,6 +76,16 @@ def _model_named(session: Session, key: ApiKey, name: str) -> str | None:
     )
     ids = list(session.exec(stmt))
     return key.model_id if key.model_id in ids else next(iter(ids), None)
+
+
+def routing_text(spec: JobSpec) -> str:
+    """What a prompt router looks at: the prompt, the messages' text or the inputs."""
+    params = spec.params
+    if "messages" in params:
+        return "\n".join(str(m["content"]) for m in params["messages"])
+    if "input" in params:
+        return "\n".join(str(i) for i in params["input"])
+    return str(params.get("prompt", ""))
 
 
 def key_models(session: Session, settings: Settings, token: str) -> list[ModelCard]:

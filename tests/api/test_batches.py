@@ -99,6 +99,25 @@ def test_batch_results_are_complete_correct_and_in_request_order(
     assert owner.status_code == 200 and owner.json()["completed"] == 3
 
 
+def test_batch_chat_messages_match_the_same_chat_through_openai(
+    client: TestClient, gguf_ready: dict[str, Any]
+) -> None:
+    key = gguf_ready["key"]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    greedy = {"temperature": 0.0, "max_tokens": 6, "seed": 1}
+    batch_id = created(client, key, gguf_ready["id"],
+                       [{"custom_id": "chat", "messages": messages, **greedy}])  # fmt: skip
+    assert wait_batch(client, batch_id, key)["completed"] == 1
+    (line,) = result_lines(client, batch_id, key)
+    chat = client.post(
+        "/openai/v1/chat/completions",
+        json={"model": gguf_ready["id"], "messages": messages, **greedy},
+        headers=auth(key),
+    ).json()
+    assert line["result"]["completion"] == chat["choices"][0]["message"]["content"]
+    assert line["usage"]["prompt_tokens"] == chat["usage"]["prompt_tokens"]
+
+
 def test_batch_webhook_is_signed_and_sent_once_on_completion(
     client: TestClient, stack: StackInfo, gguf_ready: dict[str, Any], hook_server: str
 ) -> None:
@@ -163,8 +182,15 @@ def test_batch_for_another_accounts_model_is_not_found(
     [
         ([{"custom_id": "a", "prompt": "x"}, {"custom_id": "a", "prompt": "y"}], {},
          "requests.1.custom_id"),
-        ([{"custom_id": "a", "messages": [{"role": "user", "content": "hi"}]}], {},
-         "requests.0.messages"),
+        ([{"custom_id": "a", "prompt": "x", "messages": [{"role": "user", "content": "hi"}]}],
+         {}, "requests.0.prompt"),
+        ([{"custom_id": "a", "raw": True, "messages": [{"role": "user", "content": "hi"}]}],
+         {}, "requests.0.raw"),
+        ([{"custom_id": "a", "messages": [{"role": "root", "content": "hi"}]}], {},
+         "requests.0.messages.0.role"),
+        ([{"custom_id": "a", "messages": []}], {}, "requests.0.messages"),
+        ([{"custom_id": "a", "messages": [{"role": "user", "content": 7}]}], {},
+         "requests.0.messages.0.content"),
         ([{"custom_id": "a"}], {}, "requests.0.prompt"),
         ([], {}, "requests"),
         ([{"custom_id": "a", "prompt": "x", "max_tokens": 10**6}], {}, "requests.0"),

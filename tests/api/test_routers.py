@@ -127,6 +127,24 @@ def test_infer_through_router_says_which_model_served(
     assert "x-routed-to" not in direct.headers
 
 
+def test_openai_chat_through_a_router_routes_on_the_messages(
+    client: TestClient, models: dict[str, Any]
+) -> None:
+    rules = [{"when": {"regex": "(?i)poem"}, "model_id": models["b"]}]
+    router_id, key = router_with_key(client, models["token"], rules, models["a"])
+
+    def chat(text: str) -> Any:
+        body = {"model": router_id, "messages": [{"role": "user", "content": text}],
+                "max_tokens": 3, "temperature": 0}  # fmt: skip
+        return client.post("/openai/v1/chat/completions", json=body, headers=auth(key))
+
+    poem, other = chat("Write a POEM"), chat("Add two numbers")
+    assert poem.status_code == other.status_code == 200, poem.text
+    assert poem.headers["x-routed-to"] == models["b"]
+    assert other.headers["x-routed-to"] == models["a"]
+    assert poem.json()["object"] == "chat.completion"
+
+
 def test_router_key_calls_only_its_router_and_model_keys_never_a_router(
     client: TestClient, models: dict[str, Any]
 ) -> None:

@@ -207,3 +207,26 @@ def test_other_routes_keep_their_own_envelope(client: TestClient) -> None:
     assert set(resp.json()) == {"error", "request_id"}
     assert resp.json()["error"]["code"] == "AUTHENTICATION_FAILED"
     assert "details" in resp.json()["error"]
+
+
+def test_rate_limit_is_rate_limit_error_with_retry_after_and_headers(
+    openai_url: str, client: TestClient, gguf_ready: dict[str, Any]
+) -> None:
+    minted = client.post(
+        f"/v1/models/{gguf_ready['id']}/keys",
+        json={"name": "one-a-minute", "rate_limit_rpm": 1},
+        headers=auth(gguf_ready["token"]),
+    )
+    assert minted.status_code == 201, minted.text
+    sdk = sync_client(openai_url, minted.json()["key"])
+    first = sdk.chat.completions.with_raw_response.create(
+        model=gguf_ready["id"], messages=MESSAGES, max_tokens=2
+    )
+    assert first.headers["x-ratelimit-limit"] == "1"
+    assert first.headers["x-ratelimit-remaining"] == "0"
+    with pytest.raises(openai.RateLimitError) as info:
+        sdk.chat.completions.create(model=gguf_ready["id"], messages=MESSAGES, max_tokens=2)
+    assert info.value.status_code == 429 and info.value.code == "RATE_LIMIT_EXCEEDED"
+    assert int(info.value.response.headers["retry-after"]) >= 1
+    assert info.value.response.headers["x-ratelimit-limit"] == "1"
+    assert isinstance(info.value.body, dict) and info.value.body["type"] == "rate_limit_error"
