@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import redaction
+from api import openapi, redaction
 from api.batches import router as batches
 from api.errors import RequestIdMiddleware, install_error_handlers
 from api.inference import router as inference
@@ -80,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in routers:
         app.include_router(module.router)
     app.include_router(openai.router)  # /openai/v1, errors in OpenAI's shape
+    openapi.install(app)
     return app
 
 
