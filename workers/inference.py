@@ -394,7 +394,7 @@ def _metrics_of(ctx: JobContext, end: Terminal) -> cluster_metrics.JobMetrics:
 
 
 def _log_fields(ctx: JobContext, end: Terminal) -> dict[str, Any]:
-    """Ids, counts and timings of an ended job: never its prompt or completion."""
+    """Ids, counts and timings of an ended job; its text only for a key minted to log it."""
     fields: dict[str, Any] = {
         "job_id": ctx.job.id,
         "model_id": ctx.job.model_id,
@@ -405,6 +405,10 @@ def _log_fields(ctx: JobContext, end: Terminal) -> dict[str, Any]:
     }
     for name in ("queue_ms", "cold_start_ms", "first_token_ms", "run_ms"):
         fields[name] = end.timings.get(name)
+    if ctx.log_payloads:  # `log_payloads` on the key: an owner debugging their own traffic
+        params = ctx.job.params
+        fields["prompt"] = params.get("messages") or params.get("prompt") or params.get("input")
+        fields["completion"] = (end.result or {}).get("completion")
     return fields
 
 

@@ -37,6 +37,7 @@ class JobContext:
     model: Model
     files: list[ModelFile]
     customer: str | None
+    log_payloads: bool = False  # the key opted in: its prompts and completions are logged
 
 
 @dataclass
@@ -80,7 +81,13 @@ def _context(s: Session, job: Job) -> JobContext:
     customer = (key.billed_customer_id if key else None) or (
         account.stripe_customer_id if account else None
     )
-    return JobContext(job=job, model=model, files=files, customer=customer)
+    return JobContext(
+        job=job,
+        model=model,
+        files=files,
+        customer=customer,
+        log_payloads=bool(key and key.log_payloads),
+    )
 
 
 def load(settings: Settings, job_id: str) -> JobContext | None:

@@ -182,3 +182,25 @@ def test_text_and_json_lines_carry_ids_and_extra_fields() -> None:
     text = logs.TextFormatter().format(record)
     assert "[req_abc] [job_1] job j1" in text
     assert logs.REQUEST_ID.get() is None and logs.JOB_ID.get() is None  # context restored
+
+
+def test_a_key_minted_with_log_payloads_has_its_text_logged_by_the_worker(
+    client: TestClient, stack: StackInfo, gguf_ready: dict[str, Any]
+) -> None:
+    minted = client.post(
+        f"/v1/models/{gguf_ready['id']}/keys",
+        json={"name": "debugging", "log_payloads": True},
+        headers=auth(gguf_ready["token"]),
+    )
+    assert minted.status_code == 201 and minted.json()["log_payloads"] is True
+    marker = f"LOGGEDPROMPT{uuid.uuid4().hex}"
+    body = {"model_id": gguf_ready["id"], "prompt": f"Say {marker}", **BODY}
+    resp = client.post("/v1/infer", json=body, headers=auth(minted.json()["key"]))
+    assert resp.status_code == 200, resp.text
+    ended = [e for e in _wait_for_job_line(stack, resp.json()["id"]) if e["message"] == "job ended"]
+    assert ended[0]["prompt"] == body["prompt"]
+    assert ended[0]["completion"] == resp.json()["completion"]
+    # The same model through a key without the flag: ids and counts only.
+    plain = client.post("/v1/infer", json=body, headers=auth(gguf_ready["key"]))
+    line = [e for e in _wait_for_job_line(stack, plain.json()["id"]) if e["message"] == "job ended"]
+    assert "prompt" not in line[0] and "completion" not in line[0]
