@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from functools import lru_cache
 from typing import Any
 
@@ -41,8 +42,20 @@ def handle_s3_event(event: dict[str, Any]) -> dict[str, Any]:
     return {"received": len(outcomes), "outcomes": outcomes}
 
 
+def _ensure_event_loop() -> None:
+    """Mangum runs a request on `asyncio.get_event_loop()`, which raises once an
+    `asyncio.run` in this thread (anything a warm container ran before) has unset the loop."""
+    try:
+        if not asyncio.get_event_loop_policy().get_event_loop().is_closed():
+            return
+    except RuntimeError:
+        pass
+    asyncio.set_event_loop(asyncio.new_event_loop())
+
+
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     if is_s3_event(event):
         return handle_s3_event(event)
+    _ensure_event_loop()
     response: dict[str, Any] = _http()(event, context)
     return response

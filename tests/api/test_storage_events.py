@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,7 @@ def test_lambda_handler_processes_s3_records(
     monkeypatch.setattr(lambda_handler, "get_settings", lambda: stack.settings)
     event = s3_event("inferatech-test", key, gguf_model.stat().st_size)
     del event["EventName"], event["Key"]
+    asyncio.run(asyncio.sleep(0))  # leaves this thread with no event loop, as other tests may
     out = lambda_handler.handler(event, None)
     assert out["received"] == 1
     assert wait_for_verdict(client, token, created["id"])["status"] == "ready"
@@ -170,6 +172,7 @@ def test_lambda_handler_serves_http_events(
                            "domainName": "x", "requestId": "r", "stage": "$default", "accountId": "1", "apiId": "a", "time": "t", "timeEpoch": 0},
         "isBase64Encoded": False,
     }  # fmt: skip
+    asyncio.run(asyncio.sleep(0))  # leaves this thread with no event loop, as other tests may
     out = lambda_handler.handler(event, None)
     assert out["statusCode"] == 200
     assert '"ok"' in out["body"]
