@@ -19,7 +19,9 @@ from core.storage import get_storage
 
 @lru_cache
 def _http() -> Mangum:
-    return Mangum(create_app(), lifespan="off")
+    # "auto": the app's lifespan (its Redis clients and worker directory) runs around each
+    # invocation; without it every inference route would fail on the missing state.
+    return Mangum(create_app(), lifespan="auto")
 
 
 def is_s3_event(event: Any) -> bool:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api import lambda_handler
+from api.main import create_app
 from core.settings import get_settings
 from tests.utils.factories import auth, create_account, declare, wait_for_verdict
 from tests.utils.stack import StackInfo
@@ -150,7 +152,6 @@ def test_lambda_handler_processes_s3_records(
     monkeypatch.setattr(lambda_handler, "get_settings", lambda: stack.settings)
     event = s3_event("inferatech-test", key, gguf_model.stat().st_size)
     del event["EventName"], event["Key"]
-    asyncio.run(asyncio.sleep(0))  # leaves this thread with no event loop, as other tests may
     out = lambda_handler.handler(event, None)
     assert out["received"] == 1
     assert wait_for_verdict(client, token, created["id"])["status"] == "ready"
@@ -176,3 +177,36 @@ def test_lambda_handler_serves_http_events(
     out = lambda_handler.handler(event, None)
     assert out["statusCode"] == 200
     assert '"ok"' in out["body"]
+
+
+def test_lambda_handler_runs_an_inference(
+    stack: StackInfo, gguf_ready: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The app's lifespan (Redis clients, worker directory) runs under Mangum too."""
+
+    def app_for_stack() -> Any:
+        app = create_app(stack.settings)
+        app.dependency_overrides[get_settings] = lambda: stack.settings
+        return app
+
+    monkeypatch.setattr(lambda_handler, "create_app", app_for_stack)
+    lambda_handler._http.cache_clear()
+    body = {"model_id": gguf_ready["id"], "prompt": "Hi", "raw": True, "max_tokens": 4,
+            "temperature": 0.0}  # fmt: skip
+    event = {
+        "version": "2.0", "routeKey": "$default", "rawPath": "/v1/infer", "rawQueryString": "",
+        "headers": {"host": "x.lambda-url.us-east-1.on.aws", "content-type": "application/json",
+                    "authorization": f"Bearer {gguf_ready['key']}"},
+        "requestContext": {"http": {"method": "POST", "path": "/v1/infer", "sourceIp": "1.2.3.4", "protocol": "HTTP/1.1"},
+                           "domainName": "x", "requestId": "r", "stage": "$default", "accountId": "1", "apiId": "a", "time": "t", "timeEpoch": 0},
+        "body": json.dumps(body),
+        "isBase64Encoded": False,
+    }  # fmt: skip
+    try:
+        for _ in range(2):  # a warm container serves the next invocation as well
+            out = lambda_handler.handler(event, None)
+            assert out["statusCode"] == 200, out["body"]
+            answer = json.loads(out["body"])
+            assert answer["completion_tokens"] >= 1 and answer["id"].startswith("job_")
+    finally:
+        lambda_handler._http.cache_clear()
