@@ -18,7 +18,7 @@ from core.redis import get_redis
 from core.settings import Settings
 from core.storage import get_storage
 from core.tables import JobStatus, ModelFile, utcnow
-from workers import jobs
+from workers import jobs, validation
 from workers.conversion import served, served_sha256
 from workers.engines.base import ChatMessage, GenerateRequest, SamplingParams
 from workers.jobs import JobContext, Terminal
@@ -181,6 +181,8 @@ def _run(
     queue_ms = timings["queue_ms"]
     try:
         model = ctx.model
+        if validation.needs_conversion(ctx.files):  # ready before conversion existed
+            ctx.files = validation.convert_legacy(model.id, ex.settings) or ctx.files
         # The cache holds the served bundle (converted safetensors, never a pickle) under its
         # own digest; runners stay keyed by the model's digest, which API routing knows.
         files = served(ctx.files)

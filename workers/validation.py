@@ -25,7 +25,7 @@ from core.storage.base import ObjectStorage
 from core.tables import Model, ModelFile, ModelStatus, utcnow
 from validators.base import BundleReport, Finding
 from validators.pipeline import BundleFile, bundle_digest, validate_bundle
-from workers.conversion import ConversionRejected, ConvertedFile, convert_bundle
+from workers.conversion import PICKLE_KINDS, ConversionRejected, ConvertedFile, convert_bundle
 from workers.smoke import smoke_test
 from workers.weight_cache import CachedFile
 
@@ -80,6 +80,54 @@ def run(model_id: str, settings: Settings) -> str:
         return record(model_id, settings, report, converted)
     finally:
         lock.release()
+
+
+def convert_legacy(model_id: str, settings: Settings) -> list[ModelFile] | None:
+    """Convert the pickle weights of a model made ready before conversion existed.
+
+    Such a model has pickle rows and no converted rows, and runners refuse pickles: the
+    first job after an upgrade converts it here (validators re-run first, with today's
+    rules), records the converted rows, and gets the model's files back. None when the model
+    needs nothing or could not be converted (the job then fails to load, as before).
+    """
+    lock = get_redis(settings).lock(
+        f"lock:validate:{model_id}",
+        timeout=settings.validation_time_limit_s + 120,
+        blocking_timeout=settings.validation_convert_timeout_s + 60,
+    )
+    if not lock.acquire(token=uuid.uuid4().hex.encode()):
+        return None
+    try:
+        with session_scope(settings) as s:
+            model = s.get(Model, model_id)
+            rows = list(s.exec(select(ModelFile).where(ModelFile.model_id == model_id)))
+        if model is None or model.status is not ModelStatus.READY:
+            return None
+        if not needs_conversion(rows):
+            return rows  # another worker converted it while this one waited for the lock
+        report = validate_bundle(
+            _bundle(get_storage(settings), rows),
+            max_pickle_bytes=settings.validation_max_pickle_bytes,
+        )
+        prefix = f"{model.account_id}/{model.id}/"
+        converted = _convert(model_id, settings, report, rows, prefix) if report.ok else []
+        if not converted:
+            log.warning("legacy model %s not converted: %s", model_id, report.rejection)
+            return None
+        with session_scope(settings) as s:
+            _record_converted(s, model_id, converted)
+        with session_scope(settings) as s:
+            rows = list(s.exec(select(ModelFile).where(ModelFile.model_id == model_id)))
+        log.info("legacy model %s converted (%d files)", model_id, len(converted))
+        return rows
+    finally:
+        lock.release()
+
+
+def needs_conversion(rows: Sequence[ModelFile]) -> bool:
+    """Pickle weights recorded at validation, and no conversion of them."""
+    pickles = {k.value for k in PICKLE_KINDS}
+    return any(r.kind in pickles for r in rows) and not any(r.converted_from for r in rows)
 
 
 def _convert(

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlmodel import select
+from sqlmodel import col, delete, select
 
 from core.db import session_scope
 from core.storage import get_storage
@@ -230,3 +230,29 @@ def test_sharded_bin_bundle_gets_a_safetensors_index_and_serves(
     resp = infer(client, verdict["api_key"], verdict["id"], raw=True, **GREEDY)
     assert resp.status_code == 200, resp.text
     assert resp.json()["completion_tokens"] >= 1
+
+
+def test_model_ready_before_conversion_existed_is_converted_by_its_first_job(
+    client: TestClient, stack: StackInfo, pytorch_bundle: Path, reference_completion: str
+) -> None:
+    verdict = upload_model(client, create_account(client), bundle_dir(pytorch_bundle))
+    assert verdict["status"] == "ready", verdict
+    model_id = verdict["id"]
+    with session_scope(stack.settings) as s:  # as an older version recorded it: no conversion
+        s.execute(
+            delete(ModelFile).where(
+                col(ModelFile.model_id) == model_id, col(ModelFile.converted_from).is_not(None)
+            )
+        )
+    assert validation.needs_conversion(_rows(stack, model_id))
+
+    resp = infer(client, verdict["api_key"], model_id, raw=True, **GREEDY)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["completion"] == reference_completion
+    rows = _rows(stack, model_id)
+    assert not validation.needs_conversion(rows)
+    assert [r.converted_from for r in rows if r.converted_from] == ["model.pt"]
+    assert not _pickles_in_weight_cache(stack)
+    again = infer(client, verdict["api_key"], model_id, raw=True, **GREEDY)  # nothing to redo
+    assert again.json()["completion"] == reference_completion
+    assert len(_rows(stack, model_id)) == len(rows)
