@@ -51,14 +51,8 @@ def run(model_id: str, settings: Settings) -> str:
             return "skipped"
         prefix = f"{model.account_id}/{model.id}/"
         # Converted files of an earlier, interrupted run are the worker's, not the upload.
-        rows = [
-            r
-            for r in s.exec(select(ModelFile).where(ModelFile.model_id == model_id))
-            if r.converted_from is None
-        ]
-    lock = get_redis(settings).lock(
-        f"lock:validate:{model_id}", timeout=settings.validation_time_limit_s + 120, blocking=False
-    )
+        rows = [r for r in _rows(s, model_id) if r.converted_from is None]
+    lock = _lock(settings, model_id, blocking=False)
     if not lock.acquire(token=uuid.uuid4().hex.encode()):
         raise Busy(model_id)
     try:
@@ -90,17 +84,13 @@ def convert_legacy(model_id: str, settings: Settings) -> list[ModelFile] | None:
     rules), records the converted rows, and gets the model's files back. None when the model
     needs nothing or could not be converted (the job then fails to load, as before).
     """
-    lock = get_redis(settings).lock(
-        f"lock:validate:{model_id}",
-        timeout=settings.validation_time_limit_s + 120,
-        blocking_timeout=settings.validation_convert_timeout_s + 60,
-    )
+    lock = _lock(settings, model_id, blocking_timeout=settings.validation_convert_timeout_s + 60)
     if not lock.acquire(token=uuid.uuid4().hex.encode()):
         return None
     try:
         with session_scope(settings) as s:
             model = s.get(Model, model_id)
-            rows = list(s.exec(select(ModelFile).where(ModelFile.model_id == model_id)))
+            rows = _rows(s, model_id)
         if model is None or model.status is not ModelStatus.READY:
             return None
         if not needs_conversion(rows):
@@ -117,17 +107,31 @@ def convert_legacy(model_id: str, settings: Settings) -> list[ModelFile] | None:
         with session_scope(settings) as s:
             _record_converted(s, model_id, converted)
         with session_scope(settings) as s:
-            rows = list(s.exec(select(ModelFile).where(ModelFile.model_id == model_id)))
+            rows = _rows(s, model_id)
         log.info("legacy model %s converted (%d files)", model_id, len(converted))
         return rows
     finally:
         lock.release()
 
 
+_PICKLE_KIND_NAMES = frozenset(k.value for k in PICKLE_KINDS)
+
+
 def needs_conversion(rows: Sequence[ModelFile]) -> bool:
-    """Pickle weights recorded at validation, and no conversion of them."""
-    pickles = {k.value for k in PICKLE_KINDS}
-    return any(r.kind in pickles for r in rows) and not any(r.converted_from for r in rows)
+    """Pickle weights recorded at validation, and no conversion of them (checked per job)."""
+    return any(r.kind in _PICKLE_KIND_NAMES for r in rows) and not any(
+        r.converted_from for r in rows
+    )
+
+
+def _rows(s: Session, model_id: str) -> list[ModelFile]:
+    return list(s.exec(select(ModelFile).where(ModelFile.model_id == model_id)))
+
+
+def _lock(settings: Settings, model_id: str, **wait: Any) -> Any:
+    """The model's validation lock (validation and the legacy conversion share it)."""
+    key = f"lock:validate:{model_id}"
+    return get_redis(settings).lock(key, timeout=settings.validation_time_limit_s + 120, **wait)
 
 
 def _convert(
