@@ -44,6 +44,9 @@ SMALL = "gguf-28m"  # the benchmark shape, Q8_0: a token costs the engine millis
 GGUF_FIRST_TOKEN = """
 import sys
 import llama_cpp
+from workers.engines.llama import avoid_extra_buffers, host_has_amx
+if host_has_amx():  # as the engine loads it
+    avoid_extra_buffers()
 path, prompt, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
 llm = llama_cpp.Llama(model_path=path, n_ctx=256, n_threads=threads, n_threads_batch=threads,
                       verbose=False)

@@ -28,6 +28,11 @@ def _hf_greedy(model: LlamaForCausalLM, ids: list[int], n: int = N_NEW) -> list[
 def _llama_cpp_greedy(path: Path, ids: list[int], n: int = N_NEW) -> list[int]:
     from llama_cpp import Llama
 
+    from workers.engines.llama import avoid_extra_buffers, host_has_amx
+
+    if host_has_amx():  # as the engine loads it: ggml's AMX buffers crash on Q8_0
+        avoid_extra_buffers()
+
     llm = Llama(model_path=str(path), n_ctx=128, n_threads=1, verbose=False)
     out: list[int] = []
     for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):

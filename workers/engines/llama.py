@@ -44,6 +44,47 @@ def _install_log_capture() -> None:
     llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
 
 
+# ggml's AMX weight buffers (picked for Q8_0/Q4_x matrices on CPUs with AMX, such as Sapphire
+# Rapids) crash the bundled llama.cpp with SIGSEGV at the first decode: measured here with a
+# Q8_0 model that generates fine on hosts without AMX. On such hosts weights stay in plain CPU
+# buffers (no extra buffer types: no AMX and no runtime repacking).
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def host_has_amx(cpuinfo: Path = CPUINFO) -> bool:
+    """Whether the CPU advertises AMX (the `amx_int8` flag ggml's AMX kernels use)."""
+    try:
+        with cpuinfo.open() as f:
+            return any(line.startswith("flags") and " amx_int8" in line for line in f)
+    except OSError:
+        return False
+
+
+_amx_guard_installed = False
+
+
+def avoid_extra_buffers() -> None:
+    """Make every later `Llama(...)` in this process load without ggml's extra buffer types.
+
+    `Llama` builds its model parameters from `llama_model_default_params()` and has no
+    argument for `use_extra_bufts`, so the defaults it reads are wrapped (once per process).
+    """
+    global _amx_guard_installed
+    if _amx_guard_installed:
+        return
+    import llama_cpp.llama_cpp as low_level  # the module `llama_cpp.llama` reads it from
+
+    defaults = low_level.llama_model_default_params
+
+    def without_extra_buffers() -> Any:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    setattr(low_level, "llama_model_default_params", without_extra_buffers)  # noqa: B010
+    _amx_guard_installed = True
+
+
 def _log_tail() -> str:
     with _LOG_LOCK:
         lines = [line.strip() for line in _LOG_LINES if line.strip()]
@@ -209,6 +250,8 @@ def load_gguf(path: Path, device: str, threads: int, context_cap: int) -> LlamaE
     import llama_cpp
 
     _install_log_capture()
+    if host_has_amx():
+        avoid_extra_buffers()
     layers, used = _gpu_offload(device)
     _log_tail()  # forget lines from earlier loads
     trained = _train_context(path)

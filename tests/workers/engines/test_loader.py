@@ -4,16 +4,77 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.utils import model_files
+from tests.utils.stack import ROOT
 from tests.workers.engines.conftest import run
+from workers.engines import llama
 from workers.engines.base import EngineError, GenerateRequest
 from workers.engines.loader import load_engine
 
 HOSTILE = "{{ cycler.__init__.__globals__.os.system('touch MARKER') }}"
+
+
+GENERATE_Q8 = """
+import sys
+from workers.engines.base import GenerateRequest, SamplingParams
+from workers.engines.loader import load_engine
+engine = load_engine(sys.argv[1], "gguf", device="cpu", threads=2)
+params = SamplingParams(max_tokens=8, temperature=0.0, top_k=1, top_p=1.0, seed=7)
+stream = engine.generate(GenerateRequest(prompt="The quick brown fox", params=params), lambda: False)
+pieces = list(stream)
+print("tokens", len(pieces), flush=True)
+"""
+
+
+def test_load_engine_gguf_q8_0_generates_in_a_fresh_process(gguf_model_q8: Path) -> None:
+    """Q8_0 matrices picked ggml's AMX buffers on AMX hosts and crashed at the first decode
+    (SIGSEGV); a fresh process, so such a crash fails this test instead of the session."""
+    proc = subprocess.run(
+        [sys.executable, "-c", GENERATE_Q8, str(gguf_model_q8)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "tokens 8"
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ("fpu sse avx2 avx512f amx_bf16 amx_tile amx_int8 avx512_fp16", True),
+        ("fpu sse avx2 avx512f avx512vnni", False),
+        ("fpu sse avx2 amx_tile", False),  # tiles without the int8 kernels ggml uses
+    ],
+)
+def test_host_has_amx_reads_the_int8_flag(tmp_path: Path, flags: str, expected: bool) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    assert llama.host_has_amx(cpuinfo) is expected
+
+
+def test_host_has_amx_unreadable_cpuinfo_is_false(tmp_path: Path) -> None:
+    assert llama.host_has_amx(tmp_path / "absent") is False
+
+
+def test_avoid_extra_buffers_turns_them_off_for_every_later_load() -> None:
+    code = (
+        "from llama_cpp import llama as L\n"
+        "from workers.engines.llama import avoid_extra_buffers\n"
+        "print(L.llama_cpp.llama_model_default_params().use_extra_bufts)\n"
+        "avoid_extra_buffers(); avoid_extra_buffers()\n"
+        "print(L.llama_cpp.llama_model_default_params().use_extra_bufts)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["True", "False"]
 
 
 def test_load_engine_unknown_format_raises(transformers_bundle: Path) -> None:
