@@ -170,6 +170,7 @@ JOB_ERRORS: dict[str, type[InferatechError]] = {
     "MODEL_NOT_READY": ModelNotReady,
     "CHAT_TEMPLATE_MISSING": ChatTemplateMissing,
     "UNSUPPORTED_FOR_MODEL": UnsupportedForModel,
+    "SERVICE_UNAVAILABLE": ServiceUnavailable,  # the worker could not write the job's row
 }
 
 

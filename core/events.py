@@ -56,6 +56,33 @@ def queue_events(
         pipe.expire(key, STREAM_TTL_S)
 
 
+def batched(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs of token events as one `tokens` event each (`expand` gives them back).
+
+    A deferred job's tokens all reach the stream at its end: one entry instead of one per
+    token, for the worker that writes them and the API that reads them.
+    """
+    out: list[dict[str, Any]] = []
+    for event in batch:
+        if event.get("type") != "token":
+            out.append(event)
+        elif out and out[-1].get("type") == "tokens":
+            out[-1]["texts"].append(event["text"])
+        else:
+            out.append({"type": "tokens", "index": event["index"], "texts": [event["text"]]})
+    return out
+
+
+def expand(event: dict[str, Any]) -> list[dict[str, Any]]:
+    """A stream event as the token, status and done events readers handle."""
+    if event.get("type") != "tokens":
+        return [event]
+    first = int(event["index"])
+    return [
+        {"type": "token", "text": text, "index": first + i} for i, text in enumerate(event["texts"])
+    ]
+
+
 def request_cancel(client: redis.Redis, job_id: str, ttl_s: int = STREAM_TTL_S) -> None:  # type: ignore[type-arg]
     client.set(cancel_key(job_id), b"1", ex=ttl_s)
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import Any
+
 import redis
 from celery import Celery
 
 from core.settings import Settings
+from core.tables import Job
 
 VALIDATE_QUEUE = "validate"
 VALIDATE_TASK = "inferatech.validate_model"
@@ -27,6 +31,33 @@ INTERACTIVE_PRIORITY = 0
 BATCH_PRIORITY = 9
 HEARTBEAT_PREFIX = "worker:"
 HEARTBEAT_INDEX = "workers"
+
+
+# A waited-for job whose id nobody sees before it runs (`/v1/infer`, the OpenAI routes) is
+# not written by the API: its task message carries these fields and the worker that takes it
+# inserts the row (as `running`) in the transaction that claims it, one write instead of two
+# on every request's path.
+CARRIED_FIELDS = ("id", "account_id", "model_id", "api_key_id", "router_id", "params",
+                  "execution_timeout_s")  # fmt: skip
+_CARRIED_TIMES = ("created_at", "expires_at")
+
+
+def carried_job(job: Job) -> dict[str, Any]:
+    """The task message's copy of an unsaved job (JSON: the task serializer is JSON)."""
+    out: dict[str, Any] = {name: getattr(job, name) for name in CARRIED_FIELDS}
+    for name in _CARRIED_TIMES:
+        value: datetime | None = getattr(job, name)
+        out[name] = value.isoformat() if value else None
+    return out
+
+
+def job_of_message(message: dict[str, Any]) -> Job:
+    """The unsaved job a task message carries (`carried_job`'s inverse)."""
+    fields = {name: message[name] for name in CARRIED_FIELDS}
+    for name in _CARRIED_TIMES:
+        raw = message.get(name)
+        fields[name] = datetime.fromisoformat(raw) if raw else None
+    return Job(**fields)
 
 
 def direct_queue(nodename: str) -> str:

@@ -7,17 +7,20 @@ import math
 import queue
 import threading
 import time
+import uuid
 from datetime import datetime
 from functools import partial
 from typing import Any
 
+from sqlalchemy.exc import OperationalError
+
 from core import batches, cluster_metrics, events, limits, sessions
 from core.db import session_scope
-from core.queue import BATCH_WEBHOOK_TASK, EMBED_OP, WEBHOOK_QUEUE, WEBHOOK_TASK
+from core.queue import BATCH_WEBHOOK_TASK, EMBED_OP, WEBHOOK_QUEUE, WEBHOOK_TASK, job_of_message
 from core.redis import get_redis
 from core.settings import Settings
 from core.storage import get_storage
-from core.tables import JobStatus, ModelFile, utcnow
+from core.tables import Job, JobStatus, ModelFile, utcnow
 from workers import jobs, validation
 from workers.conversion import served, served_sha256
 from workers.engines.base import ChatMessage, GenerateRequest, SamplingParams
@@ -97,32 +100,53 @@ def request_of(params: dict[str, Any]) -> GenerateRequest:
     )
 
 
-def run_job(job_id: str, ex: Executor, timeout_s: float | None = None, *, live: bool = True) -> str:
+def run_job(
+    job_id: str,
+    ex: Executor,
+    timeout_s: float | None = None,
+    *,
+    live: bool = True,
+    carried: dict[str, Any] | None = None,
+) -> str:
     """Idempotent by job id: a job already ended is skipped, a live one runs once at a time.
 
     `timeout_s` is the job's execution timeout as the API enqueued it (it sizes the lock
     before the job row is read); without it the longest allowed timeout is assumed. `live`
     False (nobody streams the job) publishes its tokens with the terminal event, at once.
+    `carried`: the job as its task message holds it, its row not yet written (the claim
+    writes it).
     """
-    if events.cancel_requested(ex.redis, job_id):
-        ctx = jobs.load(ex.settings, job_id)
-        if ctx is None or ctx.job.status not in jobs.LIVE:
-            return "skipped"
-        cancelled = Terminal(
-            JobStatus.CANCELLED,
-            error_code="JOB_CANCELLED",
-            error_message="cancelled before it started",
-        )
-        return _end(ex, ctx, cancelled)
+    job = job_of_message(carried) if carried is not None else None
     # Outlives the runner's own timeout, so a redelivered copy of a dead worker's job can
     # take over soon after; while the first copy runs, the lock keeps the second out.
     lock_s = (timeout_s or ex.settings.max_execution_timeout_s) + 30
-    lock = ex.redis.lock(f"lock:job:{job_id}", timeout=lock_s)
-    if not lock.acquire(blocking=False):
+    lock = JobLock(ex, job_id, lock_s)
+    if lock.cancelled:
+        try:
+            ctx = jobs.load(ex.settings, job_id, job)
+            if ctx is None or ctx.job.status not in jobs.LIVE:
+                return "skipped"
+            cancelled = Terminal(
+                JobStatus.CANCELLED,
+                error_code="JOB_CANCELLED",
+                error_message="cancelled before it started",
+            )
+            return _end(ex, ctx, cancelled)
+        finally:
+            lock.release()
+    if not lock.held:
         return "busy"
     try:
         now = utcnow()
-        claim = jobs.claim(ex.settings, job_id)
+        try:
+            claim = jobs.claim(ex.settings, job_id, job)
+        except Exception as exc:
+            if job is None:
+                raise
+            # Nothing recorded it: answer the caller waiting on the stream, free what it holds.
+            log.exception("could not claim job %s", job_id)
+            _end_unrecorded(ex, job, database_down=isinstance(exc, OperationalError))
+            return JobStatus.FAILED.value
         ctx = claim.ctx
         if ctx is None:
             return "skipped"
@@ -154,6 +178,32 @@ def run_job(job_id: str, ex: Executor, timeout_s: float | None = None, *, live: 
         lock.release()
 
 
+class JobLock:
+    """The job's run lock and its cancel flag, read in one round trip as the task starts.
+
+    Held (SET NX with an expiry) while the job runs; released only by its holder.
+    """
+
+    _RELEASE = (
+        "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end "
+        "return 0"
+    )
+
+    def __init__(self, ex: Executor, job_id: str, timeout_s: float) -> None:
+        self._client, self._name = ex.redis, f"lock:job:{job_id}"
+        self._token = uuid.uuid4().hex
+        pipe = self._client.pipeline(transaction=False)
+        pipe.exists(events.cancel_key(job_id))
+        pipe.set(self._name, self._token, nx=True, px=int(timeout_s * 1000))
+        cancelled, held = pipe.execute()
+        self.cancelled, self.held = bool(cancelled), bool(held)
+
+    def release(self) -> None:
+        if self.held:
+            self._client.register_script(self._RELEASE)(keys=[self._name], args=[self._token])
+            self.held = False
+
+
 def _execute(
     ex: Executor, ctx: JobContext, *, queue_ms: float, live: bool = True
 ) -> tuple[Terminal, TokenPublisher]:
@@ -183,6 +233,7 @@ def _run(
         model = ctx.model
         if validation.needs_conversion(ctx.files):  # ready before conversion existed
             ctx.files = validation.convert_legacy(model.id, ex.settings) or ctx.files
+            jobs.forget_model(model.id)  # the next job reads the converted rows
         # The cache holds the served bundle (converted safetensors, never a pickle) under its
         # own digest; runners stay keyed by the model's digest, which API routing knows.
         files = served(ctx.files)
@@ -433,7 +484,7 @@ def _end(
             pipe, key_id=ctx.job.api_key_id, job_id=ctx.job.id, tokens=tokens, now=utcnow()
         )
     if not finished:
-        events.queue_events(pipe, ctx.job.id, held)
+        events.queue_events(pipe, ctx.job.id, events.batched(held))
         pipe.execute()
         return "skipped"
     cluster_metrics.record_job(pipe, _metrics_of(ctx, end))
@@ -447,7 +498,7 @@ def _end(
             prompt_tokens=end.prompt_tokens,
             completion_tokens=end.completion_tokens,
         )
-    events.queue_events(pipe, ctx.job.id, [*held, end.event()])
+    events.queue_events(pipe, ctx.job.id, [*events.batched(held), end.event()])
     pipe.execute()
     log.info("job ended", extra=_log_fields(ctx, end))
     if ctx.job.webhook_url:
@@ -457,6 +508,24 @@ def _end(
     if ctx.job.batch_id is not None:
         _close_batch(ex, ctx.job.batch_id)
     return end.status.value
+
+
+def _end_unrecorded(ex: Executor, job: Job, *, database_down: bool) -> None:
+    """A carried job whose row could not be written (the database is down): it never ran."""
+    end = Terminal(JobStatus.FAILED)
+    if database_down:
+        end.error_code, end.error_message = "SERVICE_UNAVAILABLE", "the database is down; retry"
+    else:
+        end.error_code, end.error_message = "INTERNAL_ERROR", "the worker failed; quote the job id"
+    pipe = ex.redis.pipeline(transaction=False)
+    if job.api_key_id:
+        limits.queue_settle(pipe, key_id=job.api_key_id, job_id=job.id, tokens=0, now=utcnow())
+    if session := job.params.get("session"):
+        sessions.queue_turn(
+            pipe, session, job.id, completion=None, prompt_tokens=0, completion_tokens=0
+        )
+    events.queue_events(pipe, job.id, [end.event()])
+    pipe.execute()
 
 
 def _close_batch(ex: Executor, batch_id: str) -> None:

@@ -7,10 +7,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import insert, update
-from sqlmodel import Session, col, select
+from sqlalchemy import bindparam, func, insert, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select
 
-from core.db import session_scope, update_rows
+from core.db import get_engine, session_scope, update_rows
 from core.ids import new_id
 from core.settings import Settings
 from core.tables import (
@@ -26,7 +27,6 @@ from core.tables import (
 )
 
 LIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
-_INSERT_USAGE = insert(UsageEvent.__table__)  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -36,7 +36,6 @@ class JobContext:
     job: Job
     model: Model
     files: list[ModelFile]
-    customer: str | None
     log_payloads: bool = False  # the key opted in: its prompts and completions are logged
 
 
@@ -72,28 +71,74 @@ class Terminal:
         return ev
 
 
-def _context(s: Session, job: Job) -> JobContext:
-    model = s.get(Model, job.model_id)
-    assert model is not None
-    files = list(s.exec(select(ModelFile).where(ModelFile.model_id == model.id)))
-    key = s.get(ApiKey, job.api_key_id) if job.api_key_id else None
-    account = s.get(Account, job.account_id)
-    customer = (key.billed_customer_id if key else None) or (
-        account.stripe_customer_id if account else None
-    )
-    return JobContext(
-        job=job,
-        model=model,
-        files=files,
-        customer=customer,
-        log_payloads=bool(key and key.log_payloads),
-    )
+# What a job runs on, read once per worker process and model (or key) for this long: a model's
+# files are written once, and the claim that every request makes is then one statement.
+CONTEXT_TTL_S = 30.0
+_served: dict[str, tuple[float, Model, list[ModelFile]]] = {}
+_payload_keys: dict[str, tuple[float, bool]] = {}
+_context_lock = threading.Lock()
 
 
-def load(settings: Settings, job_id: str) -> JobContext | None:
+def forget_model(model_id: str) -> None:
+    """Drop a model's cached rows (its files changed: a legacy upload was converted)."""
+    with _context_lock:
+        _served.pop(model_id, None)
+
+
+def _context(settings: Settings, job: Job) -> JobContext:
+    now = time.monotonic()
+    with _context_lock:
+        cached = _served.get(job.model_id)
+        logged = _payload_keys.get(job.api_key_id) if job.api_key_id else (now, False)
+    if cached is None or cached[0] < now or logged is None or logged[0] < now:
+        with session_scope(settings) as s:
+            model = s.get(Model, job.model_id)
+            assert model is not None
+            files = list(s.exec(select(ModelFile).where(ModelFile.model_id == model.id)))
+            key = s.get(ApiKey, job.api_key_id) if job.api_key_id else None
+        cached = (now + CONTEXT_TTL_S, model, files)
+        logged = (now + CONTEXT_TTL_S, bool(key and key.log_payloads))
+        with _context_lock:
+            if len(_served) > 10_000:  # a long-lived worker that served many models
+                _served.clear()
+                _payload_keys.clear()
+            _served[job.model_id] = cached
+            if job.api_key_id:
+                _payload_keys[job.api_key_id] = logged
+    return JobContext(job=job, model=cached[1], files=list(cached[2]), log_payloads=logged[1])
+
+
+def load(settings: Settings, job_id: str, carried: Job | None = None) -> JobContext | None:
+    """The job's context; a carried job with no row yet gets its row (still `queued`)."""
     with session_scope(settings) as s:
         job = s.get(Job, job_id)
-        return None if job is None else _context(s, job)
+    if job is None and carried is not None:
+        job = _insert_carried(settings, carried, JobStatus.QUEUED)
+    return None if job is None else _context(settings, job)
+
+
+def _insert_carried(settings: Settings, carried: Job, status: JobStatus) -> Job | None:
+    """Write a carried job's row; None if a row is there already (a redelivered message)."""
+    started = utcnow() if status is JobStatus.RUNNING else None
+    row = {name: getattr(carried, name) for name in _CARRIED_COLUMNS}
+    row.update(status=status, started_at=started, attempts=int(started is not None))
+    try:
+        with get_engine(settings).begin() as conn:
+            conn.execute(_INSERT_JOB, row)
+    except IntegrityError:
+        with session_scope(settings) as s:
+            if s.get(Job, carried.id) is None:  # not a duplicate id: a broken reference
+                raise
+        return None
+    carried.status, carried.started_at, carried.attempts = status, started, row["attempts"]
+    return carried
+
+
+_INSERT_JOB = insert(Job.__table__)  # type: ignore[attr-defined]
+_CARRIED_COLUMNS = ("id", "account_id", "model_id", "api_key_id", "router_id", "batch_id",
+                    "params", "webhook_url", "execution_timeout_s", "result", "error_code",
+                    "error_message", "prompt_tokens", "completion_tokens", "timings",
+                    "created_at", "expires_at", "finished_at")  # fmt: skip
 
 
 @dataclass
@@ -104,18 +149,27 @@ class Claim:
     expired: bool = False
 
 
-def claim(settings: Settings, job_id: str) -> Claim:
+def claim(settings: Settings, job_id: str, carried: Job | None = None) -> Claim:
     """`queued → running` (or a redelivered `running` job taken over) in one transaction.
 
-    The compare-and-set and the reads a run needs share one commit (the hot path of every
-    request). A job whose TTL ran out is not claimed: `expired` asks the caller to end it.
+    A carried job (its row not written by the API) is claimed by inserting its row as
+    `running`: one statement on the hot path of every request. A job whose TTL ran out is
+    not claimed: `expired` asks the caller to end it.
     """
+    if carried is not None:
+        if carried.expires_at and utcnow() > carried.expires_at:
+            ctx = load(settings, job_id, carried)
+            return Claim(ctx, expired=ctx is not None and ctx.job.status in LIVE)
+        job = _insert_carried(settings, carried, JobStatus.RUNNING)
+        if job is not None:
+            return Claim(_context(settings, job))
+        # A row exists: a redelivered message, its first copy's worker died. Take it over.
     with session_scope(settings) as s:
         job = s.get(Job, job_id)
         if job is None or job.status not in LIVE:
             return Claim(None)
         if job.expires_at and utcnow() > job.expires_at:
-            return Claim(_context(s, job), expired=True)
+            return Claim(_context(settings, job), expired=True)
         stmt = (
             update(Job)
             .where(col(Job.id) == job.id, col(Job.status).in_(LIVE))
@@ -123,54 +177,72 @@ def claim(settings: Settings, job_id: str) -> Claim:
         )
         if update_rows(s, stmt) != 1:
             return Claim(None)
-        return Claim(_context(s, job))
+    return Claim(_context(settings, job))
 
 
 def finish(settings: Settings, ctx: JobContext, end: Terminal) -> bool:
     """Write the terminal state and its usage event in one transaction; False if already ended."""
     job = ctx.job
     now = utcnow()
-    with session_scope(settings) as s:
-        stmt = (
-            update(Job)
-            .where(col(Job.id) == job.id, col(Job.status).in_(LIVE))
-            .values(
-                status=end.status,
-                result=end.result,
-                error_code=end.error_code,
-                error_message=(end.error_message or None) and end.error_message[:2000],
-                prompt_tokens=end.prompt_tokens,
-                completion_tokens=end.completion_tokens,
-                timings=end.timings,
-                finished_at=now,
-            )
-        )
-        if update_rows(s, stmt) != 1:
+    # Prebuilt Core statements on one connection: no ORM session, identity map, flush or
+    # statement building on the path of every request.
+    with get_engine(settings).begin() as conn:
+        ended = {
+            "job_id": job.id,
+            "status": end.status,
+            "result": end.result,
+            "error_code": end.error_code,
+            "error_message": (end.error_message or None) and end.error_message[:2000],
+            "prompt_tokens": end.prompt_tokens,
+            "completion_tokens": end.completion_tokens,
+            "timings": end.timings,
+            "finished_at": now,
+        }
+        if conn.execute(_FINISH_JOB, ended).rowcount != 1:
             return False
         if end.completion_tokens > 0 or end.status is JobStatus.SUCCEEDED:
-            # A Core INSERT on the session's connection (same transaction): no ORM object,
-            # identity map or unit-of-work flush on every request's path.
-            row = {
+            usage = {
                 "id": new_id("ue"),
                 "job_id": job.id,
                 "account_id": job.account_id,
                 "api_key_id": job.api_key_id,
                 "model_id": job.model_id,
-                "stripe_customer_id": ctx.customer,
                 "prompt_tokens": end.prompt_tokens,
                 "completion_tokens": end.completion_tokens,
                 "occurred_at": now,
                 "push_state": PushState.PENDING,
                 "attempts": 0,
+                "key_of_customer": job.api_key_id,
+                "account_of_customer": job.account_id,
             }
-            s.connection().execute(_INSERT_USAGE, row)
+            conn.execute(_INSERT_USAGE, usage)
         if _due(f"model:{job.model_id}"):
             model_row = update(Model).where(col(Model.id) == job.model_id)
-            update_rows(s, model_row.values(last_invoked_at=now))
+            conn.execute(model_row.values(last_invoked_at=now))
         if job.api_key_id and _due(f"key:{job.api_key_id}"):
             key_row = update(ApiKey).where(col(ApiKey.id) == job.api_key_id)
-            update_rows(s, key_row.values(last_used_at=now))
+            conn.execute(key_row.values(last_used_at=now))
     return True
+
+
+_ENDED_COLUMNS = ("status", "result", "error_code", "error_message", "prompt_tokens",
+                  "completion_tokens", "timings", "finished_at")  # fmt: skip
+_FINISH_JOB = (
+    update(Job)
+    .where(col(Job.id) == bindparam("job_id"), col(Job.status).in_(LIVE))
+    .values({name: bindparam(name) for name in _ENDED_COLUMNS})
+)
+# The Stripe customer the usage is billed to, read in the same statement as it is at this
+# commit (not at the claim): the key's own, else its account's.
+_CUSTOMER = func.coalesce(
+    select(ApiKey.billed_customer_id)
+    .where(col(ApiKey.id) == bindparam("key_of_customer"))
+    .scalar_subquery(),
+    select(Account.stripe_customer_id)
+    .where(col(Account.id) == bindparam("account_of_customer"))
+    .scalar_subquery(),
+)
+_INSERT_USAGE = insert(UsageEvent.__table__).values(stripe_customer_id=_CUSTOMER)  # type: ignore[attr-defined]
 
 
 # `last_invoked_at` (idle deletion, days) and `last_used_at` (shown to owners) need not move on

@@ -61,11 +61,20 @@ def validate_model(self: Any, model_id: str) -> str:
     reject_on_worker_lost=True,
     max_retries=None,
 )
-def infer(self: Any, job_id: str, timeout_s: float | None = None, live: bool = True) -> str:
-    """Run one inference job (idempotent by job id); `live` False: nobody streams it."""
+def infer(
+    self: Any,
+    job_id: str,
+    timeout_s: float | None = None,
+    live: bool = True,
+    job: dict[str, Any] | None = None,
+) -> str:
+    """Run one inference job (idempotent by job id); `live` False: nobody streams it.
+
+    `job`: the job itself, when the API left writing its row to the worker.
+    """
     ex = inference.executor_for(get_settings())
     with log_context(job_id=job_id):
-        outcome = inference.run_job(job_id, ex, timeout_s, live=live)
+        outcome = inference.run_job(job_id, ex, timeout_s, live=live, carried=job)
     if outcome == "busy":  # another worker holds the job: look again later
         raise self.retry(countdown=5)
     return outcome

@@ -72,7 +72,8 @@ async def infer(
             async for _ in follow_until(aredis, job.id, outcome, deadline=deadline_for(job)):
                 pass
         finally:
-            await limits.release(aredis, job.api_key_id, job.id)
+            if outcome.done is None:  # else the worker freed the slot before it answered
+                await limits.release(aredis, job.api_key_id, job.id)
         reply = response_of(job, outcome, started)
         headers = {**headers_of(job, outcome), **limits.response_headers(request)}
         return JSONResponse(reply.model_dump(), headers=headers)
@@ -118,7 +119,8 @@ async def _sse(
         with anyio.CancelScope(shield=True):
             if not finished:  # the client went away: stop generating; usage is still recorded
                 await aredis.set(events.cancel_key(job.id), b"1", ex=events.STREAM_TTL_S)  # type: ignore[attr-defined]
-            await limits.release(aredis, job.api_key_id, job.id)  # type: ignore[arg-type]
+            if outcome.done is None:  # else the worker freed the slot before it answered
+                await limits.release(aredis, job.api_key_id, job.id)  # type: ignore[arg-type]
 
 
 @router.post("/v1/jobs", status_code=202, response_model=JobCreated)

@@ -26,7 +26,7 @@ from core import limits as core_limits
 from core.db import get_engine
 from core.errors import JobTimeout, ServiceUnavailable, job_error
 from core.ids import new_id
-from core.queue import INFER_QUEUE, INFER_TASK, INTERACTIVE_PRIORITY
+from core.queue import INFER_QUEUE, INFER_TASK, INTERACTIVE_PRIORITY, carried_job
 from core.redis import get_redis
 from core.settings import Settings
 from core.tables import Job, JobStatus, utcnow
@@ -49,6 +49,9 @@ class JobSpec:
     ttl_s: int | None = None
     webhook_url: str | None = None
     detached: bool = False  # an async job (`/v1/jobs`): nobody waits for it
+    # Its id is first shown once it runs (`/v1/infer`, OpenAI routes): the worker writes the
+    # row when it claims the job, from the task message (`core.queue.carried_job`).
+    row_by_worker: bool = False
     session_id: str | None = None  # a chain-mode session the job continues
 
     @classmethod
@@ -59,6 +62,7 @@ class JobSpec:
             input_chars=len(req.prompt),
             max_tokens=req.max_tokens,
             session_id=req.session_id,
+            row_by_worker=True,
         )
         if isinstance(req, JobCreate):
             spec = dataclasses.replace(
@@ -67,6 +71,7 @@ class JobSpec:
                 ttl_s=req.ttl_s,
                 webhook_url=req.webhook_url,
                 detached=True,
+                row_by_worker=False,  # its id is answered at once: readable from then on
             )
         return spec
 
@@ -160,24 +165,38 @@ def new_job(
 
 def enqueue(
     *,
-    session: Session,
+    session: Session | None,
     celery: Celery,
     job: Job,
     queue: str = INFER_QUEUE,
     live: bool = True,
     priority: int = INTERACTIVE_PRIORITY,
 ) -> None:
-    """Send a saved job's task by name; a broker outage fails the job with 503."""
+    """Send a job's task by name; a broker outage fails the job with 503.
+
+    Without a session the job is unsaved: the message carries it and the worker writes its
+    row (a failed send then leaves no row behind).
+    """
+    kwargs: dict[str, Any] = {"timeout_s": job.execution_timeout_s, "live": live}
+    # What the worker logs of the task's arguments (its "received" line): never the prompt.
+    shown = repr({**kwargs, "job": "<carried>"} if session is None else kwargs)
+    if session is None:
+        kwargs["job"] = carried_job(job)
     try:
         celery.send_task(
             INFER_TASK,
             args=[job.id],
-            kwargs={"timeout_s": job.execution_timeout_s, "live": live},
-            queue=queue,
+            kwargs=kwargs,
+            # The default exchange routes by queue name: no binding lookup in Redis per send.
+            exchange="",
+            routing_key=queue,
             task_id=job.id,
             priority=priority,
+            kwargsrepr=shown,
         )
     except Exception as exc:
+        if session is None:
+            raise ServiceUnavailable("the task queue is unavailable; retry") from exc
         job.status, job.error_code = JobStatus.FAILED, "SERVICE_UNAVAILABLE"
         job.error_message, job.finished_at = "the task queue was unavailable", utcnow()
         session.add(job)
@@ -197,12 +216,16 @@ def create_job(
     job_id: str | None = None,
     router_id: str | None = None,
 ) -> Job:
-    """Persist the job, then enqueue it by name; a broker outage fails it with 503.
+    """Persist the job (or let its worker do it), then enqueue it by name; a broker outage
+    fails it with 503.
 
     `live` False (a non-streaming `/v1/infer`: only this request ever reads the job) lets the
     worker publish the tokens with the terminal event instead of one by one.
     """
     job = new_job(settings=settings, grant=grant, spec=spec, job_id=job_id, router_id=router_id)
+    if spec.row_by_worker:
+        enqueue(session=None, celery=celery, job=job, queue=queue, live=live)
+        return job
     session.add(job)
     session.commit()
     enqueue(session=session, celery=celery, job=job, queue=queue, live=live)
@@ -246,22 +269,24 @@ async def follow_until(
     until: str = "done",
 ) -> AsyncIterator[dict[str, Any]]:
     """Events of the job, recorded in `outcome`, until the `until` event type (or done)."""
-    async for entry_id, event in events.afollow(aredis, job_id, after=outcome.cursor):
+    async for entry_id, entry in events.afollow(aredis, job_id, after=outcome.cursor):
         outcome.cursor = entry_id
-        if event is None:
+        if entry is None:
             if time.monotonic() > deadline:
                 raise JobTimeout("the job did not finish in time")
             continue
-        kind = event.get("type")
-        if kind == "status":
-            outcome.queue_ms = event.get("queue_ms")
-            outcome.cold_start = bool(event.get("cold_start"))
-        elif kind == "token":
-            outcome.text.append(event["text"])
-        elif kind == "done":
-            outcome.done = event
-        yield event
-        if kind in (until, "done"):
+        expanded = events.expand(entry)  # the entry's whole batch is read, then the check
+        for event in expanded:
+            kind = event.get("type")
+            if kind == "status":
+                outcome.queue_ms = event.get("queue_ms")
+                outcome.cold_start = bool(event.get("cold_start"))
+            elif kind == "token":
+                outcome.text.append(event["text"])
+            elif kind == "done":
+                outcome.done = event
+            yield event
+        if any(event.get("type") in (until, "done") for event in expanded):
             return
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Annotated, Any
@@ -43,7 +44,11 @@ DONE = b"data: [DONE]\n\n"
 def _start(
     request: Request, settings: Settings, auth: str | None, model: str, spec: JobSpec, live: bool
 ) -> Job:
-    """Every route here starts its job through `start_job`, the API's one seam for that."""
+    """Every route here starts its job through `start_job`, the API's one seam for that.
+
+    Ids are first shown with the first token or the answer: the worker writes the job's row.
+    """
+    spec = dataclasses.replace(spec, row_by_worker=True)
     authorize = svc.authorizer(settings, key_token(auth, None), model, svc.routing_text(spec))
     return start_job(conn=request, settings=settings, authorize=authorize, spec=spec, live=live)
 

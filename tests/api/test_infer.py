@@ -201,3 +201,32 @@ def test_infer_every_format_generates(
         resp = infer(client, verdict["api_key"], verdict["id"], raw=True, **GREEDY)
         assert resp.status_code == 200, (bundle.name, resp.text)
         assert resp.json()["completion_tokens"] >= 1
+
+
+def test_infer_job_row_is_written_by_its_worker_and_readable_by_id(
+    client: TestClient, stack: StackInfo, gguf_ready: dict[str, Any]
+) -> None:
+    """`/v1/infer` leaves the job's row to the worker that claims it; the id it answers (or
+    streams in `X-Job-Id`) reads back like any job, running or ended."""
+    key = gguf_ready["key"]
+    body = {"model_id": gguf_ready["id"], "prompt": "Once", "raw": True, "temperature": 0.0}
+    with client.stream(
+        "POST", "/v1/infer", json={**body, "max_tokens": 4096, "stream": True}, headers=auth(key)
+    ) as resp:
+        assert resp.status_code == 200
+        running = client.get(f"/v1/jobs/{resp.headers['x-job-id']}", headers=auth(key))
+        assert running.status_code == 200, running.text
+        assert running.json()["status"] in ("running", "succeeded")
+        client.post(f"/v1/jobs/{resp.headers['x-job-id']}/cancel", headers=auth(key))
+        sse_events(resp.iter_lines())
+    plain = client.post("/v1/infer", json={**body, "max_tokens": 6}, headers=auth(key))
+    assert plain.status_code == 200, plain.text
+    read = client.get(f"/v1/jobs/{plain.json()['id']}", headers=auth(key))
+    assert read.status_code == 200, read.text
+    job = read.json()
+    assert job["status"] == "succeeded"
+    assert job["result"]["completion"] == plain.json()["completion"]
+    assert job["timings"]["queue_ms"] >= 0 and job["started_at"] is not None
+    with session_scope(stack.settings) as s:
+        usage = s.exec(select(UsageEvent).where(UsageEvent.job_id == job["id"])).all()
+    assert len(usage) == 1

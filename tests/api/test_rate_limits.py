@@ -7,6 +7,8 @@ test runs the job itself on a runner that emits a token every 50 ms until cancel
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import threading
@@ -369,8 +371,13 @@ def test_disconnected_stream_frees_its_slot_and_is_debited(
     outcome: list[str] = []
     try:
         with paused(stack.infer_worker):
-            runner = threading.Thread(target=lambda: outcome.append(
-                inference.run_job(first_job_of(stack, key["id"]), ex)))  # fmt: skip
+            time.sleep(1.5)  # its pending BRPOP times out: the task stays in the queue for us
+
+            def run() -> None:
+                job_id, kwargs = take_task(rds, key["id"])
+                outcome.append(inference.run_job(job_id, ex, **kwargs))
+
+            runner = threading.Thread(target=run)
             runner.start()
             with httpx.stream("POST", f"{apis[0]}/v1/infer", json=body,
                               headers=auth(key["key"]), timeout=60) as resp:  # fmt: skip
@@ -398,15 +405,22 @@ def test_disconnected_stream_frees_its_slot_and_is_debited(
         ex.pool.close()
 
 
-def first_job_of(stack: StackInfo, key_id: str) -> str:
-    """The id of the key's first job, once the API has created it."""
+def take_task(rds: redis.Redis, key_id: str) -> tuple[str, dict[str, Any]]:  # type: ignore[type-arg]
+    """Take the key's infer task off the broker (no worker consumes it): its job id and the
+    keyword arguments the worker would run it with (the job itself, whose row it writes)."""
     deadline = time.monotonic() + 60
     while True:
-        with session_scope(stack.settings) as s:
-            job = s.exec(select(Job).where(col(Job.api_key_id) == key_id)).first()
-        if job is not None:
-            return job.id
-        assert time.monotonic() < deadline, "the API created no job"
+        for queue in rds.keys("infer*"):
+            if rds.type(queue) != b"list":
+                continue
+            for raw in rds.lrange(queue, 0, -1):
+                message = json.loads(raw)
+                args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+                job = kwargs.get("job") or {}
+                if job.get("api_key_id") == key_id and rds.lrem(queue, 1, raw):
+                    kwargs.pop("timeout_s", None)
+                    return str(args[0]), {"carried": kwargs.pop("job"), **kwargs}
+        assert time.monotonic() < deadline, "the API queued no task"
         time.sleep(0.05)
 
 

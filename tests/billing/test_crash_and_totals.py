@@ -75,7 +75,7 @@ def _finish_jobs(settings: Settings, acct: str, model_id: str, key: str, n: int)
         completion = 0 if status is JobStatus.FAILED and i % 8 == 2 else (i % 17) + 1
         prompt = (i % 5) + 2
         end = Terminal(status=status, prompt_tokens=prompt, completion_tokens=completion)
-        assert finish(settings, JobContext(job=job, model=model, files=[], customer=customer), end)
+        assert finish(settings, JobContext(job=job, model=model, files=[]), end)
         if completion > 0 or status is JobStatus.SUCCEEDED:
             expected[customer] = expected.get(customer, 0) + prompt + completion
     return expected

@@ -13,6 +13,7 @@ from sqlmodel import select
 
 from core import events
 from core.db import session_scope
+from core.errors import job_error
 from core.ids import new_id
 from core.tables import Job, JobStatus, UsageEvent, utcnow
 from tests.utils.stack import StackInfo
@@ -181,8 +182,10 @@ def test_deferred_job_publishes_status_tokens_and_done_in_order(
     assert inference.run_job(live_id, executor) == "succeeded"
     assert inference.run_job(deferred_id, executor, 600, live=False) == "succeeded"
     live, deferred = stream_events(executor, live_id), stream_events(executor, deferred_id)
+    # One stream entry holds all of a deferred job's tokens; readers expand it.
+    assert [e["type"] for e in deferred] == ["status", "tokens", "done"]
+    deferred = [one for e in deferred for one in events.expand(e)]
     assert [e["type"] for e in deferred] == [e["type"] for e in live]
-    assert deferred[0]["type"] == "status" and deferred[-1]["type"] == "done"
     tokens = [e for e in deferred if e["type"] == "token"]
     assert [t["index"] for t in tokens] == list(range(len(tokens)))
     job = job_row(stack, deferred_id)
@@ -219,3 +222,109 @@ def test_finish_touches_model_and_key_at_most_once_a_minute(
         model = s.get(Model, gguf_ready["id"])
         assert model is not None and model.last_invoked_at is not None
         assert model.last_invoked_at > touched[0]
+
+
+# --- carried jobs: `/v1/infer` leaves the job's row to the worker that claims it ------------
+
+
+def carried(stack: StackInfo, ready: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """A task message's job, as the API sends it for `/v1/infer`: no row written."""
+    from core.queue import carried_job
+
+    job_id = make_job(stack, ready, **fields)
+    job = job_row(stack, job_id)
+    with session_scope(stack.settings) as s:
+        row = s.get(Job, job_id)
+        s.delete(row)
+    return carried_job(job)
+
+
+def test_carried_job_gets_its_row_at_claim_and_one_usage(
+    stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
+) -> None:
+    message = carried(stack, gguf_ready)
+    job_id = message["id"]
+    assert inference.run_job(job_id, executor, 600, live=False, carried=message) == "succeeded"
+    job = job_row(stack, job_id)
+    assert job.status is JobStatus.SUCCEEDED and job.attempts == 1
+    assert job.params == PARAMS and job.started_at is not None
+    assert job.created_at.isoformat() == message["created_at"]  # queue time from the API's clock
+    assert job.result and job.result["completion"]
+    assert len(usage_rows(stack, job_id)) == 1
+    # The message delivered again (a redelivery): the row says it ended, nothing runs twice.
+    assert inference.run_job(job_id, executor, 600, live=False, carried=message) == "skipped"
+    assert len(usage_rows(stack, job_id)) == 1
+    assert len(done_events(executor, job_id)) == 1
+
+
+def test_carried_job_redelivered_after_its_worker_died_is_taken_over(
+    stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
+) -> None:
+    """The first copy wrote the row (`running`) and died: the second runs it, once."""
+    message = carried(stack, gguf_ready)
+    job_id = message["id"]
+    from workers import jobs
+
+    claimed = jobs.claim(stack.settings, job_id, jobs_job(message))
+    assert claimed.ctx is not None and job_row(stack, job_id).status is JobStatus.RUNNING
+    assert inference.run_job(job_id, executor, 600, carried=message) == "succeeded"
+    job = job_row(stack, job_id)
+    assert job.attempts == 2 and len(usage_rows(stack, job_id)) == 1
+
+
+def jobs_job(message: dict[str, Any]) -> Job:
+    from core.queue import job_of_message
+
+    return job_of_message(message)
+
+
+def test_carried_job_cancelled_before_it_ran_is_recorded_cancelled(
+    stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
+) -> None:
+    message = carried(stack, gguf_ready)
+    job_id = message["id"]
+    events.request_cancel(executor.redis, job_id)  # the SSE client hung up while it queued
+    assert inference.run_job(job_id, executor, 600, carried=message) == "cancelled"
+    job = job_row(stack, job_id)
+    assert job.status is JobStatus.CANCELLED and job.started_at is None
+    assert usage_rows(stack, job_id) == []
+    assert done_events(executor, job_id)[0]["status"] == "cancelled"
+
+
+def test_carried_job_past_its_ttl_is_recorded_timed_out(
+    stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
+) -> None:
+    message = carried(stack, gguf_ready)
+    message["expires_at"] = (utcnow() - timedelta(seconds=1)).isoformat()
+    job_id = message["id"]
+    assert inference.run_job(job_id, executor, 600, carried=message) == "timed_out"
+    assert job_row(stack, job_id).error_code == "TIMEOUT"
+    assert usage_rows(stack, job_id) == []
+    assert done_events(executor, job_id)[0]["status"] == "timed_out"
+
+
+def test_carried_job_with_the_database_down_answers_503_and_frees_its_slot(
+    stack: StackInfo, gguf_ready: dict[str, Any]
+) -> None:
+    """No row can be written: the caller waiting on the stream gets SERVICE_UNAVAILABLE, and
+    the key's concurrency slot and the session lock are freed (no job will ever end them)."""
+    from core import limits, sessions
+
+    message = carried(stack, gguf_ready)
+    message["params"] = {**message["params"], "session": {"id": "ses_down", "ttl_s": 60}}
+    job_id, key_id = message["id"], message["api_key_id"]
+    down = stack.settings.model_copy(update={"database_url": "postgresql://x@127.0.0.1:1/x"})
+    ex = inference.Executor(down)
+    try:
+        client = ex.redis
+        client.zadd(limits.concurrency_key(key_id), {job_id: time.time() + 600})
+        client.set(sessions.lock_key("ses_down"), job_id, ex=60)
+        assert inference.run_job(job_id, ex, 600, carried=message) == "failed"
+        (done,) = done_events(ex, job_id)
+        assert done["status"] == "failed"
+        assert done["error"]["code"] == "SERVICE_UNAVAILABLE"
+        assert job_error("SERVICE_UNAVAILABLE", "x").status_code == 503  # what the API answers
+        assert client.zscore(limits.concurrency_key(key_id), job_id) is None
+        assert client.get(sessions.lock_key("ses_down")) is None
+    finally:
+        ex.pool.close()
