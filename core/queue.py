@@ -37,6 +37,7 @@ HEARTBEAT_INDEX = "workers"
 # not written by the API: its task message carries these fields and the worker that takes it
 # inserts the row (as `running`) in the transaction that claims it, one write instead of two
 # on every request's path.
+CARRIED_JOBS = "carried_jobs"  # the heartbeat feature of workers that take such messages
 CARRIED_FIELDS = ("id", "account_id", "model_id", "api_key_id", "router_id", "params",
                   "execution_timeout_s")  # fmt: skip
 _CARRIED_TIMES = ("created_at", "expires_at")

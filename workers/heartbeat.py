@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from core.queue import HEARTBEAT_INDEX, HEARTBEAT_PREFIX, direct_queue
+from core.queue import CARRIED_JOBS, HEARTBEAT_INDEX, HEARTBEAT_PREFIX, direct_queue
 from workers.pool import RunnerPool
 from workers.weight_cache import WeightCache
 
@@ -34,6 +34,11 @@ def hardware() -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             gpus = []
     return {"cpus": os.cpu_count() or 1, "gpus": gpus}
+
+
+# What this worker understands beyond the oldest task format; the API uses a feature only once
+# every live worker lists it (a rolling upgrade keeps working with old workers still up).
+FEATURES = (CARRIED_JOBS,)
 
 
 def snapshot(
@@ -56,6 +61,7 @@ def snapshot(
         "cache_hits": cache.hits if cache is not None else 0,
         "cache_misses": cache.misses if cache is not None else 0,
         "hardware": hw,
+        "features": list(FEATURES),
         "at": time.time(),
     }
 

@@ -31,6 +31,16 @@ class WorkerDirectory:
                 self._read_at = time.monotonic()
             return self._beats
 
+    def all_support(self, feature: str) -> bool:
+        """Whether every live worker lists `feature` (False when none is seen: the safe side)."""
+        try:
+            beats = self.workers()
+        except redis.RedisError:
+            return False
+        now = time.time()
+        fresh = [b for b in beats if now - b.get("at", 0) < FRESH_S]
+        return bool(fresh) and all(feature in b.get("features", ()) for b in fresh)
+
     def queue_for(self, model_key: str) -> str:
         """A warm worker's own queue, else the shared one (any worker, cold start if needed)."""
         try:

@@ -26,7 +26,7 @@ from core import limits as core_limits
 from core.db import get_engine
 from core.errors import JobTimeout, ServiceUnavailable, job_error
 from core.ids import new_id
-from core.queue import INFER_QUEUE, INFER_TASK, INTERACTIVE_PRIORITY, carried_job
+from core.queue import CARRIED_JOBS, INFER_QUEUE, INFER_TASK, INTERACTIVE_PRIORITY, carried_job
 from core.redis import get_redis
 from core.settings import Settings
 from core.tables import Job, JobStatus, utcnow
@@ -102,6 +102,8 @@ def start_job(
         conn.state.model_id = grant.model_id  # a metrics label only once it authenticated
         job_id = new_id("job")
         client = get_redis(settings)
+        if spec.row_by_worker and not directory.all_support(CARRIED_JOBS):
+            spec = dataclasses.replace(spec, row_by_worker=False)  # an older worker is up
         if spec.session_id is not None:  # holds the session's lock until the job ends
             spec = sessions.continued(client, spec, grant, job_id, timeout_and_ttl(settings, spec))
         try:

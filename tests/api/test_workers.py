@@ -84,3 +84,74 @@ def test_stale_heartbeat_is_never_routed_to(stack: StackInfo) -> None:
     finally:
         client.delete("worker:ghost@nowhere")
         client.zrem("workers", "ghost@nowhere")
+
+
+def _publish_old_worker(stack: StackInfo, name: str, age_s: float = 0.0) -> None:
+    """A heartbeat as a worker from before carried jobs sends it: no `features`."""
+    import json
+
+    client = get_redis(stack.settings)
+    beat = {"name": name, "queue": f"infer.{name}", "warm_models": [], "idle_models": [],
+            "free_slots": 0, "busy": 0, "at": time.time() - age_s}  # fmt: skip
+    client.set(f"worker:{name}", json.dumps(beat), ex=30)
+    client.zadd("workers", {name: time.time()})
+
+
+def _forget_worker(stack: StackInfo, name: str) -> None:
+    client = get_redis(stack.settings)
+    client.delete(f"worker:{name}")
+    client.zrem("workers", name)
+
+
+def test_live_workers_list_carried_jobs_and_an_old_or_missing_one_turns_it_off(
+    stack: StackInfo,
+) -> None:
+    from core.queue import CARRIED_JOBS
+
+    client = get_redis(stack.settings)
+    assert WorkerDirectory(client).all_support(CARRIED_JOBS)  # the test stack's own workers
+    assert not WorkerDirectory(client).all_support("teleportation")
+    _publish_old_worker(stack, "stale-old@host", age_s=60)  # dead: does not count
+    try:
+        assert WorkerDirectory(client).all_support(CARRIED_JOBS)
+        _publish_old_worker(stack, "old@host")
+        assert not WorkerDirectory(client).all_support(CARRIED_JOBS)
+    finally:
+        _forget_worker(stack, "stale-old@host")
+        _forget_worker(stack, "old@host")
+    empty = WorkerDirectory(
+        get_redis(stack.settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}))
+    )
+    assert not empty.all_support(CARRIED_JOBS)  # no heartbeat readable: the safe side
+
+
+def test_with_an_older_worker_up_the_api_writes_the_job_row_itself(
+    client: TestClient, stack: StackInfo, gguf_ready: dict[str, Any]
+) -> None:
+    """A rolling upgrade: an old worker cannot take a carried job, so while one is alive the
+    API saves `/v1/infer` jobs before queueing them (the old task format)."""
+    import sqlalchemy as sa
+
+    from core.db import get_engine
+    from core.tables import Job
+
+    body = {"model_id": gguf_ready["id"], "prompt": "Hi", "raw": True, "max_tokens": 2}
+    seen: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement)
+
+    engine = get_engine(stack.settings)  # the in-process API's (the worker has its own)
+    _publish_old_worker(stack, "old@rolling")
+    sa.event.listen(engine, "before_cursor_execute", record)
+    try:
+        time.sleep(1.1)  # the API re-reads heartbeats once a second
+        resp = client.post("/v1/infer", json=body, headers=auth(gguf_ready["key"]))
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", record)
+        _forget_worker(stack, "old@rolling")
+    assert resp.status_code == 200, resp.text
+    assert any(s.startswith("INSERT INTO job ") for s in seen), seen
+    with session_scope(stack.settings) as s:
+        job = s.get(Job, resp.json()["id"])
+    assert job is not None and job.attempts == 1 and job.status.value == "succeeded"
