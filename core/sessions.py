@@ -21,14 +21,10 @@ from typing import Any
 
 import redis
 
+from core.redis import RELEASE_LUA, release_lock
+
 MAX_TURNS = 500  # oldest turns beyond this are dropped whatever the window
 LOCK_GRACE_S = 120
-
-# Delete the lock only if it is still this job's (a late release never frees another's).
-_RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 def meta_key(session_id: str) -> str:
@@ -111,7 +107,7 @@ def lock(client: redis.Redis, session_id: str, job_id: str, ttl_s: int) -> bool:
 
 
 def release(client: redis.Redis, session_id: str, job_id: str) -> None:  # type: ignore[type-arg]
-    client.register_script(_RELEASE_LUA)(keys=[lock_key(session_id)], args=[job_id])
+    release_lock(client, lock_key(session_id), job_id)
 
 
 def queue_turn(
@@ -142,4 +138,4 @@ def queue_turn(
         pipe.ltrim(turns_key(sid), -MAX_TURNS, -1)
         pipe.expire(turns_key(sid), ttl)
         pipe.expire(meta_key(sid), ttl)
-    pipe.eval(_RELEASE_LUA, 1, lock_key(sid), job_id)
+    pipe.eval(RELEASE_LUA, 1, lock_key(sid), job_id)

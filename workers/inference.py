@@ -12,12 +12,13 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
+import redis
 from sqlalchemy.exc import OperationalError
 
 from core import batches, cluster_metrics, events, limits, sessions
 from core.db import session_scope
 from core.queue import BATCH_WEBHOOK_TASK, EMBED_OP, WEBHOOK_QUEUE, WEBHOOK_TASK, job_of_message
-from core.redis import get_redis
+from core.redis import get_redis, release_lock
 from core.settings import Settings
 from core.storage import get_storage
 from core.tables import Job, JobStatus, ModelFile, utcnow
@@ -184,11 +185,6 @@ class JobLock:
     Held (SET NX with an expiry) while the job runs; released only by its holder.
     """
 
-    _RELEASE = (
-        "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end "
-        "return 0"
-    )
-
     def __init__(self, ex: Executor, job_id: str, timeout_s: float) -> None:
         self._client, self._name = ex.redis, f"lock:job:{job_id}"
         self._token = uuid.uuid4().hex
@@ -200,7 +196,7 @@ class JobLock:
 
     def release(self) -> None:
         if self.held:
-            self._client.register_script(self._RELEASE)(keys=[self._name], args=[self._token])
+            release_lock(self._client, self._name, self._token)
             self.held = False
 
 
@@ -475,30 +471,15 @@ def _end(
         if publisher is not None:
             held = publisher.close()  # every token is on the stream before the terminal event
     pipe = ex.redis.pipeline(transaction=False)
-    if ctx.job.api_key_id:
-        # Debited here, not by the API: only the worker sees every job end exactly once
-        # (`finish` above), a client that hung up or never waited (`/v1/jobs`) included.
-        # Before the terminal event, so a caller's next request already sees the debit.
-        tokens = end.prompt_tokens + end.completion_tokens if finished else 0
-        limits.queue_settle(
-            pipe, key_id=ctx.job.api_key_id, job_id=ctx.job.id, tokens=tokens, now=utcnow()
-        )
-    if not finished:
+    if not finished:  # another copy recorded the end: free the slot (no second debit)
+        if ctx.job.api_key_id:
+            limits.queue_settle(pipe, key_id=ctx.job.api_key_id, job_id=ctx.job.id, tokens=0,
+                                now=utcnow())  # fmt: skip
         events.queue_events(pipe, ctx.job.id, events.batched(held))
         pipe.execute()
         return "skipped"
     cluster_metrics.record_job(pipe, _metrics_of(ctx, end))
-    if session := ctx.job.params.get("session"):  # chain mode: the turn, before the answer
-        succeeded = end.status is JobStatus.SUCCEEDED and end.result is not None
-        sessions.queue_turn(
-            pipe,
-            session,
-            ctx.job.id,
-            completion=str(end.result["completion"]) if succeeded and end.result else None,
-            prompt_tokens=end.prompt_tokens,
-            completion_tokens=end.completion_tokens,
-        )
-    events.queue_events(pipe, ctx.job.id, [*events.batched(held), end.event()])
+    _queue_ending(pipe, ctx.job, end, held)
     pipe.execute()
     log.info("job ended", extra=_log_fields(ctx, end))
     if ctx.job.webhook_url:
@@ -510,6 +491,36 @@ def _end(
     return end.status.value
 
 
+def _queue_ending(
+    pipe: redis.client.Pipeline,  # type: ignore[type-arg]
+    job: Job,
+    end: Terminal,
+    held: list[dict[str, Any]] | None = None,
+) -> None:
+    """A recorded end, on the end-of-job pipeline: the key's debit and slot, the session's
+    turn and lock, then the held tokens and the terminal event.
+
+    Debited here, not by the API: only the worker sees every job end exactly once (`finish`),
+    a client that hung up or never waited (`/v1/jobs`) included. Before the terminal event, so
+    a caller's next request already sees the debit.
+    """
+    if job.api_key_id:
+        tokens = end.prompt_tokens + end.completion_tokens
+        limits.queue_settle(pipe, key_id=job.api_key_id, job_id=job.id, tokens=tokens,
+                            now=utcnow())  # fmt: skip
+    if session := job.params.get("session"):  # chain mode: the turn, before the answer
+        succeeded = end.status is JobStatus.SUCCEEDED and end.result is not None
+        sessions.queue_turn(
+            pipe,
+            session,
+            job.id,
+            completion=str(end.result["completion"]) if succeeded and end.result else None,
+            prompt_tokens=end.prompt_tokens,
+            completion_tokens=end.completion_tokens,
+        )
+    events.queue_events(pipe, job.id, [*events.batched(held or []), end.event()])
+
+
 def _end_unrecorded(ex: Executor, job: Job, *, database_down: bool) -> None:
     """A carried job whose row could not be written (the database is down): it never ran."""
     end = Terminal(JobStatus.FAILED)
@@ -518,13 +529,7 @@ def _end_unrecorded(ex: Executor, job: Job, *, database_down: bool) -> None:
     else:
         end.error_code, end.error_message = "INTERNAL_ERROR", "the worker failed; quote the job id"
     pipe = ex.redis.pipeline(transaction=False)
-    if job.api_key_id:
-        limits.queue_settle(pipe, key_id=job.api_key_id, job_id=job.id, tokens=0, now=utcnow())
-    if session := job.params.get("session"):
-        sessions.queue_turn(
-            pipe, session, job.id, completion=None, prompt_tokens=0, completion_tokens=0
-        )
-    events.queue_events(pipe, job.id, [end.event()])
+    _queue_ending(pipe, job, end)
     pipe.execute()
 
 

@@ -120,7 +120,7 @@ def load(settings: Settings, job_id: str, carried: Job | None = None) -> JobCont
 def _insert_carried(settings: Settings, carried: Job, status: JobStatus) -> Job | None:
     """Write a carried job's row; None if a row is there already (a redelivered message)."""
     started = utcnow() if status is JobStatus.RUNNING else None
-    row = {name: getattr(carried, name) for name in _CARRIED_COLUMNS}
+    row = {name: getattr(carried, name) for name in _JOB_COLUMNS}
     row.update(status=status, started_at=started, attempts=int(started is not None))
     try:
         with get_engine(settings).begin() as conn:
@@ -135,10 +135,7 @@ def _insert_carried(settings: Settings, carried: Job, status: JobStatus) -> Job 
 
 
 _INSERT_JOB = insert(Job.__table__)  # type: ignore[attr-defined]
-_CARRIED_COLUMNS = ("id", "account_id", "model_id", "api_key_id", "router_id", "batch_id",
-                    "params", "webhook_url", "execution_timeout_s", "result", "error_code",
-                    "error_message", "prompt_tokens", "completion_tokens", "timings",
-                    "created_at", "expires_at", "finished_at")  # fmt: skip
+_JOB_COLUMNS = tuple(column.name for column in Job.__table__.columns)  # type: ignore[attr-defined]
 
 
 @dataclass

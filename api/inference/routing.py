@@ -31,24 +31,23 @@ class WorkerDirectory:
                 self._read_at = time.monotonic()
             return self._beats
 
-    def all_support(self, feature: str) -> bool:
-        """Whether every live worker lists `feature` (False when none is seen: the safe side)."""
+    def live(self) -> list[dict[str, Any]]:
+        """Heartbeats recent enough to be live workers (none when Redis cannot be read)."""
         try:
             beats = self.workers()
         except redis.RedisError:
-            return False
+            return []
         now = time.time()
-        fresh = [b for b in beats if now - b.get("at", 0) < FRESH_S]
-        return bool(fresh) and all(feature in b.get("features", ()) for b in fresh)
+        return [b for b in beats if now - b.get("at", 0) < FRESH_S]
+
+    def all_support(self, feature: str) -> bool:
+        """Whether every live worker lists `feature` (False when none is seen: the safe side)."""
+        live = self.live()
+        return bool(live) and all(feature in b.get("features", ()) for b in live)
 
     def queue_for(self, model_key: str) -> str:
         """A warm worker's own queue, else the shared one (any worker, cold start if needed)."""
-        try:
-            beats = self.workers()
-        except redis.RedisError:
-            return INFER_QUEUE
-        now = time.time()
-        fresh = [b for b in beats if now - b.get("at", 0) < FRESH_S and b.get("free_slots", 0) > 0]
+        fresh = [b for b in self.live() if b.get("free_slots", 0) > 0]
         idle = [b for b in fresh if model_key in b.get("idle_models", [])]
         warm = idle or [b for b in fresh if model_key in b.get("warm_models", [])]
         if not warm:

@@ -62,7 +62,7 @@ class JobSpec:
             input_chars=len(req.prompt),
             max_tokens=req.max_tokens,
             session_id=req.session_id,
-            row_by_worker=True,
+            row_by_worker=not isinstance(req, JobCreate),  # `/v1/jobs` answers its id at once
         )
         if isinstance(req, JobCreate):
             spec = dataclasses.replace(
@@ -71,7 +71,6 @@ class JobSpec:
                 ttl_s=req.ttl_s,
                 webhook_url=req.webhook_url,
                 detached=True,
-                row_by_worker=False,  # its id is answered at once: readable from then on
             )
         return spec
 

@@ -88,13 +88,11 @@ def test_stale_heartbeat_is_never_routed_to(stack: StackInfo) -> None:
 
 def _publish_old_worker(stack: StackInfo, name: str, age_s: float = 0.0) -> None:
     """A heartbeat as a worker from before carried jobs sends it: no `features`."""
-    import json
+    from workers import heartbeat
 
-    client = get_redis(stack.settings)
     beat = {"name": name, "queue": f"infer.{name}", "warm_models": [], "idle_models": [],
             "free_slots": 0, "busy": 0, "at": time.time() - age_s}  # fmt: skip
-    client.set(f"worker:{name}", json.dumps(beat), ex=30)
-    client.zadd("workers", {name: time.time()})
+    heartbeat.publish(get_redis(stack.settings), beat)
 
 
 def _forget_worker(stack: StackInfo, name: str) -> None:

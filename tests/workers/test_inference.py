@@ -15,10 +15,11 @@ from core import events
 from core.db import session_scope
 from core.errors import job_error
 from core.ids import new_id
+from core.queue import carried_job, job_of_message
 from core.tables import Job, JobStatus, UsageEvent, utcnow
 from tests.utils.stack import StackInfo
 from tests.workers.conftest import fault_argv
-from workers import inference
+from workers import inference, jobs
 from workers.pool import RunnerPool
 
 PARAMS = {
@@ -201,7 +202,6 @@ def test_finish_touches_model_and_key_at_most_once_a_minute(
     stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
 ) -> None:
     from core.tables import ApiKey, Model
-    from workers import jobs
 
     jobs._touched.clear()
     first = make_job(stack, gguf_ready)
@@ -229,13 +229,10 @@ def test_finish_touches_model_and_key_at_most_once_a_minute(
 
 def carried(stack: StackInfo, ready: dict[str, Any], **fields: Any) -> dict[str, Any]:
     """A task message's job, as the API sends it for `/v1/infer`: no row written."""
-    from core.queue import carried_job
-
-    job_id = make_job(stack, ready, **fields)
-    job = job_row(stack, job_id)
     with session_scope(stack.settings) as s:
-        row = s.get(Job, job_id)
-        s.delete(row)
+        job = s.get(Job, make_job(stack, ready, **fields))
+        assert job is not None
+        s.delete(job)
     return carried_job(job)
 
 
@@ -263,19 +260,11 @@ def test_carried_job_redelivered_after_its_worker_died_is_taken_over(
     """The first copy wrote the row (`running`) and died: the second runs it, once."""
     message = carried(stack, gguf_ready)
     job_id = message["id"]
-    from workers import jobs
-
-    claimed = jobs.claim(stack.settings, job_id, jobs_job(message))
+    claimed = jobs.claim(stack.settings, job_id, job_of_message(message))
     assert claimed.ctx is not None and job_row(stack, job_id).status is JobStatus.RUNNING
     assert inference.run_job(job_id, executor, 600, carried=message) == "succeeded"
     job = job_row(stack, job_id)
     assert job.attempts == 2 and len(usage_rows(stack, job_id)) == 1
-
-
-def jobs_job(message: dict[str, Any]) -> Job:
-    from core.queue import job_of_message
-
-    return job_of_message(message)
 
 
 def test_carried_job_cancelled_before_it_ran_is_recorded_cancelled(
