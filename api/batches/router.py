@@ -62,7 +62,6 @@ def _create(
         batch = svc.create_batch(
             session=session,
             settings=settings,
-            celery=request.app.state.celery,
             cache=request.app.state.auth_cache,
             token=key_token(auth, None),
             body=body,

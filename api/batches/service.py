@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Iterator
 
+import redis
 from celery import Celery
 from sqlalchemy import update
 from sqlmodel import Session, col, select
@@ -67,7 +68,6 @@ def create_batch(
     *,
     session: Session,
     settings: Settings,
-    celery: Celery,
     cache: AuthCache,
     token: str,
     body: BatchCreate,
@@ -103,7 +103,7 @@ def create_batch(
     session.flush()  # the batch row first: jobs refer to it
     session.add_all(jobs)
     session.commit()
-    _enqueue_all(session, celery, batch, jobs)
+    _enqueue_all(session, get_redis(settings), batch, jobs)
     return batch
 
 
@@ -121,12 +121,17 @@ def _spec_of(item: BatchRequest, model_id: str) -> JobSpec:
     )
 
 
-def _enqueue_all(session: Session, celery: Celery, batch: Batch, jobs: list[Job]) -> None:
+def _enqueue_all(
+    session: Session,
+    broker: redis.Redis,  # type: ignore[type-arg]
+    batch: Batch,
+    jobs: list[Job],
+) -> None:
     for job in jobs:
         try:
             enqueue(
                 session=session,
-                celery=celery,
+                broker=broker,
                 job=job,
                 queue=INFER_QUEUE,  # any worker: a batch must not pile onto one warm worker
                 live=False,  # read from the database; tokens go out with the terminal event

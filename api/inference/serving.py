@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
-from celery import Celery
 from sqlmodel import Session
 from starlette.requests import HTTPConnection
 
@@ -26,7 +26,14 @@ from core import limits as core_limits
 from core.db import get_engine
 from core.errors import JobTimeout, ServiceUnavailable, job_error
 from core.ids import new_id
-from core.queue import CARRIED_JOBS, INFER_QUEUE, INFER_TASK, INTERACTIVE_PRIORITY, carried_job
+from core.queue import (
+    CARRIED_JOBS,
+    INFER_QUEUE,
+    INFER_TASK,
+    INTERACTIVE_PRIORITY,
+    carried_job,
+    publish_task,
+)
 from core.redis import get_redis
 from core.settings import Settings
 from core.tables import Job, JobStatus, utcnow
@@ -85,14 +92,13 @@ def start_job(
 ) -> Job:
     """The one way every inference route starts a job: authorize, admit, pick the queue, enqueue.
 
-    `conn` is the request (or WebSocket): its app's state has the Celery app, the worker
+    `conn` is the request (or WebSocket): its app's state has the worker
     directory and the auth cache, and its own state receives the key's `X-RateLimit-*`
     headers. `authorize` returns the caller's grant (or the target a prompt router chose);
     the key's limits are enforced right after it, holding a concurrency slot that the worker
     frees when the job ends.
     """
     state = conn.app.state
-    celery: Celery = state.celery
     directory: WorkerDirectory = state.workers
     with Session(get_engine(settings), expire_on_commit=False) as session:
         allowed = authorize(session, state.auth_cache)
@@ -117,7 +123,6 @@ def start_job(
             return create_job(
                 session=session,
                 settings=settings,
-                celery=celery,
                 grant=grant,
                 spec=spec,
                 queue=directory.queue_for(grant.model_sha256 or grant.model_id),
@@ -167,13 +172,13 @@ def new_job(
 def enqueue(
     *,
     session: Session | None,
-    celery: Celery,
+    broker: redis.Redis,  # type: ignore[type-arg]
     job: Job,
     queue: str = INFER_QUEUE,
     live: bool = True,
     priority: int = INTERACTIVE_PRIORITY,
 ) -> None:
-    """Send a job's task by name; a broker outage fails the job with 503.
+    """Send a job's task to `queue` (by name, one LPUSH); a broker outage fails it with 503.
 
     Without a session the job is unsaved: the message carries it and the worker writes its
     row (a failed send then leaves no row behind).
@@ -184,17 +189,8 @@ def enqueue(
     if session is None:
         kwargs["job"] = carried_job(job)
     try:
-        celery.send_task(
-            INFER_TASK,
-            args=[job.id],
-            kwargs=kwargs,
-            # The default exchange routes by queue name: no binding lookup in Redis per send.
-            exchange="",
-            routing_key=queue,
-            task_id=job.id,
-            priority=priority,
-            kwargsrepr=shown,
-        )
+        publish_task(broker, INFER_TASK, job.id, [job.id], kwargs, queue=queue,
+                     priority=priority, kwargsrepr=shown)  # fmt: skip
     except Exception as exc:
         if session is None:
             raise ServiceUnavailable("the task queue is unavailable; retry") from exc
@@ -209,7 +205,6 @@ def create_job(
     *,
     session: Session,
     settings: Settings,
-    celery: Celery,
     grant: Grant,
     spec: JobSpec,
     queue: str = INFER_QUEUE,
@@ -224,12 +219,13 @@ def create_job(
     worker publish the tokens with the terminal event instead of one by one.
     """
     job = new_job(settings=settings, grant=grant, spec=spec, job_id=job_id, router_id=router_id)
+    broker = get_redis(settings)
     if spec.row_by_worker:
-        enqueue(session=None, celery=celery, job=job, queue=queue, live=live)
+        enqueue(session=None, broker=broker, job=job, queue=queue, live=live)
         return job
     session.add(job)
     session.commit()
-    enqueue(session=session, celery=celery, job=job, queue=queue, live=live)
+    enqueue(session=session, broker=broker, job=job, queue=queue, live=live)
     return job
 
 

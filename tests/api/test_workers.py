@@ -5,12 +5,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
+from api.inference import serving
 from api.inference.routing import WorkerDirectory
 from core.db import session_scope
 from core.events import read_heartbeats
-from core.queue import INFER_QUEUE
+from core.queue import INFER_QUEUE, publish_task
 from core.redis import get_redis
 from core.tables import Model
 from tests.utils.factories import auth
@@ -51,7 +53,10 @@ def test_list_workers_needs_operator_token(client: TestClient, stack: StackInfo)
 
 
 def test_warm_model_is_routed_to_its_worker_queue(
-    client: TestClient, stack: StackInfo, gguf_ready: dict[str, Any]
+    client: TestClient,
+    stack: StackInfo,
+    gguf_ready: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     body = {
         "model_id": gguf_ready["id"],
@@ -66,8 +71,16 @@ def test_warm_model_is_routed_to_its_worker_queue(
     directory = WorkerDirectory(get_redis(stack.settings))
     assert directory.queue_for(sha) == beat["queue"]
     assert directory.queue_for("0" * 64) == INFER_QUEUE
+    sent_to: list[str] = []  # where the API really puts the message, not just what it picks
+
+    def publish(*args: Any, queue: str, **kwargs: Any) -> None:
+        sent_to.append(queue)
+        publish_task(*args, queue=queue, **kwargs)
+
+    monkeypatch.setattr(serving, "publish_task", publish)
     routed = client.post("/v1/infer", json=body, headers=auth(gguf_ready["key"]))
-    assert routed.status_code == 200
+    assert routed.status_code == 200  # the worker took it from its own queue
+    assert sent_to == [beat["queue"]]
     assert routed.headers["x-cold-start"] == "false"
 
 

@@ -5,7 +5,8 @@ engine the real loader returns: `slow` sleeps between tokens,
 `slow_endless` also never stops on its own, `exit_in_generate` calls
 os._exit after two tokens, `ignore_cancel` never stops, `raise_in_generate` raises a bare
 RuntimeError, `print_in_setup` writes junk to stdout from Python and from C before loading,
-`bad_vector` answers an Embed with strings for numbers, `short_vectors` with one vector less.
+`bad_vector` answers an Embed with strings for numbers, `short_vectors` with one vector less,
+`non_text_token` generates a number where a token's text belongs.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class Faulty:
             for piece in self.inner.generate(request, check):
                 if MODE == "exit_in_generate" and n == 2:
                     os._exit(3)
+                if MODE == "non_text_token" and n == 1:
+                    piece = 7  # type: ignore[assignment]
                 if MODE in ("slow", "slow_endless", "ignore_cancel"):
                     time.sleep(0.05)
                 if check():

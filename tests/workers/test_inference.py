@@ -89,7 +89,8 @@ def test_run_job_twice_records_one_terminal_and_one_usage(
 ) -> None:
     job_id = make_job(stack, gguf_ready)
     assert inference.run_job(job_id, executor) == "succeeded"
-    assert inference.run_job(job_id, executor) == "skipped"
+    assert not executor.redis.exists(f"lock:job:{job_id}")  # freed on the end-of-job pipeline
+    assert inference.run_job(job_id, executor) == "skipped"  # not "busy"
     assert len(usage_rows(stack, job_id)) == 1
     assert len(done_events(executor, job_id)) == 1
     job = job_row(stack, job_id)
@@ -107,6 +108,7 @@ def test_run_job_after_ttl_expired_times_out_without_usage(
         job.expires_at = utcnow() - timedelta(seconds=1)
         s.add(job)
     assert inference.run_job(job_id, executor) == "timed_out"
+    assert not executor.redis.exists(f"lock:job:{job_id}")
     assert job_row(stack, job_id).error_code == "TIMEOUT"
     assert usage_rows(stack, job_id) == []
     assert done_events(executor, job_id)[0]["status"] == "timed_out"

@@ -305,29 +305,68 @@ def test_runner_lifecycle_state_machine(gguf_dir: Path) -> None:
 
 
 def test_token_sink_holds_tokens_until_its_window_or_the_end() -> None:
-    """Coalesced tokens reach the pipe together; uncoalesced ones one by one, at once."""
+    """Coalesced tokens reach the pipe as one `Tokens` event; uncoalesced ones one by one."""
     from workers.runner.child import EventWriter, TokenSink
-    from workers.runner.protocol import decode
+    from workers.runner.protocol import Tokens, decode
 
     read_fd, write_fd = os.pipe()
     os.set_blocking(read_fd, False)
     try:
-        held = TokenSink(EventWriter(write_fd), coalesce_ms=60_000)
+        held = TokenSink(EventWriter(write_fd), "t", coalesce_ms=60_000)
         for i in range(5):
-            held.add(Token(tag="t", text=f"w{i}", index=i))
+            held.add(f"w{i}")
         with pytest.raises(BlockingIOError):
             os.read(read_fd, 65536)  # nothing written yet
         held.flush()
+        held.add("w5")
+        held.flush()
         lines = os.read(read_fd, 65536).splitlines(keepends=True)
         assert [decode(line) for line in lines] == [
-            Token(tag="t", text=f"w{i}", index=i) for i in range(5)
+            Tokens(tag="t", index=0, texts=[f"w{i}" for i in range(5)]),
+            Tokens(tag="t", index=5, texts=["w5"]),  # numbered on from the first run
         ]
-        at_once = TokenSink(EventWriter(write_fd), coalesce_ms=0)
-        at_once.add(Token(tag="t", text="x", index=0))
+        held.flush()  # nothing held: nothing written
+        with pytest.raises(BlockingIOError):
+            os.read(read_fd, 65536)
+        at_once = TokenSink(EventWriter(write_fd), "t", coalesce_ms=0)
+        at_once.add("x")
         assert decode(os.read(read_fd, 65536)) == Token(tag="t", text="x", index=0)
+        at_once.add("y")
+        assert decode(os.read(read_fd, 65536)) == Token(tag="t", text="y", index=1)
     finally:
         os.close(read_fd)
         os.close(write_fd)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"type": "Token", "tag": "t", "text": 7, "index": 0}\n',
+        b'{"type": "Token", "tag": "t", "text": "a", "index": "0"}\n',
+        b'{"type": "Tokens", "tag": "t", "index": 0, "texts": "abc"}\n',
+        b'{"type": "Tokens", "tag": "t", "index": 0, "texts": ["a", {"b": 1}]}\n',
+        b'{"type": "Tokens", "tag": "t", "index": null, "texts": ["a"]}\n',
+        b'["Token", "t", "a", 0]\n',  # JSON, but not an object
+        b'{"type": "Tokens", "tag": "t", "index": 0}\n',
+    ],
+)
+def test_decode_refuses_ill_typed_token_events(line: bytes) -> None:
+    """The child is untrusted: a token event whose fields are not what they say is fatal."""
+    from workers.runner.protocol import ProtocolError, decode
+
+    with pytest.raises(ProtocolError, match="malformed event"):
+        decode(line)
+
+
+@pytest.mark.parametrize("coalesce_ms", [0.0, 60_000.0])
+def test_child_sending_non_text_tokens_is_fatal(
+    make_runner: MakeRunner, gguf_dir: Path, coalesce_ms: float
+) -> None:
+    runner = make_runner(gguf_dir, mode="non_text_token")
+    runner.start()
+    with pytest.raises(RunnerFatal, match="malformed event"):
+        collect(runner, greedy("The quick brown fox", 4), "bad", coalesce_ms=coalesce_ms)
+    assert runner.state is RunnerState.DEFUNCT
 
 
 def test_coalesced_generation_delivers_the_same_tokens(

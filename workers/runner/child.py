@@ -40,6 +40,7 @@ from workers.runner.protocol import (
     SetupFailed,
     Shutdown,
     Token,
+    Tokens,
     decode,
     encode,
 )
@@ -65,26 +66,30 @@ class EventWriter:
 
 
 class TokenSink:
-    """A request's tokens: written at once, or together every `coalesce_ms` (and at the end)."""
+    """A request's tokens: each written at once as a `Token`, or held and written as one
+    `Tokens` event every `coalesce_ms` (and at the end)."""
 
-    def __init__(self, out: EventWriter, coalesce_ms: float) -> None:
-        self._out = out
+    def __init__(self, out: EventWriter, tag: str, coalesce_ms: float) -> None:
+        self._out, self._tag = out, tag
         self._every_s = coalesce_ms / 1000
-        self._held = bytearray()
+        self._held: list[str] = []
+        self.count = 0  # tokens written so far: the index of the next one
         self._sent_at = time.monotonic()
 
-    def add(self, token: Token) -> None:
+    def add(self, text: str) -> None:
         if not self._every_s:
-            self._out.send(token)
+            self._out.send(Token(tag=self._tag, text=text, index=self.count))
+            self.count += 1
             return
-        self._held += encode(token)
+        self._held.append(text)  # no event and no JSON per token: the generation thread's time
         if time.monotonic() - self._sent_at >= self._every_s:
             self.flush()
 
     def flush(self) -> None:
         if self._held:
-            self._out.write(bytes(self._held))
-            self._held.clear()
+            self._out.send(Tokens(tag=self._tag, index=self.count, texts=self._held))
+            self.count += len(self._held)
+            self._held = []
         self._sent_at = time.monotonic()
 
 
@@ -215,8 +220,7 @@ class Server:
             seed=g.seed,
         )
         started = time.perf_counter()
-        index = 0
-        sink = TokenSink(self.out, g.coalesce_ms)
+        sink = TokenSink(self.out, g.tag, g.coalesce_ms)
         try:
             request = GenerateRequest(
                 prompt=g.prompt, raw=g.raw, params=params, messages=_messages(g.messages)
@@ -228,8 +232,7 @@ class Server:
                 except StopIteration as stop:
                     result = stop.value
                     break
-                sink.add(Token(tag=g.tag, text=piece, index=index))
-                index += 1
+                sink.add(piece)
         except Exception as exc:
             sink.flush()
             return _failed(g.tag, exc, started)

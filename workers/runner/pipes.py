@@ -20,11 +20,12 @@ from workers.runner.protocol import (
     Generate,
     ProtocolError,
     Token,
+    Tokens,
     decode,
     encode,
 )
 
-Output = TypeVar("Output", Token, Embedding)
+Output = TypeVar("Output", Token | Tokens, Embedding)
 
 STDERR_LINES = 200
 
@@ -121,20 +122,20 @@ class ChildPipes:
 class Exchange(Generic[Output]):
     """Bookkeeping for one request in flight: its deadline, its cancel, its consumer.
 
-    `kind` is the output event the request produces (Token or Embedding); `on_output` gets
-    each one.
+    `kind` is the output event the request produces (Token or Tokens, or Embedding);
+    `on_output` gets each one.
     """
 
     def __init__(
         self,
         tag: str,
-        kind: type[Output],
+        kind: type[Embedding] | tuple[type[Token], type[Tokens]],
         on_output: Callable[[Output], None],
         timeout: float | None,
         cancel_event: threading.Event | None,
     ) -> None:
         self.tag = tag
-        self.kind: type[Output] = kind
+        self.kind: type[Embedding] | tuple[type[Token], type[Tokens]] = kind
         self.on_output: Callable[[Output], None] = on_output
         self.timeout = timeout
         self.deadline = None if timeout is None else time.monotonic() + timeout

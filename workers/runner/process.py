@@ -31,6 +31,7 @@ from workers.runner.protocol import (
     SetupFailed,
     Shutdown,
     Token,
+    Tokens,
 )
 from workers.runner.sandbox import Sandbox, SandboxConfig, runner_argv
 
@@ -210,7 +211,17 @@ class Runner:
         raises, the request is cancelled, the runner stays warm, and the error is re-raised.
         `coalesce_ms` > 0 lets the child deliver tokens in batches (nobody streams them).
         """
-        exchange = Exchange(tag, Token, on_token, timeout, cancel_event)
+
+        def deliver(event: Token | Tokens) -> None:
+            if isinstance(event, Token):
+                on_token(event)
+                return
+            for offset, text in enumerate(event.texts):  # a coalesced run, token by token
+                on_token(Token(tag=tag, text=text, index=event.index + offset))
+
+        exchange: Exchange[Token | Tokens] = Exchange(
+            tag, (Token, Tokens), deliver, timeout, cancel_event
+        )
         return self._request(exchange, generate_event(tag, request, coalesce_ms))
 
     def embed(

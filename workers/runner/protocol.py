@@ -8,7 +8,7 @@ parent deserialise objects. Every request (Generate, Embed) carries a `tag`; exa
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -75,6 +75,13 @@ class Token:  # from child
 
 
 @dataclass(frozen=True)
+class Tokens:  # from child: a run of tokens from `index` on, written together (coalesced)
+    tag: str
+    index: int
+    texts: list[str]
+
+
+@dataclass(frozen=True)
 class Embedding:  # from child, one per input of an Embed (one per line keeps lines short)
     tag: str
     index: int
@@ -117,6 +124,7 @@ Event = (
     | Ready
     | SetupFailed
     | Token
+    | Tokens
     | Embedding
     | Done
     | Convert
@@ -134,6 +142,7 @@ _TYPES: dict[str, type[Any]] = {
         Ready,
         SetupFailed,
         Token,
+        Tokens,
         Embedding,
         Done,
         Convert,
@@ -148,7 +157,9 @@ class ProtocolError(Exception):
 
 
 def encode(event: Event) -> bytes:
-    return json.dumps({"type": type(event).__name__, **asdict(event)}).encode() + b"\n"
+    # The fields as they are (`vars`, not `asdict`, which deep-copies): a token is encoded
+    # on the runner's generation thread, so its cost is paid per token.
+    return json.dumps({"type": type(event).__name__, **vars(event)}).encode() + b"\n"
 
 
 def decode(line: bytes) -> Event:
@@ -158,6 +169,22 @@ def decode(line: bytes) -> Event:
         data = json.loads(line)
         cls = _TYPES[data.pop("type")]
         event: Event = cls(**data)
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ProtocolError(f"malformed event: {line[:200]!r}") from exc
+    if not _well_typed(event):
+        raise ProtocolError(f"malformed event: {line[:200]!r}")
     return event
+
+
+def _well_typed(event: Event) -> bool:
+    """Text events from the untrusted child carry exactly what their fields say."""
+    if isinstance(event, Token):
+        return type(event.text) is str and type(event.index) is int
+    if isinstance(event, Tokens):
+        texts = event.texts
+        return (
+            type(texts) is list
+            and all(type(t) is str for t in texts)
+            and (type(event.index) is int)
+        )
+    return True

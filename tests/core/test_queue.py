@@ -1,0 +1,116 @@
+"""The API's own task publisher writes what Celery's producer would, to exactly its queue."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from core.logs import REQUEST_ID, REQUEST_ID_HEADER, propagate_to_celery
+from core.queue import (
+    BATCH_PRIORITY,
+    INFER_QUEUE,
+    INFER_TASK,
+    INTERACTIVE_PRIORITY,
+    make_celery,
+    priority_list,
+    publish_task,
+    queue_depths,
+    task_message,
+)
+from tests.conftest import make_settings
+from tests.utils.stack import system_redis_url
+
+# Fields that differ between any two sends: a fresh delivery tag, the sender's reply queue
+# (unused: there is no result backend) and its process name.
+_PER_SEND = {"delivery_tag", "reply_to"}
+
+
+@pytest.fixture
+def broker() -> redis.Redis[bytes]:
+    """The session's Redis database (its workers share it: every queue here is private)."""
+    client: redis.Redis[bytes] = redis.Redis.from_url(system_redis_url())
+    return client
+
+
+@pytest.fixture
+def queue_name(broker: redis.Redis[bytes]) -> Iterator[str]:
+    name = f"test-queue-{uuid.uuid4().hex}"
+    yield name
+    if left := broker.keys(f"*{name}*"):
+        broker.delete(*left)
+
+
+def _sent(client: redis.Redis[bytes], name: str) -> dict[str, Any]:
+    raw = client.lpop(name)
+    assert raw is not None, f"nothing in {name!r}: {client.keys('*')}"
+    message: dict[str, Any] = json.loads(raw)
+    message["body"] = json.loads(base64.b64decode(message["body"]))
+    return message
+
+
+def test_task_message_is_what_celery_sends(
+    broker: redis.Redis[bytes], queue_name: str, tmp_path: Path
+) -> None:
+    url = broker.connection_pool.connection_kwargs
+    settings = make_settings(
+        tmp_path, redis_url=f"redis://{url['host']}:{url['port']}/{url.get('db', 0)}"
+    )
+    propagate_to_celery()
+    celery = make_celery(settings)
+    args, kwargs = ["job_1"], {"timeout_s": 60, "live": False, "job": {"prompt": "é"}}
+    token = REQUEST_ID.set("req_abc")
+    try:
+        celery.send_task(INFER_TASK, args=args, kwargs=kwargs, queue=queue_name,
+                         task_id="job_1", priority=INTERACTIVE_PRIORITY, kwargsrepr="{}")  # fmt: skip
+        ours = task_message(INFER_TASK, "job_1", args, kwargs, queue=queue_name,
+                            priority=INTERACTIVE_PRIORITY, kwargsrepr="{}")  # fmt: skip
+    finally:
+        REQUEST_ID.reset(token)
+    theirs = _sent(broker, queue_name)
+    mine = json.loads(ours)
+    mine["body"] = json.loads(base64.b64decode(mine["body"]))
+    assert mine["body"] == theirs["body"] == [args, kwargs, mine["body"][2]]
+    assert mine["headers"][REQUEST_ID_HEADER] == "req_abc"
+    assert {k: v for k, v in mine["headers"].items() if k != "origin"} == {
+        k: v for k, v in theirs["headers"].items() if k != "origin"
+    }
+    drop = lambda props: {k: v for k, v in props.items() if k not in _PER_SEND}  # noqa: E731
+    their_props = drop(theirs["properties"])
+    their_props.pop("kwargsrepr", None)  # Celery copies it into the properties as well
+    assert drop(mine["properties"]) == their_props
+    assert {k: mine[k] for k in ("content-type", "content-encoding")} == {
+        k: theirs[k] for k in ("content-type", "content-encoding")
+    }
+
+
+def test_publish_task_lands_in_exactly_its_queue_and_priority_list(
+    broker: redis.Redis[bytes], queue_name: str
+) -> None:
+    direct, shared = f"{queue_name}.worker-1@host", queue_name
+    publish_task(broker, INFER_TASK, "job_d", ["job_d"], {}, queue=direct,
+                 priority=INTERACTIVE_PRIORITY, kwargsrepr="{}")  # fmt: skip
+    publish_task(broker, INFER_TASK, "job_b", ["job_b"], {}, queue=shared,
+                 priority=BATCH_PRIORITY, kwargsrepr="{}")  # fmt: skip
+    assert queue_depths(broker, [direct, shared]) == {direct: 1, shared: 1}
+    assert broker.llen(shared) == 0  # the batch job waits behind every interactive one
+    assert _sent(broker, direct)["properties"]["delivery_info"]["routing_key"] == direct
+    assert _sent(broker, priority_list(shared, BATCH_PRIORITY))["body"][0] == ["job_b"]
+
+
+def test_publish_task_refuses_a_priority_no_worker_reads() -> None:
+    with pytest.raises(ValueError, match="priority 5"):
+        priority_list(INFER_QUEUE, 5)
+
+
+def test_publish_task_with_the_broker_down_raises() -> None:
+    down: redis.Redis[bytes] = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=1)
+    with pytest.raises(redis.ConnectionError):
+        publish_task(down, INFER_TASK, "job_x", ["job_x"], {}, queue=INFER_QUEUE,
+                     priority=INTERACTIVE_PRIORITY, kwargsrepr="{}")  # fmt: skip
