@@ -491,7 +491,7 @@ def _end(
     finally:
         if publisher is not None:
             held = publisher.close()  # every token is on the stream before the terminal event
-    pipe = ex.redis.pipeline(transaction=False)
+    pipe = _ending_pipeline(ex)
     if not finished:  # another copy recorded the end: free the slot (no second debit)
         if ctx.job.api_key_id:
             limits.queue_settle(pipe, key_id=ctx.job.api_key_id, job_id=ctx.job.id, tokens=0,
@@ -510,6 +510,13 @@ def _end(
     if ctx.job.batch_id is not None:
         _close_batch(ex, ctx.job.batch_id)
     return end.status.value
+
+
+def _ending_pipeline(ex: Executor) -> redis.client.Pipeline:  # type: ignore[type-arg]
+    """MULTI/EXEC: Redis wakes a reader blocked on the job's stream once, after the whole
+    ending (held tokens, terminal event), so the API reads it in one XREAD. Without it the
+    reader woke on the first entry and paid a second round trip for the rest."""
+    return ex.redis.pipeline(transaction=True)
 
 
 def _execute_ending(pipe: redis.client.Pipeline, lock: JobLock | None) -> None:  # type: ignore[type-arg]
@@ -558,7 +565,7 @@ def _end_unrecorded(ex: Executor, job: Job, *, database_down: bool) -> None:
         end.error_code, end.error_message = "SERVICE_UNAVAILABLE", "the database is down; retry"
     else:
         end.error_code, end.error_message = "INTERNAL_ERROR", "the worker failed; quote the job id"
-    pipe = ex.redis.pipeline(transaction=False)
+    pipe = _ending_pipeline(ex)
     _queue_ending(pipe, job, end)
     pipe.execute()
 

@@ -204,10 +204,14 @@ def api_floor(
     http: httpx.Client, model: Deployed, body: dict[str, Any], n: int
 ) -> dict[str, list[float]]:
     """Round trips of the API alone: `/healthz` (HTTP floor) and `POST /v1/jobs` (auth, INSERT,
-    Celery publish), one job at a time."""
+    publish), one job at a time; and of Redis alone (PING), the unit every hop pays."""
     headers = {"Authorization": f"Bearer {model.key}"}
-    out: dict[str, list[float]] = {"healthz": [], "create": []}
+    out: dict[str, list[float]] = {"healthz": [], "create": [], "redis": []}
+    client = redis.Redis.from_url(BENCH_REDIS)
     for _ in range(n):
+        t0 = time.perf_counter()
+        client.ping()
+        out["redis"].append((time.perf_counter() - t0) * 1000)
         t0 = time.perf_counter()
         assert http.get("/healthz").status_code == 200
         out["healthz"].append((time.perf_counter() - t0) * 1000)

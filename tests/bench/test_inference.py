@@ -213,6 +213,7 @@ def _show_breakdown(
         part("rest (API, mark_running, finish txn, XREAD)", rest),
         part("  GET /healthz round trip (HTTP floor)", floor["healthz"]),
         part("  POST /v1/jobs (auth+INSERT+publish)", floor["create"]),
+        part("  Redis PING round trip (one hop)", floor["redis"]),
         part("client TTFT (stream)", client_ttft),
         part("engine TTFT in-process", [b.ttft_ms for b in base]),
     ]
@@ -338,6 +339,9 @@ def _level(
 def test_bench_throughput(infer_stack: BenchStack, name: str) -> None:
     model = infer_stack.models[name]
     body = infer_body(model, PROMPT, TPUT_TOKENS)
+    # A quiet host first: runners left by an earlier level (their teardown takes CPU while
+    # this one's baseline and c=1 run) made the c=1 cost swing from 9 % to 23 %.
+    infer_stack.wait_no_runners()
     with engine_of(infer_stack, name) as engine:
         t0, runs = time.perf_counter(), engine_runs(engine, TPUT_TOKENS, 1)
         while time.perf_counter() - t0 < LEVEL_S / 2:

@@ -200,6 +200,33 @@ def test_deferred_job_publishes_status_tokens_and_done_in_order(
     assert len(usage_rows(stack, deferred_id)) == 1
 
 
+def test_a_blocked_reader_wakes_once_with_the_whole_ending(
+    stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
+) -> None:
+    """The API waits in XREAD: a deferred job's ending (status, tokens, done) reaches it in
+    one read, not the first entry and then a second round trip for the rest."""
+    import json
+
+    import redis
+
+    job_id = make_job(stack, gguf_ready)
+    reader: redis.Redis[bytes] = redis.Redis.from_url(stack.settings.effective_redis_url)
+    got: list[Any] = []
+    waiting = threading.Thread(
+        target=lambda: got.extend(reader.xread({events.stream_key(job_id): "0"}, block=4000))
+    )
+    waiting.start()
+    deadline = time.monotonic() + 5
+    while not any(c.get("cmd") == "xread" for c in executor.redis.client_list()):
+        assert time.monotonic() < deadline, "the reader never blocked"
+        time.sleep(0.01)
+    assert inference.run_job(job_id, executor, 600, live=False) == "succeeded"
+    waiting.join(10)
+    ((_, entries),) = got
+    assert [json.loads(f[b"e"])["type"] for _, f in entries] == ["status", "tokens", "done"]
+    reader.close()
+
+
 def test_finish_touches_model_and_key_at_most_once_a_minute(
     stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
 ) -> None:
