@@ -186,3 +186,42 @@ def test_orphaned_temp_dirs_of_dead_workers_are_swept(tmp_path: Path) -> None:
         assert not orphan.exists() and mine.exists() and box.tmpdir.parent == tmp_path
     finally:
         box.cleanup()
+
+
+CONFINE_PROBE = """
+import json, os, sys
+from pathlib import Path
+from workers.runner.confine import Confinement
+confinement = Confinement(Path(sys.argv[1]))
+if sys.argv[2] == "old-kernel":  # no seccomp(2) to call: the prctl path
+    confinement._seccomp_nr = None
+how = confinement.apply()
+status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+try:
+    pid = os.fork()
+except PermissionError:
+    forked = "denied"
+else:
+    if pid == 0:
+        os._exit(0)
+    forked = "allowed"
+print(json.dumps({"how": how, "forked": forked,
+                  "seccomp": status["Seccomp"].strip(),
+                  "ssb": status.get("Speculation_Store_Bypass", "").strip()}))
+"""
+
+
+@pytest.mark.parametrize(("kernel", "how"), [("this", "seccomp"), ("old-kernel", "prctl")])
+def test_seccomp_filter_goes_in_with_spec_allow(tmp_path: Path, kernel: str, how: str) -> None:
+    """seccomp(2) with SECCOMP_FILTER_FLAG_SPEC_ALLOW, so an older kernel does not force SSBD on
+    every runner; prctl where there is no seccomp(2). The filter holds either way."""
+    out = subprocess.run(
+        [sys.executable, "-c", CONFINE_PROBE, str(tmp_path), kernel],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout)
+    assert found["how"] == how, found  # this kernel (>= 4.17) has the flag
+    assert found["seccomp"] == "2" and found["forked"] == "denied", found
+    if how == "seccomp":
+        assert "force mitigated" not in found["ssb"], found
