@@ -136,6 +136,7 @@ def make_celery(settings: Settings) -> Celery:
 # name (the default priority) and `<name>\x06\x16<step>` for steps 3, 6 and 9.
 _PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 _NO_WORKFLOW = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+_HOST = socket.gethostname()
 
 
 def priority_list(queue: str, priority: int) -> str:
@@ -154,7 +155,7 @@ def task_message(
     queue: str,
     priority: int,
     kwargsrepr: str,
-) -> bytes:
+) -> dict[str, Any]:
     """A Celery task message (protocol 2, JSON) as kombu's Redis transport stores it.
 
     What `Celery.send_task` would write, built without kombu's producer (a connection
@@ -173,7 +174,7 @@ def task_message(
     if (rid := REQUEST_ID.get()) is not None:
         headers[REQUEST_ID_HEADER] = rid
     body = json.dumps([args, kwargs, _NO_WORKFLOW]).encode()
-    message = {
+    return {
         "body": base64.b64encode(body).decode(),
         "content-encoding": "utf-8",
         "content-type": "application/json",
@@ -188,29 +189,14 @@ def task_message(
             "delivery_tag": str(uuid.uuid4()),
         },
     }
-    return json.dumps(message).encode()
 
 
-_HOST = socket.gethostname()
-
-
-def publish_task(
-    client: redis.Redis,  # type: ignore[type-arg]
-    name: str,
-    task_id: str,
-    args: list[Any],
-    kwargs: dict[str, Any],
-    *,
-    queue: str,
-    priority: int,
-    kwargsrepr: str,
-) -> None:
-    """Send a task to exactly `queue` (one LPUSH, as kombu does); a worker consuming that
-    queue takes it like any other Celery message."""
-    message = task_message(
-        name, task_id, args, kwargs, queue=queue, priority=priority, kwargsrepr=kwargsrepr
-    )
-    client.lpush(priority_list(queue, priority), message)
+def publish_task(client: redis.Redis, message: dict[str, Any]) -> None:  # type: ignore[type-arg]
+    """LPUSH a `task_message` onto its queue's list for its priority, as kombu does: a worker
+    consuming that queue takes it like any other Celery message."""
+    properties = message["properties"]
+    queue = properties["delivery_info"]["routing_key"]
+    client.lpush(priority_list(queue, properties["priority"]), json.dumps(message))
 
 
 def queue_depths(client: redis.Redis, queues: list[str]) -> dict[str, int]:  # type: ignore[type-arg]

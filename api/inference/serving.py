@@ -33,6 +33,7 @@ from core.queue import (
     INTERACTIVE_PRIORITY,
     carried_job,
     publish_task,
+    task_message,
 )
 from core.redis import get_redis
 from core.settings import Settings
@@ -92,11 +93,11 @@ def start_job(
 ) -> Job:
     """The one way every inference route starts a job: authorize, admit, pick the queue, enqueue.
 
-    `conn` is the request (or WebSocket): its app's state has the worker
-    directory and the auth cache, and its own state receives the key's `X-RateLimit-*`
-    headers. `authorize` returns the caller's grant (or the target a prompt router chose);
-    the key's limits are enforced right after it, holding a concurrency slot that the worker
-    frees when the job ends.
+    `conn` is the request (or WebSocket): its app's state has the worker directory and the
+    auth cache, and its own state receives the key's `X-RateLimit-*` headers. `authorize`
+    returns the caller's grant (or the target a prompt router chose); the key's limits are
+    enforced right after it, holding a concurrency slot that the worker frees when the job
+    ends.
     """
     state = conn.app.state
     directory: WorkerDirectory = state.workers
@@ -123,6 +124,7 @@ def start_job(
             return create_job(
                 session=session,
                 settings=settings,
+                broker=client,
                 grant=grant,
                 spec=spec,
                 queue=directory.queue_for(grant.model_sha256 or grant.model_id),
@@ -189,8 +191,9 @@ def enqueue(
     if session is None:
         kwargs["job"] = carried_job(job)
     try:
-        publish_task(broker, INFER_TASK, job.id, [job.id], kwargs, queue=queue,
-                     priority=priority, kwargsrepr=shown)  # fmt: skip
+        message = task_message(INFER_TASK, job.id, [job.id], kwargs, queue=queue,
+                               priority=priority, kwargsrepr=shown)  # fmt: skip
+        publish_task(broker, message)
     except Exception as exc:
         if session is None:
             raise ServiceUnavailable("the task queue is unavailable; retry") from exc
@@ -205,6 +208,7 @@ def create_job(
     *,
     session: Session,
     settings: Settings,
+    broker: redis.Redis,  # type: ignore[type-arg]
     grant: Grant,
     spec: JobSpec,
     queue: str = INFER_QUEUE,
@@ -219,7 +223,6 @@ def create_job(
     worker publish the tokens with the terminal event instead of one by one.
     """
     job = new_job(settings=settings, grant=grant, spec=spec, job_id=job_id, router_id=router_id)
-    broker = get_redis(settings)
     if spec.row_by_worker:
         enqueue(session=None, broker=broker, job=job, queue=queue, live=live)
         return job

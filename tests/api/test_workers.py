@@ -73,9 +73,9 @@ def test_warm_model_is_routed_to_its_worker_queue(
     assert directory.queue_for("0" * 64) == INFER_QUEUE
     sent_to: list[str] = []  # where the API really puts the message, not just what it picks
 
-    def publish(*args: Any, queue: str, **kwargs: Any) -> None:
-        sent_to.append(queue)
-        publish_task(*args, queue=queue, **kwargs)
+    def publish(client: Any, message: dict[str, Any]) -> None:
+        sent_to.append(message["properties"]["delivery_info"]["routing_key"])
+        publish_task(client, message)
 
     monkeypatch.setattr(serving, "publish_task", publish)
     routed = client.post("/v1/infer", json=body, headers=auth(gguf_ready["key"]))

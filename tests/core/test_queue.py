@@ -74,7 +74,7 @@ def test_task_message_is_what_celery_sends(
     finally:
         REQUEST_ID.reset(token)
     theirs = _sent(broker, queue_name)
-    mine = json.loads(ours)
+    mine = json.loads(json.dumps(ours))  # as it travels
     mine["body"] = json.loads(base64.b64decode(mine["body"]))
     assert mine["body"] == theirs["body"] == [args, kwargs, mine["body"][2]]
     assert mine["headers"][REQUEST_ID_HEADER] == "req_abc"
@@ -94,23 +94,28 @@ def test_publish_task_lands_in_exactly_its_queue_and_priority_list(
     broker: redis.Redis[bytes], queue_name: str
 ) -> None:
     direct, shared = f"{queue_name}.worker-1@host", queue_name
-    publish_task(broker, INFER_TASK, "job_d", ["job_d"], {}, queue=direct,
-                 priority=INTERACTIVE_PRIORITY, kwargsrepr="{}")  # fmt: skip
-    publish_task(broker, INFER_TASK, "job_b", ["job_b"], {}, queue=shared,
-                 priority=BATCH_PRIORITY, kwargsrepr="{}")  # fmt: skip
+    publish_task(broker, task_message(INFER_TASK, "job_d", ["job_d"], {}, queue=direct,
+                                      priority=INTERACTIVE_PRIORITY, kwargsrepr="{}"))  # fmt: skip
+    publish_task(broker, task_message(INFER_TASK, "job_b", ["job_b"], {}, queue=shared,
+                                      priority=BATCH_PRIORITY, kwargsrepr="{}"))  # fmt: skip
     assert queue_depths(broker, [direct, shared]) == {direct: 1, shared: 1}
     assert broker.llen(shared) == 0  # the batch job waits behind every interactive one
     assert _sent(broker, direct)["properties"]["delivery_info"]["routing_key"] == direct
     assert _sent(broker, priority_list(shared, BATCH_PRIORITY))["body"][0] == ["job_b"]
 
 
-def test_publish_task_refuses_a_priority_no_worker_reads() -> None:
+def test_publish_task_refuses_a_priority_no_worker_reads(
+    broker: redis.Redis[bytes], queue_name: str
+) -> None:
+    message = task_message(INFER_TASK, "job_p", ["job_p"], {}, queue=queue_name, priority=5,
+                           kwargsrepr="{}")  # fmt: skip
     with pytest.raises(ValueError, match="priority 5"):
-        priority_list(INFER_QUEUE, 5)
+        publish_task(broker, message)
+    assert not broker.keys(f"*{queue_name}*")  # nothing sent anywhere
 
 
 def test_publish_task_with_the_broker_down_raises() -> None:
     down: redis.Redis[bytes] = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=1)
     with pytest.raises(redis.ConnectionError):
-        publish_task(down, INFER_TASK, "job_x", ["job_x"], {}, queue=INFER_QUEUE,
-                     priority=INTERACTIVE_PRIORITY, kwargsrepr="{}")  # fmt: skip
+        publish_task(down, task_message(INFER_TASK, "job_x", ["job_x"], {}, queue=INFER_QUEUE,
+                                        priority=INTERACTIVE_PRIORITY, kwargsrepr="{}"))  # fmt: skip
