@@ -37,8 +37,9 @@ def publish(client: redis.Redis, job_id: str, event: dict[str, Any]) -> None:  #
 
 
 def publish_many(client: redis.Redis, job_id: str, batch: list[dict[str, Any]]) -> None:  # type: ignore[type-arg]
-    """Append several events in one round trip, in order."""
-    pipe = client.pipeline(transaction=False)
+    """Append several events in one round trip, in order; MULTI/EXEC, so a reader blocked
+    in XREAD wakes once with all of them (a plain pipeline woke it after the first)."""
+    pipe = client.pipeline(transaction=True)
     queue_events(pipe, job_id, batch)
     pipe.execute()
 
@@ -120,21 +121,19 @@ async def afollow(
     *,
     after: str = "0",
     block_ms: int = 1000,
-) -> AsyncIterator[tuple[str, dict[str, Any] | None]]:
-    """Yield `(entry_id, event)` forever; `event` is None on an idle wake-up (a heartbeat).
-
-    One blocked XREAD per waiting request, on the API's event loop.
+) -> AsyncIterator[list[tuple[str, dict[str, Any]]]]:
+    """Yield each XREAD's `(entry_id, event)` entries forever; an empty list is an idle
+    wake-up (a heartbeat). One blocked XREAD per waiting request, on the API's event loop.
     """
     key = stream_key(job_id)
     last = after
     while True:
         reply = await client.xread({key: last}, count=256, block=block_ms)
-        if not reply:
-            yield last, None
-            continue
-        for entry_id, fields in reply[0][1]:
+        entries = []
+        for entry_id, fields in reply[0][1] if reply else ():
             last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-            yield last, _decode(fields)
+            entries.append((last, _decode(fields)))
+        yield entries
 
 
 def read_heartbeats(client: redis.Redis) -> list[dict[str, Any]]:  # type: ignore[type-arg]

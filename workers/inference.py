@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import queue
@@ -37,6 +38,8 @@ CANCEL_POLL_S = 0.1
 # Nobody streams a deferred job: its runner may hand tokens over in batches this far apart
 # (a runner that dies mid-way then loses at most this much of the usage count).
 COALESCE_MS = 50.0
+# A streamed job's `running` status waits this long for its first token, to share its entry.
+STATUS_HOLD_S = 0.05
 
 
 # Each running job's cancel watcher and (when someone streams it) token publisher run on
@@ -392,8 +395,14 @@ class TokenPublisher:
     def _run(self) -> None:
         while True:
             batch = [self._queue.get()]
-            while not self._queue.empty() and batch[-1] is not None:
-                batch.append(self._queue.get_nowait())
+            self._drain(batch)
+            if batch[-1] is not None and batch[-1].get("type") == "status":
+                # Held for the first token (a warm runner's is a prefill away), so both go
+                # out in one round trip and the API sends headers and first token in one
+                # wake-up; a slow prefill still gets its headers after STATUS_HOLD_S.
+                with contextlib.suppress(queue.Empty):
+                    batch.append(self._queue.get(timeout=STATUS_HOLD_S))
+                self._drain(batch)
             ready = [e for e in batch if e is not None]
             if ready:
                 try:
@@ -402,6 +411,11 @@ class TokenPublisher:
                     log.warning("could not publish %d token events of %s", len(ready), self._job_id)
             if batch[-1] is None:
                 return
+
+    def _drain(self, batch: list[dict[str, Any] | None]) -> None:
+        """Append what is queued already, up to the end marker."""
+        while not self._queue.empty() and batch[-1] is not None:
+            batch.append(self._queue.get_nowait())
 
 
 def _watch_cancel(

@@ -268,25 +268,29 @@ async def follow_until(
     deadline: float,
     until: str = "done",
 ) -> AsyncIterator[dict[str, Any]]:
-    """Events of the job, recorded in `outcome`, until the `until` event type (or done)."""
-    async for entry_id, entry in events.afollow(aredis, job_id, after=outcome.cursor):
-        outcome.cursor = entry_id
-        if entry is None:
-            if time.monotonic() > deadline:
-                raise JobTimeout("the job did not finish in time")
-            continue
-        expanded = events.expand(entry)  # the entry's whole batch is read, then the check
-        for event in expanded:
-            kind = event.get("type")
-            if kind == "status":
-                outcome.queue_ms = event.get("queue_ms")
-                outcome.cold_start = bool(event.get("cold_start"))
-            elif kind == "token":
-                outcome.text.append(event["text"])
-            elif kind == "done":
-                outcome.done = event
-            yield event
-        if any(event.get("type") in (until, "done") for event in expanded):
+    """Events of the job, recorded in `outcome`, until the `until` event type (or done).
+
+    Every entry of the read that holds it is consumed: a worker that publishes its status
+    with the first token answers a streaming client's headers and first token at once.
+    """
+    async for entries in events.afollow(aredis, job_id, after=outcome.cursor):
+        if not entries and time.monotonic() > deadline:
+            raise JobTimeout("the job did not finish in time")
+        reached = False
+        for entry_id, entry in entries:
+            outcome.cursor = entry_id
+            for event in events.expand(entry):
+                kind = event.get("type")
+                if kind == "status":
+                    outcome.queue_ms = event.get("queue_ms")
+                    outcome.cold_start = bool(event.get("cold_start"))
+                elif kind == "token":
+                    outcome.text.append(event["text"])
+                elif kind == "done":
+                    outcome.done = event
+                reached = reached or kind in (until, "done")
+                yield event
+        if reached:
             return
 
 

@@ -230,3 +230,45 @@ def test_infer_job_row_is_written_by_its_worker_and_readable_by_id(
     with session_scope(stack.settings) as s:
         usage = s.exec(select(UsageEvent).where(UsageEvent.job_id == job["id"])).all()
     assert len(usage) == 1
+
+
+def test_following_to_the_status_consumes_the_whole_read_and_resumes_after_it(
+    stack: StackInfo,
+) -> None:
+    """A worker publishes a streamed job's status with its first token: the API's head wait
+    returns both from one read (no second XREAD for the first token), and following on
+    resumes after them, never yielding an event twice."""
+    import asyncio
+    import time
+
+    from api.inference.serving import Outcome, follow_until
+    from core import events
+    from core.ids import new_id
+    from core.redis import get_redis, make_async_redis
+
+    job_id = new_id("job")
+    sync = get_redis(stack.settings)
+    status = {"type": "status", "status": "running", "queue_ms": 1.5, "cold_start": False}
+    events.publish_many(sync, job_id, [status, {"type": "token", "text": "Os", "index": 0}])
+
+    async def follow() -> tuple[list[str], list[str], Outcome]:
+        aredis = make_async_redis(stack.settings)
+        outcome = Outcome()
+        deadline = time.monotonic() + 30
+        try:
+            head = [e["type"] async for e in follow_until(
+                aredis, job_id, outcome, deadline=deadline, until="status")]  # fmt: skip
+            events.publish_many(sync, job_id, [{"type": "token", "text": "lo", "index": 1},
+                                               {"type": "done", "status": "succeeded"}])  # fmt: skip
+            rest = [
+                e["type"] async for e in follow_until(aredis, job_id, outcome, deadline=deadline)
+            ]
+        finally:
+            await aredis.aclose()
+        return head, rest, outcome
+
+    head, rest, outcome = asyncio.run(follow())
+    assert head == ["status", "token"]
+    assert rest == ["token", "done"]
+    assert "".join(outcome.text) == "Oslo" and outcome.queue_ms == 1.5
+    assert outcome.done == {"type": "done", "status": "succeeded"}

@@ -227,6 +227,43 @@ def test_a_blocked_reader_wakes_once_with_the_whole_ending(
     reader.close()
 
 
+def test_a_streamed_jobs_status_waits_for_its_first_token(
+    stack: StackInfo,
+    gguf_ready: dict[str, Any],
+    executor: inference.Executor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Live: the `running` status and the first token reach a blocked reader in one read
+    (the API then answers headers and first token in one wake-up); the rest follows."""
+    import json
+
+    import redis
+
+    monkeypatch.setattr(inference, "STATUS_HOLD_S", 10.0)  # a loaded host's slow prefill
+    job_id = make_job(stack, gguf_ready)
+    reader: redis.Redis[bytes] = redis.Redis.from_url(stack.settings.effective_redis_url)
+    key = events.stream_key(job_id)
+    got: list[Any] = []
+    waiting = threading.Thread(target=lambda: got.extend(reader.xread({key: "0"}, block=20000)))
+    waiting.start()
+    deadline = time.monotonic() + 5
+    while not any(c.get("cmd") == "xread" for c in executor.redis.client_list()):
+        assert time.monotonic() < deadline, "the reader never blocked"
+        time.sleep(0.01)
+    started = time.monotonic()
+    assert inference.run_job(job_id, executor, 600, live=True) == "succeeded"
+    assert time.monotonic() - started < 10  # it did not wait out the hold
+    waiting.join(10)
+    ((_, first_read),) = got
+    kinds = [json.loads(f[b"e"])["type"] for _, f in first_read]
+    assert kinds[:2] == ["status", "token"], kinds
+    every = [json.loads(f[b"e"]) for _, f in reader.xrange(key)]
+    tokens = [e for e in every if e["type"] == "token"]
+    assert [e["index"] for e in tokens] == list(range(len(tokens))) and every[-1]["type"] == "done"
+    assert "".join(e["text"] for e in tokens) == job_row(stack, job_id).result["completion"]  # type: ignore[index]
+    reader.close()
+
+
 def test_finish_touches_model_and_key_at_most_once_a_minute(
     stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
 ) -> None:
