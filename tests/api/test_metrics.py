@@ -252,3 +252,29 @@ def test_scrape_survives_redis_down(tmp_path: Path) -> None:
     assert value(samples, "inferatech_metrics_source_up", source="redis") == 0
     assert value(samples, "inferatech_metrics_source_up", source="database") == 1
     assert value(samples, "inferatech_billing_events", state="pending") == 0
+
+
+def test_a_job_without_tokens_or_timings_counts_only_its_outcome(stack: StackInfo) -> None:
+    """The one-script recording with nothing optional: no token field, no histogram moves."""
+    from core import cluster_metrics as cm
+    from core.redis import get_redis
+
+    client = get_redis(stack.settings)
+    model = f"mdl_metrics_{uuid.uuid4().hex[:8]}"
+    hists = [cm.hist_key(name) for name in cm.HISTOGRAMS]
+    before = {key: client.hgetall(key) for key in hists}
+    pipe = client.pipeline(transaction=True)
+    cm.record_job(pipe, cm.JobMetrics(model_id=model, status="failed", queue_s=float("nan")))
+    pipe.execute()
+    assert client.hget(cm.JOBS_KEY, f"{model}|failed") == b"1"
+    assert client.hget(cm.TOKENS_KEY, f"{model}|prompt") is None
+    assert {key: client.hgetall(key) for key in hists} == before
+    pipe = client.pipeline(transaction=True)
+    cm.record_job(pipe, cm.JobMetrics(model_id=model, status="succeeded", completion_tokens=5,
+                                      duration_s=1e-05))  # fmt: skip
+    pipe.execute()
+    assert client.hget(cm.TOKENS_KEY, f"{model}|completion") == b"5"
+    assert client.hget(cm.TOKENS_KEY, f"{model}|prompt") is None
+    duration = cm.hist_key("job_duration_seconds")
+    assert int(client.hget(duration, "count") or 0) == int(before[duration].get(b"count", 0)) + 1
+    assert int(client.hget(duration, "0.005") or 0) == int(before[duration].get(b"0.005", 0)) + 1
