@@ -95,6 +95,13 @@ class _Channel(kombu_redis.Channel):
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:
             return super()._create_client(asynchronous=True)  # type: ignore[no-untyped-call]
+        if self._closing and self._pool is None and self._shared is not None:
+            # Closing after the broker went away: kombu dropped the pools and then restores
+            # the unacked messages, and rebuilding a pool from the closed connection raised
+            # AttributeError, which killed the worker (seen when Redis restarted right after
+            # a task ended). The old client fails with ConnectionError, which kombu ignores
+            # while closing; the messages stay in the unacked hash and are redelivered.
+            return self._shared[1]
         pool, shared = self.pool, self._shared
         if shared is None or shared[0] is not pool:  # a reconnect makes a new pool
             shared = self._shared = (pool, super()._create_client())  # type: ignore[no-untyped-call]

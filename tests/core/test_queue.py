@@ -158,3 +158,30 @@ def test_the_broker_channel_keeps_one_client_for_its_bookkeeping(
     finally:
         if scheme != "redis":
             client.shutdown()  # type: ignore[union-attr]
+
+
+def test_a_closing_channel_with_its_pools_gone_hands_out_its_last_client(
+    broker: redis.Redis[bytes], tmp_path: Path
+) -> None:
+    """From a worker's log: Redis went away just after a task ended. Closing, kombu dropped
+    the channel's pools and the connection's client, then restored the unacked message with a
+    new client, and rebuilding a pool from the closed connection raised AttributeError: the
+    worker died. Our channel hands out its last client then; against a dead Redis it raises
+    ConnectionError, which kombu ignores while closing."""
+    from kombu.transport import redis as kombu_redis
+
+    kw = broker.connection_pool.connection_kwargs
+    url = f"redis://{kw['host']}:{kw['port']}/{kw.get('db', 0)}"
+    celery = make_celery(make_settings(tmp_path, redis_url=url))
+    with celery.connection_for_write() as conn:
+        channel = conn.default_channel
+        client = channel._create_client()
+        transport_client = channel.connection.client
+        channel._closing = True  # what `close()` does, in its order
+        channel._disconnect_pools()
+        channel.connection.client = None
+        with pytest.raises(AttributeError):  # kombu's own method, in this state
+            kombu_redis.Channel._create_client(channel)
+        assert channel._create_client() is client
+        assert client.ping()  # a dropped pool reconnects: nothing is left half-closed
+        channel.connection.client, channel._closing = transport_client, False
