@@ -71,6 +71,12 @@ def test_warm_model_is_routed_to_its_worker_queue(
     directory = WorkerDirectory(get_redis(stack.settings))
     assert directory.queue_for(sha) == beat["queue"]
     assert directory.queue_for("0" * 64) == INFER_QUEUE
+    # The app's own directory re-reads heartbeats at most once a second: the first request
+    # may have read them before the model was warm.
+    deadline = time.monotonic() + 5
+    while client.app.state.workers.queue_for(sha) != beat["queue"]:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, "the API never saw the warm heartbeat"
+        time.sleep(0.1)
     sent_to: list[str] = []  # where the API really puts the message, not just what it picks
 
     def publish(client: Any, message: dict[str, Any]) -> None:
