@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,25 +180,31 @@ def post_infer(http: httpx.Client, model: Deployed, body: dict[str, Any]) -> Rep
 def stream_infer(http: httpx.Client, model: Deployed, body: dict[str, Any]) -> Reply:
     """Client-side time to the first `data:` token event, and to the end of the stream."""
     headers = {"Authorization": f"Bearer {model.key}"}
-    pieces: list[str] = []
-    ttft = None
-    done: dict[str, Any] = {}
     t0 = time.perf_counter()
     with http.stream("POST", "/v1/infer", json={**body, "stream": True}, headers=headers) as r:
         assert r.status_code == 200, r.read()
-        for line in r.iter_lines():
-            if not line.startswith("data:"):
-                continue
-            event = json.loads(line[5:])
-            if "token" in event:
-                ttft = ttft if ttft is not None else (time.perf_counter() - t0) * 1000
-                pieces.append(event["token"])
-            elif event.get("done"):
-                done = event
+        text, ttft, done = _read_sse(r.iter_lines(), t0)
         total = (time.perf_counter() - t0) * 1000
         job_id, cold = r.headers["x-job-id"], r.headers.get("x-cold-start") == "true"
+    return Reply(job_id, text, done["completion_tokens"], total, ttft, cold)
+
+
+def _read_sse(lines: Iterable[str], t0: float) -> tuple[str, float | None, dict[str, Any]]:
+    """An SSE body's completion, time to its first token event (ms after `t0`) and its end."""
+    pieces: list[str] = []
+    ttft = None
+    done: dict[str, Any] = {}
+    for line in lines:
+        if not line.startswith("data:"):
+            continue
+        event = json.loads(line[5:])
+        if "token" in event:
+            ttft = ttft if ttft is not None else (time.perf_counter() - t0) * 1000
+            pieces.append(event["token"])
+        elif event.get("done"):
+            done = event
     assert "completion_tokens" in done, done
-    return Reply(job_id, "".join(pieces), done["completion_tokens"], total, ttft, cold)
+    return "".join(pieces), ttft, done
 
 
 class LeanClient:
@@ -210,15 +216,8 @@ class LeanClient:
     """
 
     def __init__(self, base_url: str) -> None:
-        self._host, _, port = base_url.removeprefix("http://").partition(":")
-        self._port = int(port)
-        self._conn = http.client.HTTPConnection(self._host, self._port, timeout=120)
-
-    def fresh(self) -> LeanClient:
-        """A new connection: uvicorn closes one idle for 5 s."""
-        self._conn.close()
-        self._conn = http.client.HTTPConnection(self._host, self._port, timeout=120)
-        return self
+        host, _, port = base_url.removeprefix("http://").partition(":")
+        self._conn = http.client.HTTPConnection(host, int(port), timeout=120)
 
     def _send(self, method: str, path: str, model: Deployed | None, body: Any = None) -> Any:
         headers = {"Authorization": f"Bearer {model.key}"} if model else {}
@@ -247,25 +246,13 @@ class LeanClient:
 
     def stream_infer(self, model: Deployed, body: dict[str, Any]) -> Reply:
         """Client-side time to the first `data:` token event, and to the end of the stream."""
-        pieces: list[str] = []
-        ttft = None
-        done: dict[str, Any] = {}
         t0 = time.perf_counter()
         resp = self._send("POST", "/v1/infer", model, {**body, "stream": True})
         assert resp.status == 200, resp.read()
-        while line := resp.readline():
-            if not line.startswith(b"data:"):
-                continue
-            event = json.loads(line[5:])
-            if "token" in event:
-                ttft = ttft if ttft is not None else (time.perf_counter() - t0) * 1000
-                pieces.append(event["token"])
-            elif event.get("done"):
-                done = event
+        text, ttft, done = _read_sse((line.decode() for line in iter(resp.readline, b"")), t0)
         total = (time.perf_counter() - t0) * 1000
         job_id, cold = resp.getheader("x-job-id") or "", resp.getheader("x-cold-start") == "true"
-        assert "completion_tokens" in done, done
-        return Reply(job_id, "".join(pieces), done["completion_tokens"], total, ttft, cold)
+        return Reply(job_id, text, done["completion_tokens"], total, ttft, cold)
 
 
 def api_floor(
