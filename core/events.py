@@ -37,9 +37,10 @@ def publish(client: redis.Redis, job_id: str, event: dict[str, Any]) -> None:  #
 
 
 def publish_many(client: redis.Redis, job_id: str, batch: list[dict[str, Any]]) -> None:  # type: ignore[type-arg]
-    """Append several events in one round trip, in order; MULTI/EXEC, so a reader blocked
-    in XREAD wakes once with all of them (a plain pipeline woke it after the first)."""
-    pipe = client.pipeline(transaction=True)
+    """Append several events in one round trip, in order; MULTI/EXEC when there are several,
+    so a reader blocked in XREAD wakes once with all of them (a plain pipeline woke it after
+    the first). A lone event (most of a stream's tokens) skips it: ~35 µs a token here."""
+    pipe = client.pipeline(transaction=len(batch) > 1)
     queue_events(pipe, job_id, batch)
     pipe.execute()
 
