@@ -12,6 +12,7 @@ import os
 import resource
 import socket
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,20 @@ def _secrets() -> dict[str, Any]:
     }
 
 
+def _name_a_thread() -> str:
+    """What the CUDA driver does at init: name a helper thread through /proc/self/task."""
+    parked = threading.Event()
+    thread = threading.Thread(target=parked.wait)
+    thread.start()
+    try:
+        comm = Path(f"/proc/self/task/{thread.native_id}/comm")
+        comm.write_text("probe-helper")
+        return comm.read_text().strip()
+    finally:
+        parked.set()
+        thread.join()
+
+
 def _write() -> dict[str, Any]:
     def write(path: Path) -> str:
         path.write_text("x")
@@ -59,6 +74,9 @@ def _write() -> dict[str, Any]:
         "outside": _attempt(lambda: write(Path(ARG))),
         "bundle": _attempt(lambda: write(Path(child_bundle) / "planted.json")),
         "dev_null": _attempt(lambda: write(Path("/dev/null"))),
+        "thread_name": _attempt(_name_a_thread),
+        "parent_comm": _attempt(lambda: write(Path(f"/proc/{os.getppid()}/comm"))),
+        "own_proc": _attempt(lambda: write(Path("/proc/self/oom_score_adj"))),
     }
 
 

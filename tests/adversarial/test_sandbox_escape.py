@@ -83,6 +83,10 @@ def test_runner_writes_only_inside_its_temp_dir(gguf_dir: Path, tmp_path: Path) 
     found = probe(gguf_dir, "write", str(outside))
     assert found["own_tmp"]["ok"] is True and found["dev_null"]["ok"] is True, found
     assert found["outside"]["errno"] == EACCES and found["bundle"]["errno"] == EACCES, found
+    # Its own threads' names stay writable (the CUDA driver fails to start without them);
+    # the rest of /proc, its own process files and its parent's, does not.
+    assert found["thread_name"] == {"ok": True, "value": "'probe-helper'"}, found
+    assert found["parent_comm"]["errno"] == EACCES and found["own_proc"]["errno"] == EACCES, found
     assert not outside.exists() and not (gguf_dir / "planted.json").exists()
 
 

@@ -133,6 +133,9 @@ class Confinement:
         dev = _WRITE_FILE | (_TRUNCATE if self.abi >= 3 else 0)
         self._rules = [(os.fsencode(self.writable), _PathBeneath(fs, -1))]
         self._rules.append((b"/dev", _PathBeneath(dev, -1)))  # /dev/null, GPU device nodes
+        # The runner's own threads only (opened in the child): the CUDA driver names its
+        # helper threads through /proc/self/task/<tid>/comm, and fails to start without it.
+        self._rules.append((b"/proc/self/task", _PathBeneath(dev, -1)))
         self._filter = _no_fork_filter() if self.seccomp else None
         if self._filter is not None:
             self._prog = _SockFprog(len(self._filter), self._filter)
