@@ -170,6 +170,11 @@ class LlamaEngine:
         room = check_context(len(ids), self.context_length)
         params = request.params
         self.llm.set_seed(resolve_seed(params.seed) & 0xFFFFFFFF)
+        if params.seed is not None and self.device == "cuda":
+            # Reusing a cached prefix evaluates only the prompt's tail, on other CUDA kernels
+            # than a whole prompt: logits move in the last bits and a seeded sample drifts.
+            # A seed promises the same output, so its prompt is evaluated whole.
+            self.llm.reset()
         tokens = self.llm.generate(
             ids,
             temp=max(params.temperature, 0.0),

@@ -114,3 +114,34 @@ def test_generate_cancel_after_first_piece_generates_no_more(engine: Engine) -> 
 
 def test_load_engine_reports_cpu_device(engine: Engine) -> None:
     assert engine.device == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("device", "seed", "whole"), [("cuda", 7, True), ("cuda", None, False), ("cpu", 7, False)]
+)
+def test_gguf_seeded_request_on_cuda_evaluates_the_whole_prompt(
+    gguf_model: Any, device: str, seed: int | None, whole: bool
+) -> None:
+    """On CUDA a reused prefix moves the logits (other kernels for the tail): seeded output
+    drifted between identical requests on an H100. A seed there evaluates the prompt whole;
+    without one, and on the CPU, the cached prefix is still reused."""
+    from workers.engines.base import SamplingParams
+    from workers.engines.loader import load_engine
+
+    engine: Any = load_engine(gguf_model.parent, "gguf")
+    try:
+        engine.device = device  # the CPU engine taking the CUDA path: the decision under test
+        batches: list[int] = []
+        real_eval = engine.llm.eval
+        engine.llm.eval = lambda tokens: (batches.append(len(tokens)), real_eval(tokens))[1]
+        params = SamplingParams(max_tokens=4, temperature=0.8, seed=seed)
+        request = GenerateRequest(PROMPT, raw=True, params=params)
+        first = "".join(engine.generate(request, lambda: False))
+        prompt_len = batches[0]
+        batches.clear()
+        again = "".join(engine.generate(request, lambda: False))
+        assert batches[0] == (prompt_len if whole else 1), batches
+        if seed is not None:
+            assert again == first
+    finally:
+        engine.close()
