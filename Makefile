@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint typecheck pytest bench clean
+.PHONY: run test lint typecheck pytest bench test-gpu clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: lint typecheck pytest
 
 bench: $(VENV)/.installed
 	$(BIN)/pytest -q -s -m bench tests/bench -p no:randomly
+
+# On a CUDA host only (a CUDA build of torch and llama-cpp-python); fails where there is none.
+test-gpu: $(VENV)/.installed
+	$(BIN)/pytest -q -m gpu tests/gpu -p no:randomly
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -379,3 +379,22 @@ def test_coalesced_generation_delivers_the_same_tokens(
     assert not done.error and done.completion_tokens == live_done.completion_tokens == 24
     assert [(t.index, t.text) for t in batched] == [(t.index, t.text) for t in live]
     assert runner.state is RunnerState.READY
+
+
+@pytest.mark.parametrize(
+    ("fmt", "fixture", "absent"),
+    [("gguf", "gguf_dir", "libtorch"), ("transformers", "transformers_bundle", "libllama")],
+)
+def test_runner_maps_only_its_own_engine_library(
+    make_runner: MakeRunner, request: pytest.FixtureRequest, fmt: str, fixture: str, absent: str
+) -> None:
+    """torch's CUDA libraries and a CUDA build of llama.cpp crash in one process (seen on an
+    H100: a segfault, or `free(): invalid pointer`): a runner loads one engine, never both."""
+    runner = make_runner(request.getfixturevalue(fixture), fmt)
+    runner.start()
+    maps = Path(f"/proc/{runner.pid}/maps").read_text()
+    assert absent not in maps
+    assert ("libllama" if fmt == "gguf" else "libtorch") in maps  # the check can see a library
+    done, _ = collect(runner, greedy("hi", 2))
+    assert not done.error
+    assert absent not in Path(f"/proc/{runner.pid}/maps").read_text()  # nor after generating
