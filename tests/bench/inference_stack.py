@@ -36,7 +36,7 @@ BENCH_REDIS = f"{SYSTEM_REDIS}/15"
 RUNNER_MARK = "workers.runner.child"
 # Short, so the cold-start benchmark can wait out a teardown (the reaper ticks every 5 s).
 IDLE_TTL_S = 2
-# Engine threads per runner (and for the in-process baseline); the product default unless set.
+# Engine threads per runner (and for the engine-alone baseline); the product default unless set.
 RUNNER_THREADS = os.environ.get("INFERATECH_BENCH_RUNNER_THREADS")
 
 

@@ -9,18 +9,21 @@ printed as PASS/FAIL, not asserted (a shared 2-core host is too noisy); correctn
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.bench.engine_alone import EngineRun
 from tests.bench.inference_stack import (
     BenchStack,
     Deployed,
@@ -35,7 +38,7 @@ from tests.bench.inference_stack import (
     verdict,
 )
 from tests.utils.factories import bundle_dir
-from workers.engines.base import Engine, GenerateRequest, SamplingParams
+from tests.utils.stack import ROOT
 
 PROMPT = "Tell me a story about the sea."
 WARM_TOKENS, WARM_REQUESTS, STREAM_REQUESTS, WARMUP, FLOOR_REQUESTS = 32, 100, 50, 10, 30
@@ -86,60 +89,24 @@ def infer_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BenchStack
         yield stack
 
 
-@contextmanager
-def engine_of(stack: BenchStack, name: str) -> Iterator[Engine]:
-    """The same file in this process, with the runner's device and thread count."""
-    from workers.engines.loader import load_engine
-
-    s = stack.settings
-    model = stack.models[name]
-    engine = load_engine(model.path, "gguf", device=s.runner_device, threads=s.runner_threads)
-    try:
-        yield engine
-    finally:
-        engine.close()  # type: ignore[attr-defined]
-
-
-@pytest.fixture(scope="module")
-def gguf_engine(infer_stack: BenchStack) -> Iterator[Engine]:
-    with engine_of(infer_stack, "gguf") as engine:
-        yield engine
-
-
-# --- the engine alone -------------------------------------------------------------------
-
-
-@dataclass
-class EngineRun:
-    text: str
-    tokens: int
-    total_ms: float
-    ttft_ms: float
-
-
-def run_engine(engine: Engine, max_tokens: int) -> EngineRun:
-    """One generation as the runner child drives it, minus the pipe."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, top_k=40, top_p=1.0, seed=7)
-    pieces: list[str] = []
-    t0 = time.perf_counter()
-    ttft = 0.0
-    stream = engine.generate(GenerateRequest(prompt=PROMPT, params=params), lambda: False)
-    while True:
-        try:
-            piece = next(stream)
-        except StopIteration as stop:
-            result = stop.value
-            break
-        ttft = ttft or (time.perf_counter() - t0) * 1000
-        pieces.append(piece)
-    total = (time.perf_counter() - t0) * 1000
-    return EngineRun("".join(pieces), result.completion_tokens, total, ttft)
-
-
-def engine_runs(engine: Engine, max_tokens: int, n: int) -> list[EngineRun]:
-    for _ in range(3):  # warm caches and llama.cpp's buffers first
-        run_engine(engine, max_tokens)
-    return [run_engine(engine, max_tokens) for _ in range(n)]
+def engine_alone(
+    stack: BenchStack, name: str, max_tokens: int, runs: int, min_seconds: float = 0.0
+) -> list[EngineRun]:
+    """The same file in a plain process (`engine_alone`), with the runner's device and threads."""
+    spec = {
+        "path": str(stack.models[name].path),
+        "fmt": "gguf",
+        "device": stack.settings.runner_device,
+        "threads": stack.settings.runner_threads,
+        "prompt": PROMPT,
+        "max_tokens": max_tokens,
+        "runs": runs,
+        "min_seconds": min_seconds,
+    }
+    argv = [sys.executable, "-m", "tests.bench.engine_alone", json.dumps(spec)]
+    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [EngineRun(**run) for run in json.loads(out.stdout.strip().splitlines()[-1])]
 
 
 def _line(cells: list[str], widths: list[int]) -> str:
@@ -160,10 +127,10 @@ def show(title: str, header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> No
 
 
 @pytest.mark.bench
-def test_bench_warm_overhead(infer_stack: BenchStack, gguf_engine: Engine) -> None:
+def test_bench_warm_overhead(infer_stack: BenchStack) -> None:
     model = infer_stack.models["gguf"]
     body = infer_body(model, PROMPT, WARM_TOKENS)
-    base = engine_runs(gguf_engine, WARM_TOKENS, WARM_REQUESTS)
+    base = engine_alone(infer_stack, "gguf", WARM_TOKENS, WARM_REQUESTS)
     lean = LeanClient(infer_stack.api.url)
     for _ in range(WARMUP):
         lean.post_infer(model, body)
@@ -208,9 +175,9 @@ def _show_breakdown(
     rest = [c - q - r for c, q, r in zip(total, queue, run)]
     rows = [
         part("client end-to-end", total),
-        part("engine in-process (baseline)", [b.total_ms for b in base]),
+        part("engine alone, plain process (baseline)", [b.total_ms for b in base]),
         part("engine_ms in the runner", runner_engine),
-        part("  runner engine - in-process", [e - engine_p50 for e in runner_engine]),
+        part("  runner engine - engine alone", [e - engine_p50 for e in runner_engine]),
         part("queue_ms (job row -> worker)", queue),
         part("run_ms - engine_ms (pool+pipe+XADD)", [r - e for r, e in zip(run, runner_engine)]),
         part("rest (API, mark_running, finish txn, XREAD)", rest),
@@ -219,7 +186,7 @@ def _show_breakdown(
         part("  POST /v1/jobs (auth+INSERT+publish)", floor["create"]),
         part("  Redis PING round trip (one hop)", floor["redis"]),
         part("client TTFT (stream)", client_ttft),
-        part("engine TTFT in-process", [b.ttft_ms for b in base]),
+        part("engine TTFT alone", [b.ttft_ms for b in base]),
     ]
     show("Where the warm time goes (ms)", ("part", "p50", "p99", "mean"), rows)
 
@@ -346,10 +313,7 @@ def test_bench_throughput(infer_stack: BenchStack, name: str) -> None:
     # A quiet host first: runners left by an earlier level (their teardown takes CPU while
     # this one's baseline and c=1 run) made the c=1 cost swing from 9 % to 23 %.
     infer_stack.wait_no_runners()
-    with engine_of(infer_stack, name) as engine:
-        t0, runs = time.perf_counter(), engine_runs(engine, TPUT_TOKENS, 1)
-        while time.perf_counter() - t0 < LEVEL_S / 2:
-            runs.append(run_engine(engine, TPUT_TOKENS))
+    runs = engine_alone(infer_stack, name, TPUT_TOKENS, 1, LEVEL_S / 2)
     engine_tps = sum(r.tokens for r in runs) / (sum(r.total_ms for r in runs) / 1000)
     post_infer(infer_stack.http, model, body)  # warm
     levels = [_level(infer_stack, name, body, runs[0].text, c) for c in TPUT_LEVELS]
@@ -363,7 +327,9 @@ def test_bench_throughput(infer_stack: BenchStack, name: str) -> None:
     title = f"Throughput: {name}, {TPUT_TOKENS} tokens/request, ~{LEVEL_S:.0f} s per level"
     show(title, header, rows)
     per_request = levels[0].seconds / levels[0].requests * 1000 - 1000 * TPUT_TOKENS / engine_tps
-    print("Baseline: the same engine in this process, calls one after another (one runner serves")
+    print(
+        "Baseline: the same engine in a plain process, calls one after another (one runner serves"
+    )
     print("one request at a time); runners = most runner processes seen during the level.")
     print(f"Fixed cost per request at c=1: {per_request:.1f} ms; for a generation the engine takes")
     print(f"1 s over, that is a {per_request / (1000 + per_request) * 100:.1f} % throughput cost.")

@@ -1,0 +1,72 @@
+"""The engine alone, in a plain process: the baseline every inference benchmark compares with.
+
+`python -m tests.bench.engine_alone SPEC` loads one model as the runner child does (same
+loader, device and threads), generates greedily as the runner drives it, minus the pipe, and
+prints one JSON line: a list of runs. Its own process, not the benchmark's: a benchmark that
+has imported torch cannot also load a CUDA build of llama.cpp (the two crash together).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+WARMUP = 3  # warm caches and llama.cpp's buffers first
+
+
+@dataclass
+class EngineRun:
+    text: str
+    tokens: int
+    total_ms: float
+    ttft_ms: float
+
+
+def run_engine(engine: Any, prompt: str, max_tokens: int) -> EngineRun:
+    """One generation as the runner child drives it, minus the pipe."""
+    from workers.engines.base import GenerateRequest, SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, top_k=40, top_p=1.0, seed=7)
+    pieces: list[str] = []
+    t0 = time.perf_counter()
+    ttft = 0.0
+    stream = engine.generate(GenerateRequest(prompt=prompt, params=params), lambda: False)
+    while True:
+        try:
+            piece = next(stream)
+        except StopIteration as stop:
+            result = stop.value
+            break
+        ttft = ttft or (time.perf_counter() - t0) * 1000
+        pieces.append(piece)
+    total = (time.perf_counter() - t0) * 1000
+    return EngineRun("".join(pieces), result.completion_tokens, total, ttft)
+
+
+def main(spec: dict[str, Any]) -> list[EngineRun]:
+    """`runs` generations, then more until `min_seconds` have passed."""
+    from workers.engines.loader import load_engine
+
+    engine: Any = load_engine(
+        Path(spec["path"]), spec["fmt"], device=spec["device"], threads=spec["threads"]
+    )
+    try:
+        for _ in range(WARMUP):
+            run_engine(engine, spec["prompt"], spec["max_tokens"])
+        t0 = time.perf_counter()
+        runs = [run_engine(engine, spec["prompt"], spec["max_tokens"]) for _ in range(spec["runs"])]
+        while time.perf_counter() - t0 < spec["min_seconds"]:
+            runs.append(run_engine(engine, spec["prompt"], spec["max_tokens"]))
+        return runs
+    finally:
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()
+
+
+if __name__ == "__main__":
+    print(json.dumps([asdict(r) for r in main(json.loads(sys.argv[1]))]), flush=True)
