@@ -24,6 +24,11 @@ from workers.runner.sandbox import SandboxConfig
 log = logging.getLogger("inferatech.pool")
 
 
+# A spare has imported llama.cpp while it waited, so it only ever serves GGUF: torch's CUDA
+# libraries and a CUDA build of llama.cpp crash in one process (seen on an H100 host).
+SPARE_FORMATS = frozenset({"gguf"})
+
+
 class PoolExhausted(Exception):
     """No runner could be freed for this request within the acquire timeout."""
 
@@ -210,7 +215,7 @@ class RunnerPool:
 
     def _start_into(self, slot: _Slot, bundle_dir: Path, fmt: str) -> None:
         """Cold start outside the lock; a failed start gives its reserved place back."""
-        runner = self._take_spare()
+        runner = self._take_spare() if fmt in SPARE_FORMATS else None
         if runner is not None:
             runner.assign(bundle_dir, fmt)
         else:

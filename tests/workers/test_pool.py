@@ -206,6 +206,20 @@ def test_cold_start_loads_into_a_spare_and_a_new_spare_follows(
     assert not runner_processes()
 
 
+def test_a_spare_serves_only_gguf_so_torch_never_meets_llama_cpp(
+    make_pool: MakePool, transformers_bundle: Path
+) -> None:
+    """A spare has imported llama.cpp; a transformers model gets a runner of its own."""
+    pool = make_pool(spares=1)
+    assert pool.refill_spares() == 1
+    (spare_pid,) = [p.pid for p in runner_processes()]
+    with pool.acquire(A, transformers_bundle, "transformers") as (runner, cold, _):
+        assert cold and runner.pid != spare_pid
+        maps = Path(f"/proc/{runner.pid}/maps").read_text()
+        assert "libtorch" in maps and "libllama" not in maps
+    assert pool.spare_count() == 1 and spare_pid in [p.pid for p in runner_processes()]
+
+
 def test_a_dead_spare_is_skipped(make_pool: MakePool, gguf_dir: Path) -> None:
     pool = make_pool(spares=1)
     pool.refill_spares()
