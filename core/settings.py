@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     # Engine threads per runner: the cores shared out among the runners a worker may hold.
     runner_threads: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 1) // 4))
     runner_device: str = "auto"
+    # CUDA hosts: the share of the GPUs' memory that runners may fill before the least
+    # recently used idle one is torn down for a cold start (0: no GPU budget).
+    runner_gpu_memory_fraction: float = Field(default=0.9, ge=0.0, le=1.0)
     # Blank runners kept spawned per worker (no model, no user data): cold starts skip
     # Python's start-up and engine imports. 0 spawns every runner on demand.
     runner_spares: int = Field(default=1, ge=0, le=8)

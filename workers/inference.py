@@ -66,6 +66,7 @@ class Executor:
             device=settings.runner_device,
             threads=settings.runner_threads,
             spares=settings.runner_spares,
+            gpu_memory_fraction=settings.runner_gpu_memory_fraction,
         )
         self.pool.start_reaper()
 

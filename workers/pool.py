@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from workers.gpu import read_gpu_memory
 from workers.runner.process import Runner, RunnerSetupFailed, RunnerState
 from workers.runner.sandbox import SandboxConfig
 
@@ -27,6 +28,7 @@ log = logging.getLogger("inferatech.pool")
 # A spare has imported llama.cpp while it waited, so it only ever serves GGUF: torch's CUDA
 # libraries and a CUDA build of llama.cpp crash in one process (seen on an H100 host).
 SPARE_FORMATS = frozenset({"gguf"})
+GPU_RECHECK_S = 0.25
 
 
 class PoolExhausted(Exception):
@@ -49,6 +51,11 @@ class PoolConfig:
     # Blank runner processes kept spawned (sandboxed, engines imported, no model): a cold
     # start then only loads the weights. They hold no model and no user data.
     spares: int = 0
+    # On CUDA hosts, the share of the visible GPUs' memory runners may fill (0: no GPU budget).
+    # A cold start needs its weights' size plus `gpu_overhead_bytes` (CUDA context, buffers)
+    # free under that share, counting whatever else uses the GPUs; else LRU idle runners go.
+    gpu_memory_fraction: float = 0.0
+    gpu_overhead_bytes: int = 512 << 20
 
 
 class Lease(NamedTuple):
@@ -74,6 +81,7 @@ class _Slot:
     key: str
     runner: Runner | None  # None while its runner is starting
     busy: bool
+    estimate: int = 0  # bytes its model needs, reserved while it starts
 
     def idle_ready(self) -> bool:
         return not self.busy and self.runner is not None and self.runner.state is RunnerState.READY
@@ -130,7 +138,7 @@ class RunnerPool:
                     self._counts["hits"] += 1
                     return slot, False, 0.0
                 if self._has_room(estimate):
-                    slot = _Slot(key, None, busy=True)
+                    slot = _Slot(key, None, busy=True, estimate=estimate)
                     self._slots.append(slot)
                     break
                 # Waiting for a busy runner of this model beats evicting another model's idle
@@ -140,8 +148,13 @@ class RunnerPool:
                     self._cond.wait(min(patience, deadline) - time.monotonic())
                     continue
                 victim = self._evict_lru()
-                if victim is None and not self._cond.wait(deadline - time.monotonic()):
-                    raise PoolExhausted(f"no runner freed within the timeout for {key[:12]}")
+                if victim is None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise PoolExhausted(f"no runner freed within the timeout for {key[:12]}")
+                    # GPU memory that others free comes with no notify: look again soon.
+                    gpu = self._gpu_budgeted()
+                    self._cond.wait(min(remaining, GPU_RECHECK_S) if gpu else remaining)
             if victim is not None:
                 _stop(victim)
         started = time.perf_counter()
@@ -257,10 +270,28 @@ class RunnerPool:
         if len(self._slots) >= self.config.max_runners:
             return False
         budget = self.config.memory_budget_bytes
-        return budget is None or self._rss() + estimate <= budget
+        if budget is not None and self._rss() + estimate > budget:
+            return False
+        return self._gpu_room(estimate)
 
     def _rss(self) -> int:
         return sum(s.runner.rss_bytes() for s in self._slots if s.runner is not None)
+
+    def _gpu_budgeted(self) -> bool:
+        return self.config.gpu_memory_fraction > 0 and self.config.device != "cpu"
+
+    def _gpu_room(self, estimate: int) -> bool:
+        """Room on the GPUs for one more runner (always, where there is no GPU to budget)."""
+        if not self._gpu_budgeted():
+            return True
+        memory = read_gpu_memory()
+        if memory is None:
+            return True
+        overhead = self.config.gpu_overhead_bytes
+        # Runners still loading have not allocated yet: hold their share for them.
+        starting = sum(s.estimate + overhead for s in self._slots if s.runner is None)
+        need = memory.used_bytes + starting + estimate + overhead
+        return need <= self.config.gpu_memory_fraction * memory.total_bytes
 
     def _evict_lru(self) -> _Slot | None:
         idle = [s for s in self._slots if s.idle_ready()]

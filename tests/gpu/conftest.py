@@ -1,5 +1,5 @@
-"""GPU tests reuse the worker tests' model folders."""
+"""GPU tests reuse the worker tests' model folders and pool factory."""
 
-from tests.workers.conftest import gguf_dir
+from tests.workers.conftest import gguf_dir, make_pool
 
-__all__ = ["gguf_dir"]
+__all__ = ["gguf_dir", "make_pool"]

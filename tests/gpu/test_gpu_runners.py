@@ -15,6 +15,8 @@ import pytest
 
 from tests.workers.conftest import runner_processes
 from workers.engines.base import GenerateRequest, SamplingParams
+from workers.gpu import read_gpu_memory
+from workers.pool import RunnerPool
 from workers.runner.process import Runner, RunnerSetupFailed
 
 pytestmark = pytest.mark.gpu
@@ -147,3 +149,22 @@ def test_gguf_full_offload_runs_every_layer_on_the_gpu(
     assert runner.start().device == "cuda"
     assert _text(runner, seeded(3)) == _text(runner, seeded(3))
     assert _text(runner, greedy(12)) == _text(runner, greedy(12))
+
+
+def test_pool_gpu_budget_evicts_an_idle_runner_before_the_gpu_is_full(
+    make_pool: Callable[..., RunnerPool], transformers_bundle: Path, pytorch_served_bundle: Path
+) -> None:
+    a, b = "a" * 64, "b" * 64
+    pool = make_pool(gpu_memory_fraction=0.0, gpu_overhead_bytes=512 << 20)
+    with pool.acquire(a, transformers_bundle, "transformers") as lease:
+        assert lease.runner.ready is not None and lease.runner.ready.device == "cuda"
+    memory = read_gpu_memory()  # nvidia-smi, as the pool reads it
+    assert memory is not None
+    # From now on the GPU may hold only 256 MiB more than it does with A loaded: B (its
+    # weights and 512 MiB) does not fit beside A, and A's context frees more than that.
+    pool.config.gpu_memory_fraction = (memory.used_bytes + (256 << 20)) / memory.total_bytes
+    with pool.acquire(b, pytorch_served_bundle, "pytorch") as lease:
+        assert lease.cold and lease.runner.ready is not None and lease.runner.ready.device == "cuda"
+        assert _text(lease.runner, greedy(4))
+    stats = pool.stats()
+    assert stats.evictions == 1 and stats.warm_models == [b]

@@ -7,6 +7,7 @@ for good (the pool drops it, it is never handed out or reported idle again).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import os
@@ -89,6 +90,8 @@ class Runner:
         self.fmt = fmt
         self.device = device
         self._sandbox_config = sandbox or SandboxConfig()
+        if device == "cpu" and not self._sandbox_config.hide_gpus:
+            self._sandbox_config = dataclasses.replace(self._sandbox_config, hide_gpus=True)
         self._argv = list(argv) if argv else runner_argv()
         self.state = RunnerState.NEW
         self.ready: Ready | None = None

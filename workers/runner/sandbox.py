@@ -51,6 +51,9 @@ class SandboxConfig:
     isolate_network: bool = True
     tmp_root: Path | None = None
     confine: bool = True  # Landlock and seccomp where the kernel has them (see confine.py)
+    # A CPU runner sees no GPU: a CUDA build of llama.cpp would otherwise make a context
+    # (~0.5 GiB of GPU memory, measured on an H100) for a model it never offloads.
+    hide_gpus: bool = False
 
 
 class SandboxRefused(OSError):
@@ -177,6 +180,8 @@ class Sandbox:
             HF_HUB_OFFLINE="1",
             TRANSFORMERS_OFFLINE="1",
         )
+        if self.config.hide_gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ""
         # Belt and braces: nothing that looks like a credential, whatever the allowlist says.
         return {k: v for k, v in env.items() if not is_secret_name(k)}
 

@@ -1,0 +1,171 @@
+"""The pool's GPU memory budget, read through nvidia-smi.
+
+CI has no GPU, so `nvidia-smi` here is a script on PATH: the one part that cannot run here.
+It answers like the real one, with every live runner process holding 300 MiB of a 1,000 MiB
+GPU, so evictions free memory as they would. Real runners, real models; `tests/gpu` checks
+the same on a CUDA host.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.workers.conftest import runner_processes
+from workers.gpu import MIB, GpuMemory, parse_memory, read_gpu_memory
+from workers.pool import PoolExhausted, RunnerPool
+from workers.runner.process import Runner
+
+MakePool = Callable[..., RunnerPool]
+A, B, C, D = "a" * 64, "b" * 64, "c" * 64, "d" * 64
+
+FAKE_SMI = """#!/bin/sh
+echo "$@" >> "{log}"
+[ -f "{fail}" ] && exit 1
+runners=0
+for d in /proc/[0-9]*; do  # this test's own runner children only
+  [ "$(cut -d' ' -f4 "$d/stat" 2>/dev/null)" = "{pid}" ] || continue
+  grep -q workers.runner.child "$d/cmdline" 2>/dev/null && runners=$((runners + 1))
+done
+echo "1000, $((runners * 300))"
+"""
+
+
+@pytest.fixture
+def fake_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A one-GPU nvidia-smi on PATH; returns the log of the arguments it was called with."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "smi.log"
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text(FAKE_SMI.format(log=log, fail=tmp_path / "fail", pid=os.getpid()))
+    smi.chmod(smi.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    log.touch()
+    return log
+
+
+def gpu_pool(make_pool: MakePool, **kw: object) -> RunnerPool:
+    # Budget 900 MiB; a cold start needs its weights plus 400 MiB: two runners fit, not three.
+    return make_pool(gpu_memory_fraction=0.9, gpu_overhead_bytes=400 * MIB, **kw)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("81559, 1024\n", GpuMemory(81559 * MIB, 1024 * MIB)),
+        ("81559, 1024\n81559, 0\n\n", GpuMemory(2 * 81559 * MIB, 1024 * MIB)),
+        ("", None),
+        ("[N/A], [N/A]\n", None),
+        ("81559\n", None),
+        ("81559, 1, 2\n", None),
+        ("81559, -5\n", None),
+        ("100, 200\n", None),  # more used than there is
+        ("0, 0\n", None),
+        ("81559, 1024\ngarbage\n", None),  # one bad GPU line: no budget rather than a wrong one
+        (
+            "\uff11\uff12, 3\n",
+            None,
+        ),  # fullwidth digits: int() takes them, nvidia-smi never prints them
+    ],
+)
+def test_parse_memory(text: str, expected: GpuMemory | None) -> None:
+    assert parse_memory(text) == expected
+
+
+def test_read_gpu_memory_asks_only_for_the_visible_gpus(
+    fake_gpu: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert read_gpu_memory() == GpuMemory(1000 * MIB, 0)
+    assert "-i" not in fake_gpu.read_text()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3")
+    assert read_gpu_memory() is not None
+    assert fake_gpu.read_text().splitlines()[-1].endswith("-i 1,3")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU visible: nothing to ask
+    calls = len(fake_gpu.read_text().splitlines())
+    assert read_gpu_memory() is None
+    assert len(fake_gpu.read_text().splitlines()) == calls
+
+
+def test_read_gpu_memory_without_a_working_nvidia_smi_is_none(
+    fake_gpu: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (fake_gpu.parent / "fail").touch()
+    assert read_gpu_memory() is None  # exits 1
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert read_gpu_memory() is None  # not installed
+
+
+def test_cold_start_evicts_the_lru_idle_runner_when_the_gpu_is_full(
+    make_pool: MakePool, fake_gpu: Path, gguf_dir: Path
+) -> None:
+    pool = gpu_pool(make_pool)
+    for key in (A, B):  # 0 → 300 → 600 MiB used: each fits
+        with pool.acquire(key, gguf_dir, "gguf") as (_, cold, _):
+            assert cold
+    assert pool.stats().runners == 2 and pool.stats().evictions == 0
+    pids = {p.pid for p in runner_processes()}
+    with pool.acquire(C, gguf_dir, "gguf") as (runner, cold, _):  # 600 + 400 > 900: A goes
+        assert cold and runner.pid not in pids
+    stats = pool.stats()
+    assert stats.evictions == 1 and stats.runners == 2
+    assert sorted(stats.warm_models) == sorted([B, C])
+    assert len(runner_processes()) == 2  # A's process is gone, not only forgotten
+    assert fake_gpu.read_text().count("--query-gpu") >= 2  # it was asked at each cold start
+
+
+def test_busy_runners_are_never_evicted_for_gpu_memory(
+    make_pool: MakePool, fake_gpu: Path, gguf_dir: Path
+) -> None:
+    pool = gpu_pool(make_pool)
+    with pool.acquire(A, gguf_dir, "gguf"), pool.acquire(B, gguf_dir, "gguf"):
+        began = time.monotonic()
+        with pytest.raises(PoolExhausted), pool.acquire(C, gguf_dir, "gguf", timeout=1.0):
+            pass
+        assert time.monotonic() - began >= 0.9
+        assert pool.stats().evictions == 0 and pool.stats().runners == 2
+        got: list[bool] = []
+
+        def wait_for_c() -> None:
+            with pool.acquire(C, gguf_dir, "gguf", timeout=30) as lease:
+                got.append(lease.cold)
+
+        waiter = threading.Thread(target=wait_for_c)
+        waiter.start()
+        time.sleep(0.5)  # C waits: both runners are still busy
+        assert not got
+    waiter.join(30)  # both released: C evicts the least recently used one and starts
+    assert got == [True] and pool.stats().evictions == 1
+
+
+def test_cpu_pool_ignores_the_gpu_and_its_runners_see_none(
+    make_pool: MakePool, fake_gpu: Path, gguf_dir: Path
+) -> None:
+    pool = gpu_pool(make_pool, device="cpu")
+    for key in (A, B, C):
+        with pool.acquire(key, gguf_dir, "gguf") as (runner, cold, _):
+            assert cold
+            environ = Path(f"/proc/{runner.pid}/environ").read_bytes().split(b"\0")
+            assert b"CUDA_VISIBLE_DEVICES=" in environ  # set, and empty
+    assert pool.stats().runners == 3 and pool.stats().evictions == 0
+    assert fake_gpu.read_text() == ""  # a CPU pool never asks
+
+
+def test_auto_runner_keeps_the_workers_gpu_choice(
+    gguf_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
+    runner = Runner(gguf_dir, "gguf")
+    try:
+        runner.start()
+        environ = Path(f"/proc/{runner.pid}/environ").read_bytes().split(b"\0")
+        assert b"CUDA_VISIBLE_DEVICES=2" in environ
+    finally:
+        runner.stop()
