@@ -152,6 +152,11 @@ def budget_key(key_id: str, month: str) -> str:
     return f"rl:{{{key_id}}}:budget:{month}"
 
 
+def read_key(reader_id: str) -> str:
+    """Job and batch reads of one key or account (`ADMIT_LUA` with only its rpm bucket)."""
+    return f"rl:{{{reader_id}}}:reads"
+
+
 @functools.lru_cache(maxsize=8)
 def admit_script(client: redis.Redis) -> Script:  # type: ignore[type-arg]
     """EVALSHA through redis-py's `Script`: one round trip; it reloads after a NOSCRIPT."""

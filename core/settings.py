@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     rate_limit_rpm: int = Field(default=1200, ge=0)
     rate_limit_tpm: int = Field(default=2_000_000, ge=0)
     rate_limit_concurrency: int = Field(default=64, ge=0)
+    # Job and batch reads (GET, stream, cancel) per key or account token, per minute: a
+    # polling loop gets 429 before it loads the database (0: off).
+    rate_limit_read_rpm: int = Field(default=3000, ge=0)
 
     # Billing (Stripe). No API key: the ledger still records, the pusher idles.
     stripe_api_key: SecretStr | None = None

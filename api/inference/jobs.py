@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 
+import redis
 from sqlalchemy import update
 from sqlmodel import Session, select
 
@@ -11,10 +14,12 @@ from api.inference.auth import authenticate_key, key_token
 from api.inference.protocol import InferResponse, JobError, JobPublic, JobTimings
 from core import events, keys, limits, sessions
 from core.db import get_engine, update_rows
-from core.errors import AuthenticationFailed, JobNotFound
+from core.errors import AuthenticationFailed, JobNotFound, RateLimitExceeded
 from core.redis import get_redis
 from core.settings import Settings
 from core.tables import Account, Job, JobStatus, utcnow
+
+log = logging.getLogger("inferatech.jobs")
 
 
 def _account_id(session: Session, settings: Settings, token: str) -> str:
@@ -44,11 +49,37 @@ class Reader:
 
 
 def reader_of(session: Session, settings: Settings, authorization: str | None) -> Reader:
-    """Authenticate an `ik_…` key or an `iat_…` account token."""
+    """Authenticate an `ik_…` key or an `iat_…` account token, within its read limit."""
     token = key_token(authorization, None)
     if token.startswith(f"{keys.API_KEY_PREFIX}_"):
-        return Reader(authenticate_key(session, settings, token).id, None)
-    return Reader(None, _account_id(session, settings, token))
+        reader = Reader(authenticate_key(session, settings, token).id, None)
+    else:
+        reader = Reader(None, _account_id(session, settings, token))
+    _limit_reads(settings, reader.key_id or reader.account_id or "")
+    return reader
+
+
+def _limit_reads(settings: Settings, reader_id: str) -> None:
+    """One token from the reader's bucket, or 429. Fails open: with Redis unreachable, reads
+    (which need only the database) still answer; the limit shields, it decides nothing."""
+    rpm = settings.rate_limit_read_rpm
+    if not rpm:
+        return
+    bucket = limits.read_key(reader_id)
+    try:
+        reply = limits.admit_script(get_redis(settings))(
+            keys=[bucket] * 4, args=[rpm, 0, 0, 0, "", 0]
+        )
+    except redis.RedisError as exc:
+        log.warning("read limit not checked, Redis unreachable: %s", type(exc).__name__)
+        return
+    if reply[0] != b"ok":
+        retry = max(1, math.ceil(int(reply[4]) / 1000))
+        raise RateLimitExceeded(
+            f"rate limit reached: {rpm} job and batch reads per minute; retry in {retry} s",
+            details={"limit": "reads_per_minute", "retry_after_s": retry},
+            headers={"Retry-After": str(retry)},
+        )
 
 
 def readable_job(

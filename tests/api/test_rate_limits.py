@@ -466,3 +466,67 @@ def test_budget_months_follow_utc() -> None:
     assert limits.month_of(dec) == "2026-12"
     assert limits.next_month_start(dec) == datetime(2027, 1, 1, tzinfo=UTC)
     assert limits.month_start(dec) == datetime(2026, 12, 1, tzinfo=UTC)
+
+
+# --- reads: a bucket of their own --------------------------------------------------------
+
+
+@contextmanager
+def app_with(settings: Settings) -> Iterator[TestClient]:
+    from api.main import create_app
+    from core.settings import get_settings
+
+    app = create_app(settings)
+    app.dependency_overrides[get_settings] = lambda: settings
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+def test_job_reads_have_a_per_minute_limit_per_key_and_per_account(
+    stack: StackInfo, gguf_ready: dict[str, Any]
+) -> None:
+    settings = stack.settings.model_copy(update={"rate_limit_read_rpm": 3})
+    with app_with(settings) as c:
+        key = mint(c, gguf_ready)["key"]
+        created = c.post("/v1/jobs", json={"model_id": gguf_ready["id"], **BODY}, headers=auth(key))
+        assert created.status_code == 202, created.text
+        job = f"/v1/jobs/{created.json()['id']}"
+        for _ in range(50):  # a bad credential is refused before it can use anyone's bucket
+            assert c.get(job, headers=auth("ik_not-a-key")).status_code == 403
+        assert [c.get(job, headers=auth(key)).status_code for _ in range(3)] == [200] * 3
+        over = c.get(job, headers=auth(key))
+        assert over.status_code == 429
+        error = error_of(over)
+        assert error["code"] == "RATE_LIMIT_EXCEEDED"
+        assert error["details"]["limit"] == "reads_per_minute"
+        assert int(over.headers["retry-after"]) == error["details"]["retry_after_s"] >= 1
+        # The stream and cancel draw from the same bucket.
+        assert c.get(f"{job}/stream", headers=auth(key)).status_code == 429
+        assert c.post(f"{job}/cancel", headers=auth(key)).status_code == 429
+        # Other readers have buckets of their own; running jobs is limited apart from reading.
+        assert c.get(job, headers=auth(gguf_ready["token"])).status_code == 200  # owner account
+        assert (
+            c.get(job, headers=auth(mint(c, gguf_ready)["key"])).status_code == 404
+        )  # not its job
+        again = c.post("/v1/jobs", json={"model_id": gguf_ready["id"], **BODY}, headers=auth(key))
+        assert again.status_code == 202
+        c.post(f"/v1/jobs/{again.json()['id']}/cancel", headers=auth(gguf_ready["token"]))
+
+
+def test_job_reads_fail_open_without_redis_and_the_limit_can_be_off(
+    client: TestClient, stack: StackInfo, gguf_ready: dict[str, Any]
+) -> None:
+    key = mint(client, gguf_ready)["key"]
+    created = client.post(
+        "/v1/jobs", json={"model_id": gguf_ready["id"], **BODY}, headers=auth(key)
+    )
+    job = f"/v1/jobs/{created.json()['id']}"
+    # The limit shields the database; with Redis unreachable a read still answers from it.
+    down = stack.settings.model_copy(
+        update={"redis_url": "redis://127.0.0.1:1/0", "rate_limit_read_rpm": 1}
+    )
+    with app_with(down) as c:
+        assert [c.get(job, headers=auth(key)).status_code for _ in range(3)] == [200] * 3
+    off = stack.settings.model_copy(update={"rate_limit_read_rpm": 0})
+    with app_with(off) as c:
+        assert {c.get(job, headers=auth(key)).status_code for _ in range(20)} == {200}
