@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.workers.conftest import runner_processes
 from workers.engines.base import GenerateRequest, SamplingParams
 from workers.gpu import read_gpu_memory
 from workers.pool import RunnerPool
@@ -31,21 +30,6 @@ def cuda() -> None:
 
     assert torch.cuda.is_available(), "these tests need a CUDA device that torch can see"
     torch.cuda.init()  # this process's own context, so later readings exclude it
-
-
-@pytest.fixture
-def make_runner() -> Iterator[MakeRunner]:
-    made: list[Runner] = []
-
-    def factory(bundle: Path, fmt: str, device: str = "auto") -> Runner:
-        runner = Runner(bundle, fmt, device=device)
-        made.append(runner)
-        return runner
-
-    yield factory
-    for r in made:
-        r.stop()
-    assert not runner_processes()
 
 
 def _free_mib() -> float:

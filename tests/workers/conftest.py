@@ -89,8 +89,10 @@ def make_runner() -> Iterator[Callable[..., Runner]]:
     """Builds runners and guarantees none outlives the test."""
     made: list[Runner] = []
 
-    def factory(bundle: Path, fmt: str = "gguf", *, mode: str | None = None) -> Runner:
-        runner = Runner(bundle, fmt, argv=fault_argv(mode) if mode else None)
+    def factory(
+        bundle: Path, fmt: str = "gguf", *, mode: str | None = None, device: str = "auto"
+    ) -> Runner:
+        runner = Runner(bundle, fmt, device=device, argv=fault_argv(mode) if mode else None)
         made.append(runner)
         return runner
 
