@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from workers.gpu import read_gpu_memory
+from workers.gpu import GpuMemory, read_gpu_memory
 from workers.runner.process import Runner, RunnerSetupFailed, RunnerState
 from workers.runner.sandbox import SandboxConfig
 
@@ -127,6 +127,9 @@ class RunnerPool:
         estimate = self._sizes.get(key)
         if estimate is None:
             estimate = self._sizes[key] = _bundle_bytes(bundle_dir)
+        budgeted = self._gpu_budgeted()
+        gpu: GpuMemory | None = None
+        fresh = False  # `gpu` was read for the next decision (outside the lock: nvidia-smi)
         while True:
             victim: _Slot | None = None
             with self._cond:
@@ -137,26 +140,31 @@ class RunnerPool:
                     slot.busy = True
                     self._counts["hits"] += 1
                     return slot, False, 0.0
-                if self._has_room(estimate):
-                    slot = _Slot(key, None, busy=True, estimate=estimate)
-                    self._slots.append(slot)
-                    break
-                # Waiting for a busy runner of this model beats evicting another model's idle
-                # one while the wait is shorter than this model's cold start: no thrashing.
-                patience = began + self._cold_s.get(key, 0.0)
-                if self._live(key) and time.monotonic() < min(patience, deadline):
-                    self._cond.wait(min(patience, deadline) - time.monotonic())
-                    continue
-                victim = self._evict_lru()
-                if victim is None:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise PoolExhausted(f"no runner freed within the timeout for {key[:12]}")
-                    # GPU memory that others free comes with no notify: look again soon.
-                    gpu = self._gpu_budgeted()
-                    self._cond.wait(min(remaining, GPU_RECHECK_S) if gpu else remaining)
+                if fresh or not budgeted:
+                    fresh = False
+                    if self._has_room(estimate, gpu):
+                        slot = _Slot(key, None, busy=True, estimate=estimate)
+                        self._slots.append(slot)
+                        break
+                    # Waiting for a busy runner of this model beats evicting another model's
+                    # idle one while the wait is shorter than its cold start: no thrashing.
+                    patience = began + self._cold_s.get(key, 0.0)
+                    if self._live(key) and time.monotonic() < min(patience, deadline):
+                        self._cond.wait(min(patience, deadline) - time.monotonic())
+                        continue
+                    victim = self._evict_lru()
+                    if victim is None:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            raise PoolExhausted(
+                                f"no runner freed within the timeout for {key[:12]}"
+                            )
+                        # GPU memory that others free comes with no notify: look again soon.
+                        self._cond.wait(min(remaining, GPU_RECHECK_S) if budgeted else remaining)
             if victim is not None:
                 _stop(victim)
+            elif budgeted and not fresh:
+                gpu, fresh = read_gpu_memory(), True
         started = time.perf_counter()
         self._start_into(slot, bundle_dir, fmt)
         cold_s = time.perf_counter() - started
@@ -264,7 +272,8 @@ class RunnerPool:
         # Most recently used first: keeps the others cold enough for the reaper to take.
         return max(idle, key=_last_used, default=None)
 
-    def _has_room(self, estimate: int) -> bool:
+    def _has_room(self, estimate: int, gpu: GpuMemory | None) -> bool:
+        """Room for one more runner; `gpu`: the GPUs as last read (None: none to budget)."""
         if not self._slots:
             return True  # one runner must always be possible, whatever the estimate
         if len(self._slots) >= self.config.max_runners:
@@ -272,7 +281,7 @@ class RunnerPool:
         budget = self.config.memory_budget_bytes
         if budget is not None and self._rss() + estimate > budget:
             return False
-        return self._gpu_room(estimate)
+        return gpu is None or self._gpu_room(estimate, gpu)
 
     def _rss(self) -> int:
         return sum(s.runner.rss_bytes() for s in self._slots if s.runner is not None)
@@ -280,13 +289,7 @@ class RunnerPool:
     def _gpu_budgeted(self) -> bool:
         return self.config.gpu_memory_fraction > 0 and self.config.device != "cpu"
 
-    def _gpu_room(self, estimate: int) -> bool:
-        """Room on the GPUs for one more runner (always, where there is no GPU to budget)."""
-        if not self._gpu_budgeted():
-            return True
-        memory = read_gpu_memory()
-        if memory is None:
-            return True
+    def _gpu_room(self, estimate: int, memory: GpuMemory) -> bool:
         overhead = self.config.gpu_overhead_bytes
         # Runners still loading have not allocated yet: hold their share for them.
         starting = sum(s.estimate + overhead for s in self._slots if s.runner is None)
@@ -344,10 +347,14 @@ class RunnerPool:
         """Start runners for models below their min_warm (bundle known from an acquire)."""
         started = 0
         for key, n in list(self._min_warm.items()):
+            gpu = read_gpu_memory() if self._gpu_budgeted() else None
+            estimate = self._sizes.get(key, 0)
             with self._cond:
-                if self._live(key) >= n or key not in self._bundles or not self._has_room(0):
+                if self._live(key) >= n or key not in self._bundles:
                     continue
-                slot = _Slot(key, None, busy=True)
+                if not self._has_room(estimate, gpu):
+                    continue
+                slot = _Slot(key, None, busy=True, estimate=estimate)
                 self._slots.append(slot)
             self._start_into(slot, *self._bundles[key])
             self._checkin(slot)

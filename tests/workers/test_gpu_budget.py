@@ -28,6 +28,7 @@ A, B, C, D = "a" * 64, "b" * 64, "c" * 64, "d" * 64
 FAKE_SMI = """#!/bin/sh
 echo "$@" >> "{log}"
 [ -f "{fail}" ] && exit 1
+[ -f "{slow}" ] && sleep 2
 runners=0
 for d in /proc/[0-9]*; do  # this test's own runner children only
   [ "$(cut -d' ' -f4 "$d/stat" 2>/dev/null)" = "{pid}" ] || continue
@@ -44,7 +45,9 @@ def fake_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     bin_dir.mkdir()
     log = tmp_path / "smi.log"
     smi = bin_dir / "nvidia-smi"
-    smi.write_text(FAKE_SMI.format(log=log, fail=tmp_path / "fail", pid=os.getpid()))
+    smi.write_text(
+        FAKE_SMI.format(log=log, fail=tmp_path / "fail", slow=tmp_path / "slow", pid=os.getpid())
+    )
     smi.chmod(smi.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -119,6 +122,31 @@ def test_cold_start_evicts_the_lru_idle_runner_when_the_gpu_is_full(
     assert sorted(stats.warm_models) == sorted([B, C])
     assert len(runner_processes()) == 2  # A's process is gone, not only forgotten
     assert fake_gpu.read_text().count("--query-gpu") >= 2  # it was asked at each cold start
+
+
+def test_a_slow_nvidia_smi_never_holds_up_a_warm_request(
+    make_pool: MakePool, fake_gpu: Path, gguf_dir: Path
+) -> None:
+    """The GPU is read outside the pool's lock: a cold start waiting on nvidia-smi (2 s here)
+    does not stall another model's warm request."""
+    pool = gpu_pool(make_pool)
+    with pool.acquire(A, gguf_dir, "gguf"):
+        pass
+    (fake_gpu.parent / "slow").touch()
+
+    def cold_start_b() -> None:
+        with pool.acquire(B, gguf_dir, "gguf"):
+            pass
+
+    cold = threading.Thread(target=cold_start_b)
+    cold.start()
+    time.sleep(0.5)  # B's cold start is inside nvidia-smi now
+    began = time.monotonic()
+    with pool.acquire(A, gguf_dir, "gguf") as lease:
+        assert not lease.cold
+    assert time.monotonic() - began < 1.0
+    cold.join(30)
+    assert pool.stats().runners == 2
 
 
 def test_busy_runners_are_never_evicted_for_gpu_memory(
