@@ -15,6 +15,7 @@ from typing import Any
 import redis
 
 from core.queue import CARRIED_JOBS, HEARTBEAT_INDEX, HEARTBEAT_PREFIX, direct_queue
+from workers.gpu import GpuMemory, read_gpu_memory
 from workers.pool import RunnerPool
 from workers.weight_cache import WeightCache
 
@@ -42,10 +43,15 @@ FEATURES = (CARRIED_JOBS,)
 
 
 def snapshot(
-    nodename: str, pool: RunnerPool, hw: dict[str, Any], cache: WeightCache | None = None
+    nodename: str,
+    pool: RunnerPool,
+    hw: dict[str, Any],
+    cache: WeightCache | None = None,
+    gpu: GpuMemory | None = None,
 ) -> dict[str, Any]:
     """Routing state, and the counters `/metrics` shows per worker."""
     stats = pool.stats()
+    memory = None if gpu is None else {"total_bytes": gpu.total_bytes, "used_bytes": gpu.used_bytes}
     return {
         "name": nodename,
         "host": socket.gethostname(),
@@ -61,6 +67,7 @@ def snapshot(
         "cache_hits": cache.hits if cache is not None else 0,
         "cache_misses": cache.misses if cache is not None else 0,
         "hardware": hw,
+        "gpu_memory": memory,  # the visible GPUs now, every process counted; None: no GPU
         "features": list(FEATURES),
         "at": time.time(),
     }
@@ -104,7 +111,9 @@ class Heartbeat:
     def _run(self) -> None:
         while True:
             try:
-                publish(self.client, snapshot(self.nodename, self.pool, self._hw, self.cache))
+                gpu = read_gpu_memory() if self._hw["gpus"] else None
+                beat = snapshot(self.nodename, self.pool, self._hw, self.cache, gpu)
+                publish(self.client, beat)
             except redis.RedisError as exc:  # keep beating once Redis is back
                 log.warning("heartbeat failed: %s", type(exc).__name__)
             if self._stop.wait(INTERVAL_S):

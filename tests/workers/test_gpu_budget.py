@@ -8,17 +8,23 @@ the same on a CUDA host.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 
+from core.queue import HEARTBEAT_PREFIX
+from tests.utils.stack import StackInfo
 from tests.workers.conftest import runner_processes
 from workers.gpu import MIB, GpuMemory, parse_memory, read_gpu_memory
+from workers.heartbeat import Heartbeat
 from workers.pool import PoolExhausted, RunnerPool
 from workers.runner.process import Runner
 
@@ -27,6 +33,7 @@ A, B, C, D = "a" * 64, "b" * 64, "c" * 64, "d" * 64
 
 FAKE_SMI = """#!/bin/sh
 echo "$@" >> "{log}"
+[ "$1" = "-L" ] && echo "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-fake)" && exit 0
 [ -f "{fail}" ] && exit 1
 [ -f "{slow}" ] && sleep 2
 runners=0
@@ -197,3 +204,33 @@ def test_auto_runner_keeps_the_workers_gpu_choice(
         assert b"CUDA_VISIBLE_DEVICES=2" in environ
     finally:
         runner.stop()
+
+
+def test_heartbeat_carries_the_gpus_and_their_memory(
+    fake_gpu: Path, stack: StackInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = redis.Redis.from_url(stack.settings.effective_redis_url)
+    pool = RunnerPool()
+
+    def beat_of(name: str) -> dict[str, Any]:
+        beat = Heartbeat(name, pool, client)
+        beat.start()
+        try:
+            deadline = time.monotonic() + 10
+            while (raw := client.get(HEARTBEAT_PREFIX + name)) is None:
+                assert time.monotonic() < deadline, "no heartbeat"
+                time.sleep(0.05)
+            published: dict[str, Any] = json.loads(raw)
+            return published
+        finally:
+            beat.stop()
+
+    try:
+        gpu_host = beat_of("gpu-beat@test")
+        assert gpu_host["hardware"]["gpus"] == ["GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-fake)"]
+        assert gpu_host["gpu_memory"] == {"total_bytes": 1000 * MIB, "used_bytes": 0}
+        monkeypatch.setenv("PATH", "/usr/bin:/bin")  # a host without nvidia-smi
+        cpu_host = beat_of("cpu-beat@test")
+        assert cpu_host["hardware"]["gpus"] == [] and cpu_host["gpu_memory"] is None
+    finally:
+        pool.close()
