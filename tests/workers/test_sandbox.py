@@ -225,3 +225,36 @@ def test_seccomp_filter_goes_in_with_spec_allow(tmp_path: Path, kernel: str, how
     assert found["seccomp"] == "2" and found["forked"] == "denied", found
     if how == "seccomp":
         assert "force mitigated" not in found["ssb"], found
+
+
+def test_confinement_without_proc_still_applies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host with no /proc mounted: the own-threads rule is skipped, the rest still holds."""
+    from workers.runner import confine
+
+    monkeypatch.setattr(confine, "_OWN_THREADS", str(tmp_path / "no-proc" / "task").encode())
+    box = tmp_path / "box"
+    box.mkdir()
+    rules = confine.Confinement(box)
+    code = textwrap.dedent(
+        """
+        import sys
+        from pathlib import Path
+        Path(sys.argv[1], "mine.txt").write_text("x")
+        try:
+            Path(sys.argv[2]).write_text("x")
+        except PermissionError:
+            print("outside refused")
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(box), str(tmp_path / "outside.txt")],
+        preexec_fn=rules.apply,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "outside refused"
+    assert (box / "mine.txt").exists() and not (tmp_path / "outside.txt").exists()

@@ -38,6 +38,7 @@ _RULE_PATH_BENEATH = 1
 _WRITE_FILE, _TRUNCATE, _REFER = 1 << 1, 1 << 14, 1 << 13
 _FS_WRITE_ABI1 = _WRITE_FILE | sum(1 << b for b in range(4, 13))  # remove, make dir/reg/sock…
 _NET_TCP = (1 << 0) | (1 << 1)  # bind, connect
+_OWN_THREADS = b"/proc/self/task"
 _SCOPES = (1 << 0) | (1 << 1)  # abstract unix sockets, signals
 _CLONE_THREAD = 0x00010000
 # (audit arch, fork, vfork, clone, clone3); -1: the arch has no such call
@@ -135,7 +136,7 @@ class Confinement:
         self._rules.append((b"/dev", _PathBeneath(dev, -1)))  # /dev/null, GPU device nodes
         # The runner's own threads only (opened in the child): the CUDA driver names its
         # helper threads through /proc/self/task/<tid>/comm, and fails to start without it.
-        self._rules.append((b"/proc/self/task", _PathBeneath(dev, -1)))
+        self._rules.append((_OWN_THREADS, _PathBeneath(dev, -1)))
         self._filter = _no_fork_filter() if self.seccomp else None
         if self._filter is not None:
             self._prog = _SockFprog(len(self._filter), self._filter)
@@ -171,7 +172,12 @@ class Confinement:
             raise OSError(ctypes.get_errno(), "landlock_create_ruleset failed")
         try:
             for path, rule in self._rules:
-                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+                try:
+                    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    if path == _OWN_THREADS:  # no /proc mounted: nothing to allow there
+                        continue
+                    raise
                 try:
                     rule.parent_fd = fd
                     if _libc.syscall(
