@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import logging
-import math
 from dataclasses import dataclass
 
-import redis
 from sqlalchemy import update
 from sqlmodel import Session, select
 
 from api.inference.auth import authenticate_key, key_token
+from api.inference.limits import limit_reads
 from api.inference.protocol import InferResponse, JobError, JobPublic, JobTimings
 from core import events, keys, limits, sessions
 from core.db import get_engine, update_rows
-from core.errors import AuthenticationFailed, JobNotFound, RateLimitExceeded
+from core.errors import AuthenticationFailed, JobNotFound
 from core.redis import get_redis
 from core.settings import Settings
 from core.tables import Account, Job, JobStatus, utcnow
-
-log = logging.getLogger("inferatech.jobs")
 
 
 def _account_id(session: Session, settings: Settings, token: str) -> str:
@@ -55,31 +51,8 @@ def reader_of(session: Session, settings: Settings, authorization: str | None) -
         reader = Reader(authenticate_key(session, settings, token).id, None)
     else:
         reader = Reader(None, _account_id(session, settings, token))
-    _limit_reads(settings, reader.key_id or reader.account_id or "")
+    limit_reads(get_redis(settings), settings, reader.key_id or reader.account_id or "")
     return reader
-
-
-def _limit_reads(settings: Settings, reader_id: str) -> None:
-    """One token from the reader's bucket, or 429. Fails open: with Redis unreachable, reads
-    (which need only the database) still answer; the limit shields, it decides nothing."""
-    rpm = settings.rate_limit_read_rpm
-    if not rpm:
-        return
-    bucket = limits.read_key(reader_id)
-    try:
-        reply = limits.admit_script(get_redis(settings))(
-            keys=[bucket] * 4, args=[rpm, 0, 0, 0, "", 0]
-        )
-    except redis.RedisError as exc:
-        log.warning("read limit not checked, Redis unreachable: %s", type(exc).__name__)
-        return
-    if reply[0] != b"ok":
-        retry = max(1, math.ceil(int(reply[4]) / 1000))
-        raise RateLimitExceeded(
-            f"rate limit reached: {rpm} job and batch reads per minute; retry in {retry} s",
-            details={"limit": "reads_per_minute", "retry_after_s": retry},
-            headers={"Retry-After": str(retry)},
-        )
 
 
 def readable_job(

@@ -14,6 +14,7 @@ A limit that is off (0) sends none of its headers.
 
 from __future__ import annotations
 
+import logging
 import math
 from datetime import datetime
 from typing import Any
@@ -30,10 +31,13 @@ from core.errors import BudgetExceeded, RateLimitExceeded, ServiceUnavailable
 from core.settings import Settings
 from core.tables import UsageEvent, utcnow
 
+log = logging.getLogger("inferatech.limits")
+
 _LIMIT_NAMES = {
     "rpm": "requests per minute",
     "tpm": "tokens per minute",
     "concurrency": "concurrent requests",
+    "reads": "reads per minute",
 }
 
 
@@ -82,13 +86,36 @@ def enforce(
             headers={"Retry-After": str(retry)},
         )  # fmt: skip
     if verdict != "ok":
-        retry = max(1, math.ceil(int(reply[4]) / 1000))
-        raise RateLimitExceeded(
-            f"rate limit reached: {_LIMIT_NAMES[verdict]}; retry in {retry} s",
-            details={"limit": _LIMIT_NAMES[verdict].replace(" ", "_"), "retry_after_s": retry},
-            headers={"Retry-After": str(retry)},
-        )
+        raise _over(verdict, int(reply[4]))
     return headers
+
+
+def limit_reads(client: redis.Redis, settings: Settings, reader_id: str) -> None:  # type: ignore[type-arg]
+    """One token from the reader's (key's or account's) read bucket, or 429.
+
+    Fails open: with Redis unreachable, reads (which need only the database) still answer;
+    this limit shields the database, it decides nothing.
+    """
+    rpm = settings.rate_limit_read_rpm
+    if not rpm:
+        return
+    bucket = limits.read_key(reader_id)  # the admission script with only its rpm bucket
+    try:
+        reply = limits.admit_script(client)(keys=[bucket] * 4, args=[rpm, 0, 0, 0, "", 0])
+    except redis.RedisError as exc:
+        log.warning("read limit not checked, Redis unreachable: %s", type(exc).__name__)
+        return
+    if reply[0] != b"ok":
+        raise _over("reads", int(reply[4]))
+
+
+def _over(verdict: str, retry_ms: int) -> RateLimitExceeded:
+    retry = max(1, math.ceil(retry_ms / 1000))
+    return RateLimitExceeded(
+        f"rate limit reached: {_LIMIT_NAMES[verdict]}; retry in {retry} s",
+        details={"limit": _LIMIT_NAMES[verdict].replace(" ", "_"), "retry_after_s": retry},
+        headers={"Retry-After": str(retry)},
+    )
 
 
 def response_headers(conn: HTTPConnection) -> dict[str, str]:
