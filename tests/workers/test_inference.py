@@ -320,6 +320,31 @@ def test_carried_job_gets_its_row_at_claim_and_one_usage(
     assert len(done_events(executor, job_id)) == 1
 
 
+def test_carried_job_redelivered_after_it_ended_streams_nothing_and_stops_early(
+    stack: StackInfo,
+    gguf_ready: dict[str, Any],
+    executor: inference.Executor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The claim is written while the runner generates: a redelivered copy of an ended job
+    learns it only then, so it must publish nothing (not even to a live stream) and stop."""
+    message = carried(stack, gguf_ready)
+    job_id = message["id"]
+    assert inference.run_job(job_id, executor, 600, live=False, carried=message) == "succeeded"
+    entries = executor.redis.xlen(events.stream_key(job_id))
+    runs: list[Any] = []
+    real = inference._terminal_of
+    monkeypatch.setattr(
+        inference, "_terminal_of", lambda done, *a: runs.append(done) or real(done, *a)
+    )
+    long_run = {**message, "params": {**message["params"], "max_tokens": 4000}}
+    assert inference.run_job(job_id, executor, 600, live=True, carried=long_run) == "skipped"
+    assert executor.redis.xlen(events.stream_key(job_id)) == entries  # no status, no token
+    assert len(usage_rows(stack, job_id)) == 1
+    (done,) = runs  # the refused claim cancelled the generation
+    assert done.finish_reason == "cancelled", done
+
+
 def test_carried_job_redelivered_after_its_worker_died_is_taken_over(
     stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
 ) -> None:
