@@ -194,17 +194,19 @@ def _run_claiming(ex: Executor, job: Job, now: datetime, *, live: bool, lock: Jo
         ctx = jobs.context_of(ex.settings, job)
     except Exception as exc:
         return _unclaimed(ex, job, exc)
-    claiming = _job_threads.submit(jobs.claim, ex.settings, job.id, job)
+    claiming = LateClaim(ex, job)
     try:
         end, publisher = _execute(ex, ctx, queue_ms=_ms(job.created_at, now), live=live,
                                   claiming=claiming)  # fmt: skip
     except Exception:
-        if (claimed := _claimed(claiming)) is not None:
+        claiming.start()
+        if (claimed := _claimed(claiming.future)) is not None:
             log.exception("job %s crashed in the worker", job.id)
             _end(ex, claimed, _crashed(), lock=lock)
         raise
+    claiming.start()  # where no runner was asked (an embedding, a failed load)
     try:
-        claim = claiming.result()
+        claim = claiming.future.result()
     except Exception as exc:
         publisher.close()
         return _unclaimed(ex, job, exc)
@@ -212,6 +214,31 @@ def _run_claiming(ex: Executor, job: Job, now: datetime, *, live: bool, lock: Jo
         publisher.close()  # dropped: the job ended before this copy ran
         return "skipped"
     return _end(ex, claim.ctx, end, publisher, lock=lock)
+
+
+class LateClaim:
+    """A carried job's claim, started once its request is on its way to the runner.
+
+    Not before: the claim's Python work would hold the GIL while the task thread still has
+    the runner to reach; from then on that thread waits on the pipe.
+    """
+
+    def __init__(self, ex: Executor, job: Job) -> None:
+        self._ex, self._job = ex, job
+        self.future: Future[jobs.Claim] = Future()
+        self._started = threading.Event()
+
+    def start(self) -> None:
+        """Begin the claim (once; later calls do nothing)."""
+        if not self._started.is_set():
+            self._started.set()
+            _job_threads.submit(self._claim)
+
+    def _claim(self) -> None:
+        try:
+            self.future.set_result(jobs.claim(self._ex.settings, self._job.id, self._job))
+        except Exception as exc:
+            self.future.set_exception(exc)
 
 
 def _claimed(claiming: Future[jobs.Claim]) -> JobContext | None:
@@ -273,7 +300,7 @@ def _execute(
     *,
     queue_ms: float,
     live: bool = True,
-    claiming: Future[jobs.Claim] | None = None,
+    claiming: LateClaim | None = None,
 ) -> tuple[Terminal, TokenPublisher]:
     """The run's terminal state, and its publisher still flushing (`_end` joins it).
 
@@ -284,7 +311,8 @@ def _execute(
     timings: dict[str, Any] = {"queue_ms": queue_ms}
     started = time.perf_counter()
     texts: list[str] = []  # pieces streamed so far: usage of a job whose runner died mid-way
-    publisher = TokenPublisher(ex, job.id, live=live, gate=claiming)
+    gate = None if claiming is None else claiming.future
+    publisher = TokenPublisher(ex, job.id, live=live, gate=gate)
     try:
         return _run(ex, ctx, publisher, timings, started, texts, claiming), publisher
     except BaseException:
@@ -299,7 +327,7 @@ def _run(
     timings: dict[str, Any],
     started: float,
     texts: list[str],
-    claiming: Future[jobs.Claim] | None = None,
+    claiming: LateClaim | None = None,
 ) -> Terminal:
     queue_ms = timings["queue_ms"]
     try:
@@ -383,14 +411,14 @@ def _generate(
     timings: dict[str, Any],
     started: float,
     texts: list[str],
-    claiming: Future[jobs.Claim] | None = None,
+    claiming: LateClaim | None = None,
 ) -> Done:
     job = ctx.job
     stop = threading.Event()
     cancel = threading.Event()
     _job_threads.submit(_watch_cancel, ex, job.id, stop, cancel)
     if claiming is not None:  # refused: another copy ran the job already
-        claiming.add_done_callback(lambda f: None if _claimed(f) else cancel.set())
+        claiming.future.add_done_callback(lambda f: None if _claimed(f) else cancel.set())
 
     def on_token(tok: Token) -> None:
         if not texts:  # from the job's creation, as its client sees it
@@ -408,6 +436,7 @@ def _generate(
             timeout=max(remaining, 1.0),
             cancel_event=cancel,
             coalesce_ms=0.0 if publisher.live else COALESCE_MS,
+            on_sent=None if claiming is None else claiming.start,
         )
         return done
     finally:
