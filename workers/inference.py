@@ -151,14 +151,15 @@ def run_job(
         return "busy"
     try:
         now = utcnow()
-        if job is not None and not jobs.expired(job):
-            return _run_claiming(ex, job, now, live=live, lock=lock)
         try:
             claim = jobs.claim(ex.settings, job_id, job)
         except Exception as exc:
             if job is None:
                 raise
-            return _unclaimed(ex, job, exc)
+            # Nothing recorded it: answer the caller waiting on the stream, free what it holds.
+            log.exception("could not claim job %s", job_id)
+            _end_unrecorded(ex, job, database_down=isinstance(exc, OperationalError))
+            return JobStatus.FAILED.value
         ctx = claim.ctx
         if ctx is None:
             return "skipped"
@@ -175,93 +176,20 @@ def run_job(
         except Exception:
             # Never leave a client waiting on a job that cannot end: fail it, then re-raise.
             log.exception("job %s crashed in the worker", job_id)
-            _end(ex, ctx, _crashed(), lock=lock)
+            _end(
+                ex,
+                ctx,
+                Terminal(
+                    JobStatus.FAILED,
+                    error_code="INTERNAL_ERROR",
+                    error_message="the worker failed; quote the job id",
+                ),
+                lock=lock,
+            )
             raise
         return _end(ex, ctx, end, publisher, lock=lock)
     finally:
         lock.release()
-
-
-def _run_claiming(ex: Executor, job: Job, now: datetime, *, live: bool, lock: JobLock) -> str:
-    """A carried job (`/v1/infer`): the INSERT that claims it runs beside its generation.
-
-    The claim is off the request's path: the run lock already keeps a second copy out, and
-    nothing of the run shows before the claim succeeded (a live publisher waits for it before
-    its first event; a deferred job's events wait for its end). A refused claim, a redelivered
-    message whose job had already ended, cancels the generation and publishes nothing.
-    """
-    try:
-        ctx = jobs.context_of(ex.settings, job)
-    except Exception as exc:
-        return _unclaimed(ex, job, exc)
-    claiming = LateClaim(ex, job)
-    try:
-        end, publisher = _execute(ex, ctx, queue_ms=_ms(job.created_at, now), live=live,
-                                  claiming=claiming)  # fmt: skip
-    except Exception:
-        claiming.start()
-        if (claimed := _claimed(claiming.future)) is not None:
-            log.exception("job %s crashed in the worker", job.id)
-            _end(ex, claimed, _crashed(), lock=lock)
-        raise
-    claiming.start()  # where no runner was asked (an embedding, a failed load)
-    try:
-        claim = claiming.future.result()
-    except Exception as exc:
-        publisher.close()
-        return _unclaimed(ex, job, exc)
-    if claim.ctx is None:
-        publisher.close()  # dropped: the job ended before this copy ran
-        return "skipped"
-    return _end(ex, claim.ctx, end, publisher, lock=lock)
-
-
-class LateClaim:
-    """A carried job's claim, started once its request is on its way to the runner.
-
-    Not before: the claim's Python work would hold the GIL while the task thread still has
-    the runner to reach; from then on that thread waits on the pipe.
-    """
-
-    def __init__(self, ex: Executor, job: Job) -> None:
-        self._ex, self._job = ex, job
-        self.future: Future[jobs.Claim] = Future()
-        self._started = threading.Event()
-
-    def start(self) -> None:
-        """Begin the claim (once; later calls do nothing)."""
-        if not self._started.is_set():
-            self._started.set()
-            _job_threads.submit(self._claim)
-
-    def _claim(self) -> None:
-        try:
-            self.future.set_result(jobs.claim(self._ex.settings, self._job.id, self._job))
-        except Exception as exc:
-            self.future.set_exception(exc)
-
-
-def _claimed(claiming: Future[jobs.Claim]) -> JobContext | None:
-    """The claimed job's context once the claim is done; None if it was refused or failed."""
-    try:
-        return claiming.result().ctx
-    except Exception:
-        return None
-
-
-def _unclaimed(ex: Executor, job: Job, exc: Exception) -> str:
-    """Nothing recorded the job: answer the caller waiting on the stream, free what it holds."""
-    log.error("could not claim job %s", job.id, exc_info=exc)
-    _end_unrecorded(ex, job, database_down=isinstance(exc, OperationalError))
-    return JobStatus.FAILED.value
-
-
-def _crashed() -> Terminal:
-    return Terminal(
-        JobStatus.FAILED,
-        error_code="INTERNAL_ERROR",
-        error_message="the worker failed; quote the job id",
-    )
 
 
 class JobLock:
@@ -295,26 +223,16 @@ class JobLock:
 
 
 def _execute(
-    ex: Executor,
-    ctx: JobContext,
-    *,
-    queue_ms: float,
-    live: bool = True,
-    claiming: LateClaim | None = None,
+    ex: Executor, ctx: JobContext, *, queue_ms: float, live: bool = True
 ) -> tuple[Terminal, TokenPublisher]:
-    """The run's terminal state, and its publisher still flushing (`_end` joins it).
-
-    `claiming`: the job's claim, still being written; nothing is published before it is,
-    and a refused claim cancels the generation.
-    """
+    """The run's terminal state, and its publisher still flushing (`_end` joins it)."""
     job = ctx.job
     timings: dict[str, Any] = {"queue_ms": queue_ms}
     started = time.perf_counter()
     texts: list[str] = []  # pieces streamed so far: usage of a job whose runner died mid-way
-    gate = None if claiming is None else claiming.future
-    publisher = TokenPublisher(ex, job.id, live=live, gate=gate)
+    publisher = TokenPublisher(ex, job.id, live=live)
     try:
-        return _run(ex, ctx, publisher, timings, started, texts, claiming), publisher
+        return _run(ex, ctx, publisher, timings, started, texts), publisher
     except BaseException:
         publisher.close()
         raise
@@ -327,7 +245,6 @@ def _run(
     timings: dict[str, Any],
     started: float,
     texts: list[str],
-    claiming: LateClaim | None = None,
 ) -> Terminal:
     queue_ms = timings["queue_ms"]
     try:
@@ -351,7 +268,7 @@ def _run(
             publisher.put({**status, "cold_start": cold})
             if ctx.job.params.get("op") == EMBED_OP:
                 return _embed(ex, ctx, runner, publisher, timings, started)
-            done = _generate(ex, ctx, runner, publisher, timings, started, texts, claiming)
+            done = _generate(ex, ctx, runner, publisher, timings, started, texts)
     except RunnerSetupFailed as exc:
         return Terminal(
             JobStatus.FAILED, error_code="LOAD_FAILED", error_message=str(exc), timings=timings
@@ -411,14 +328,11 @@ def _generate(
     timings: dict[str, Any],
     started: float,
     texts: list[str],
-    claiming: LateClaim | None = None,
 ) -> Done:
     job = ctx.job
     stop = threading.Event()
     cancel = threading.Event()
     _job_threads.submit(_watch_cancel, ex, job.id, stop, cancel)
-    if claiming is not None:  # refused: another copy ran the job already
-        claiming.future.add_done_callback(lambda f: None if _claimed(f) else cancel.set())
 
     def on_token(tok: Token) -> None:
         if not texts:  # from the job's creation, as its client sees it
@@ -436,7 +350,6 @@ def _generate(
             timeout=max(remaining, 1.0),
             cancel_event=cancel,
             coalesce_ms=0.0 if publisher.live else COALESCE_MS,
-            on_sent=None if claiming is None else claiming.start,
         )
         return done
     finally:
@@ -453,17 +366,8 @@ class TokenPublisher:
     and go out with the terminal event in one round trip, so no per-token traffic at all.
     """
 
-    def __init__(
-        self,
-        ex: Executor,
-        job_id: str,
-        *,
-        live: bool = True,
-        gate: Future[jobs.Claim] | None = None,
-    ) -> None:
+    def __init__(self, ex: Executor, job_id: str, *, live: bool = True) -> None:
         self._ex, self._job_id, self.live = ex, job_id, live
-        # Live events wait for the job's claim; a refused claim publishes none of them.
-        self._gate, self._refused = gate, False
         self._held: list[dict[str, Any]] = []
         self._queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
         self._flushing: Future[None] | None = None
@@ -500,7 +404,7 @@ class TokenPublisher:
                 with contextlib.suppress(queue.Empty):
                     batch.append(self._queue.get(timeout=STATUS_HOLD_S))
                 self._drain(batch)
-            ready = [e for e in batch if e is not None and self._admitted()]
+            ready = [e for e in batch if e is not None]
             if ready:
                 try:
                     events.publish_many(self._ex.redis, self._job_id, ready)
@@ -508,11 +412,6 @@ class TokenPublisher:
                     log.warning("could not publish %d token events of %s", len(ready), self._job_id)
             if batch[-1] is None:
                 return
-
-    def _admitted(self) -> bool:
-        if self._gate is not None:
-            self._refused, self._gate = _claimed(self._gate) is None, None
-        return not self._refused
 
     def _drain(self, batch: list[dict[str, Any] | None]) -> None:
         """Append what is queued already, up to the end marker."""

@@ -85,8 +85,7 @@ def forget_model(model_id: str) -> None:
         _served.pop(model_id, None)
 
 
-def context_of(settings: Settings, job: Job) -> JobContext:
-    """The job with its model, files and key's payload logging (cached for `CONTEXT_TTL_S`)."""
+def _context(settings: Settings, job: Job) -> JobContext:
     now = time.monotonic()
     with _context_lock:
         cached = _served.get(job.model_id)
@@ -115,7 +114,7 @@ def load(settings: Settings, job_id: str, carried: Job | None = None) -> JobCont
         job = s.get(Job, job_id)
     if job is None and carried is not None:
         job = _insert_carried(settings, carried, JobStatus.QUEUED)
-    return None if job is None else context_of(settings, job)
+    return None if job is None else _context(settings, job)
 
 
 def _insert_carried(settings: Settings, carried: Job, status: JobStatus) -> Job | None:
@@ -139,11 +138,6 @@ _INSERT_JOB = insert(Job.__table__)  # type: ignore[attr-defined]
 _JOB_COLUMNS = tuple(column.name for column in Job.__table__.columns)  # type: ignore[attr-defined]
 
 
-def expired(job: Job) -> bool:
-    """The job's TTL (queue + run) ran out."""
-    return job.expires_at is not None and utcnow() > job.expires_at
-
-
 @dataclass
 class Claim:
     """What `claim` found: a context to run, or why not (`ctx` is then set only to end it)."""
@@ -160,19 +154,19 @@ def claim(settings: Settings, job_id: str, carried: Job | None = None) -> Claim:
     not claimed: `expired` asks the caller to end it.
     """
     if carried is not None:
-        if expired(carried):
+        if carried.expires_at and utcnow() > carried.expires_at:
             ctx = load(settings, job_id, carried)
             return Claim(ctx, expired=ctx is not None and ctx.job.status in LIVE)
         job = _insert_carried(settings, carried, JobStatus.RUNNING)
         if job is not None:
-            return Claim(context_of(settings, job))
+            return Claim(_context(settings, job))
         # A row exists: a redelivered message, its first copy's worker died. Take it over.
     with session_scope(settings) as s:
         job = s.get(Job, job_id)
         if job is None or job.status not in LIVE:
             return Claim(None)
         if job.expires_at and utcnow() > job.expires_at:
-            return Claim(context_of(settings, job), expired=True)
+            return Claim(_context(settings, job), expired=True)
         stmt = (
             update(Job)
             .where(col(Job.id) == job.id, col(Job.status).in_(LIVE))
@@ -180,7 +174,7 @@ def claim(settings: Settings, job_id: str, carried: Job | None = None) -> Claim:
         )
         if update_rows(s, stmt) != 1:
             return Claim(None)
-    return Claim(context_of(settings, job))
+    return Claim(_context(settings, job))
 
 
 def finish(settings: Settings, ctx: JobContext, end: Terminal) -> bool:

@@ -133,10 +133,8 @@ class Exchange(Generic[Output]):
         on_output: Callable[[Output], None],
         timeout: float | None,
         cancel_event: threading.Event | None,
-        on_sent: Callable[[], None] | None = None,
     ) -> None:
         self.tag = tag
-        self.on_sent = on_sent  # called once the request is on its way to the child
         self.kind: type[Embedding] | tuple[type[Token], type[Tokens]] = kind
         self.on_output: Callable[[Output], None] = on_output
         self.timeout = timeout

@@ -206,7 +206,6 @@ class Runner:
         timeout: float | None = None,
         cancel_event: threading.Event | None = None,
         coalesce_ms: float = 0.0,
-        on_sent: Callable[[], None] | None = None,
     ) -> Done:
         """Run one request; returns its one Done. Raises RunnerFatal if the child dies.
 
@@ -214,7 +213,6 @@ class Runner:
         token counts stay, for usage); if the child ignores Cancel it is killed. If `on_token`
         raises, the request is cancelled, the runner stays warm, and the error is re-raised.
         `coalesce_ms` > 0 lets the child deliver tokens in batches (nobody streams them).
-        `on_sent` runs once the request is written to the child, before its first output.
         """
 
         def deliver(event: Token | Tokens) -> None:
@@ -225,7 +223,7 @@ class Runner:
                 on_token(Token(tag=tag, text=text, index=event.index + offset))
 
         exchange: Exchange[Token | Tokens] = Exchange(
-            tag, (Token, Tokens), deliver, timeout, cancel_event, on_sent
+            tag, (Token, Tokens), deliver, timeout, cancel_event
         )
         return self._request(exchange, generate_event(tag, request, coalesce_ms))
 
@@ -263,8 +261,6 @@ class Runner:
             self.state = RunnerState.BUSY
         try:
             self._send(event)
-            if exchange.on_sent is not None:
-                exchange.on_sent()
             done = self._serve(exchange)
         except BaseException:
             # Fatal, or we stopped listening mid-request: the child's state is unknown.
