@@ -58,15 +58,23 @@ def authorize_model(session: Session, key: ApiKey, model_id: str) -> Model:
     return model
 
 
+def cached_grant(settings: Settings, cache: AuthCache, token: str, model_id: str) -> Grant | None:
+    """The key's cached grant to call `model_id` (its secret checked), or None: not cached."""
+    parsed = _parse(token)
+    cached = cache.get(parsed.key_id)
+    if cached is None or cached.model_id != model_id:
+        return None
+    if not keys.verify(parsed, cached.secret_hash, settings.key_pepper.get_secret_value()):
+        raise AuthenticationFailed("invalid API key")
+    return cached
+
+
 def grant_for(
     session: Session, settings: Settings, cache: AuthCache, token: str, model_id: str
 ) -> Grant:
     """The key's grant to call `model_id`: cached after one full check, secret checked always."""
-    parsed = _parse(token)
-    cached = cache.get(parsed.key_id)
-    if cached is not None and cached.model_id == model_id:
-        if not keys.verify(parsed, cached.secret_hash, settings.key_pepper.get_secret_value()):
-            raise AuthenticationFailed("invalid API key")
+    cached = cached_grant(settings, cache, token, model_id)
+    if cached is not None:
         return cached
     generation = cache.generation()
     key = authenticate_key(session, settings, token)

@@ -68,10 +68,39 @@ def enforce(
     """Admit one request (holding a concurrency slot for `job_id`) or raise 429."""
     lim = limits_of(grant, settings)
     now = utcnow()
-    reply = _admit(client, grant.key_id, lim, job_id, lease_s, now)
+    keys, args = _admission(grant.key_id, lim, job_id, lease_s, now)
+    reply: list[Any] = limits.admit_script(client)(keys=keys, args=args)
     if reply[0] == b"seed":  # first request of the month, or Redis lost the counter
         _seed_budget(client, session, grant.key_id, now)
-        reply = _admit(client, grant.key_id, lim, job_id, lease_s, now)
+        reply = limits.admit_script(client)(keys=keys, args=args)
+    return _judge(request, lim, reply, now)
+
+
+async def aenforce(
+    request: HTTPConnection,
+    *,
+    aredis: aioredis.Redis,  # type: ignore[type-arg]
+    settings: Settings,
+    grant: Grant,
+    job_id: str,
+    lease_s: float,
+) -> bool:
+    """`enforce` on the event loop; False (nothing admitted) where the month's budget
+    counter must first be read from the database: the caller takes `enforce`'s path."""
+    lim = limits_of(grant, settings)
+    now = utcnow()
+    keys, args = _admission(grant.key_id, lim, job_id, lease_s, now)
+    reply: list[Any] = await aredis.register_script(limits.ADMIT_LUA)(keys=keys, args=args)
+    if reply[0] == b"seed":
+        return False
+    _judge(request, lim, reply, now)
+    return True
+
+
+def _judge(
+    request: HTTPConnection, lim: limits.KeyLimits, reply: list[Any], now: datetime
+) -> dict[str, str]:
+    """The admission script's reply: the headers of an admitted request, or the 429."""
     verdict = reply[0].decode()
     if verdict == "seed":  # the counter vanished between two round trips (eviction)
         raise ServiceUnavailable("could not read this key's token budget; retry")
@@ -130,14 +159,10 @@ async def release(aredis: aioredis.Redis, key_id: str | None, job_id: str) -> No
         await aredis.zrem(limits.concurrency_key(key_id), job_id)
 
 
-def _admit(
-    client: redis.Redis,  # type: ignore[type-arg]
-    key_id: str,
-    lim: limits.KeyLimits,
-    job_id: str,
-    lease_s: float,
-    now: datetime,
-) -> list[Any]:
+def _admission(
+    key_id: str, lim: limits.KeyLimits, job_id: str, lease_s: float, now: datetime
+) -> tuple[list[str], list[Any]]:
+    """The admission script's keys and arguments for one request."""
     keys = [
         limits.rpm_key(key_id),
         limits.tpm_key(key_id),
@@ -145,8 +170,7 @@ def _admit(
         limits.budget_key(key_id, limits.month_of(now)),
     ]
     args = [lim.rpm, lim.tpm, lim.concurrency, lim.monthly_budget or 0, job_id, int(lease_s * 1000)]
-    reply: list[Any] = limits.admit_script(client)(keys=keys, args=args)
-    return reply
+    return keys, args
 
 
 def _seed_budget(client: redis.Redis, session: Session, key_id: str, now: datetime) -> None:  # type: ignore[type-arg]

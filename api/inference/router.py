@@ -28,6 +28,7 @@ from api.inference.serving import (
     response_of,
     routed_header,
     sse_event,
+    start_inline,
     start_job,
 )
 from api.prompt_routing.resolve import Target, resolve_target
@@ -64,7 +65,16 @@ async def infer(
 ) -> JSONResponse | StreamingResponse:
     """Run one generation through the queue; JSON, or SSE with `"stream": true`."""
     started = time.perf_counter()
-    job = await run_in_threadpool(_start, request, settings, body, authorization)
+    job = await start_inline(
+        conn=request,
+        settings=settings,
+        spec=JobSpec.of(body),
+        token=key_token(authorization, body.api_key),
+        model_id=body.model_id,
+        live=body.stream,
+    )
+    if job is None:
+        job = await run_in_threadpool(_start, request, settings, body, authorization)
     aredis = request.app.state.aredis
     outcome = Outcome()
     if not body.stream:

@@ -37,20 +37,33 @@ class WorkerDirectory:
             beats = self.workers()
         except redis.RedisError:
             return []
-        now = time.time()
-        return [b for b in beats if now - b.get("at", 0) < FRESH_S]
+        return _alive(beats)
 
-    def all_support(self, feature: str) -> bool:
+    def held(self) -> list[dict[str, Any]] | None:
+        """The live workers as last read, without I/O; None when a re-read is due (an event
+        loop must not wait on it: the caller takes the blocking path)."""
+        with self._lock:
+            if time.monotonic() - self._read_at > REFRESH_S:
+                return None
+            return _alive(self._beats)
+
+    def all_support(self, feature: str, live: list[dict[str, Any]] | None = None) -> bool:
         """Whether every live worker lists `feature` (False when none is seen: the safe side)."""
-        live = self.live()
+        live = self.live() if live is None else live
         return bool(live) and all(feature in b.get("features", ()) for b in live)
 
-    def queue_for(self, model_key: str) -> str:
+    def queue_for(self, model_key: str, live: list[dict[str, Any]] | None = None) -> str:
         """A warm worker's own queue, else the shared one (any worker, cold start if needed)."""
-        fresh = [b for b in self.live() if b.get("free_slots", 0) > 0]
+        live = self.live() if live is None else live
+        fresh = [b for b in live if b.get("free_slots", 0) > 0]
         idle = [b for b in fresh if model_key in b.get("idle_models", [])]
         warm = idle or [b for b in fresh if model_key in b.get("warm_models", [])]
         if not warm:
             return INFER_QUEUE
         best = max(warm, key=lambda b: (b.get("free_slots", 0), -b.get("busy", 0)))
         return str(best["queue"])
+
+
+def _alive(beats: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    now = time.time()
+    return [b for b in beats if now - b.get("at", 0) < FRESH_S]

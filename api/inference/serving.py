@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -11,16 +12,19 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import anyio
 import redis
 import redis.asyncio as aioredis
 from sqlmodel import Session
 from starlette.requests import HTTPConnection
 
 from api.inference import limits, sessions
+from api.inference.auth import cached_grant
 from api.inference.auth_cache import AuthCache, Grant
 from api.inference.protocol import InferRequest, InferResponse, JobCreate
 from api.inference.routing import WorkerDirectory
 from api.prompt_routing.resolve import Target
+from api.prompt_routing.service import is_router_id
 from core import events
 from core import limits as core_limits
 from core.db import get_engine
@@ -31,6 +35,7 @@ from core.queue import (
     INFER_QUEUE,
     INFER_TASK,
     INTERACTIVE_PRIORITY,
+    apublish_task,
     carried_job,
     publish_task,
     task_message,
@@ -185,15 +190,8 @@ def enqueue(
     Without a session the job is unsaved: the message carries it and the worker writes its
     row (a failed send then leaves no row behind).
     """
-    kwargs: dict[str, Any] = {"timeout_s": job.execution_timeout_s, "live": live}
-    # What the worker logs of the task's arguments (its "received" line): never the prompt.
-    shown = repr({**kwargs, "job": "<carried>"} if session is None else kwargs)
-    if session is None:
-        kwargs["job"] = carried_job(job)
     try:
-        message = task_message(INFER_TASK, job.id, [job.id], kwargs, queue=queue,
-                               priority=priority, kwargsrepr=shown)  # fmt: skip
-        publish_task(broker, message)
+        publish_task(broker, infer_message(job, queue, live, priority, carried=session is None))
     except Exception as exc:
         if session is None:
             raise ServiceUnavailable("the task queue is unavailable; retry") from exc
@@ -202,6 +200,71 @@ def enqueue(
         session.add(job)
         session.commit()
         raise ServiceUnavailable("the task queue is unavailable; retry") from exc
+
+
+def infer_message(
+    job: Job, queue: str, live: bool, priority: int = INTERACTIVE_PRIORITY, *, carried: bool
+) -> dict[str, Any]:
+    """The job's task message; `carried`: it holds the job, whose row its worker writes."""
+    kwargs: dict[str, Any] = {"timeout_s": job.execution_timeout_s, "live": live}
+    # What the worker logs of the task's arguments (its "received" line): never the prompt.
+    shown = repr({**kwargs, "job": "<carried>"} if carried else kwargs)
+    if carried:
+        kwargs["job"] = carried_job(job)
+    return task_message(INFER_TASK, job.id, [job.id], kwargs, queue=queue, priority=priority,
+                        kwargsrepr=shown)  # fmt: skip
+
+
+async def start_inline(
+    *,
+    conn: HTTPConnection,
+    settings: Settings,
+    spec: JobSpec,
+    token: str,
+    model_id: str,
+    live: bool,
+) -> Job | None:
+    """`start_job` on the event loop, without its two thread hops, for the common case.
+
+    That is: a model (not a router) whose grant this process has cached, no session, a job
+    its worker writes, and workers' heartbeats read within the second. Anything else, or a
+    month's budget counter to read from the database, returns None having admitted
+    nothing: the caller takes `start_job`. Errors are `start_job`'s.
+    """
+    state = conn.app.state
+    directory: WorkerDirectory = state.workers
+    workers = directory.held()
+    if (
+        workers is None
+        or spec.session_id is not None
+        or not spec.row_by_worker
+        or is_router_id(model_id)
+        or not directory.all_support(CARRIED_JOBS, workers)
+    ):
+        return None
+    grant = cached_grant(settings, state.auth_cache, token, model_id)
+    if grant is None:
+        return None
+    conn.state.model_id = grant.model_id
+    aredis = state.aredis
+    job_id = new_id("job")
+    lease_s = slot_lease_s(settings, spec)
+    if not await limits.aenforce(conn, aredis=aredis, settings=settings, grant=grant,
+                                 job_id=job_id, lease_s=lease_s):  # fmt: skip
+        return None
+    try:
+        job = new_job(settings=settings, grant=grant, spec=spec, job_id=job_id)
+        queue = directory.queue_for(grant.model_sha256 or grant.model_id, workers)
+        try:
+            await apublish_task(aredis, infer_message(job, queue, live, carried=True))
+        except Exception as exc:
+            raise ServiceUnavailable("the task queue is unavailable; retry") from exc
+    except BaseException:
+        with anyio.CancelScope(shield=True):  # no job, so no worker to free the slot
+            with contextlib.suppress(Exception):
+                await limits.release(aredis, grant.key_id, job_id)
+        raise
+    return job
 
 
 def create_job(

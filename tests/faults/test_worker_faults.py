@@ -137,6 +137,43 @@ def test_worker_killed_mid_job_is_redelivered_and_bills_once(
     assert len(usage) <= 1
 
 
+def test_redis_down_on_the_inline_path_gives_503_then_recovers(
+    mini: MiniStack, gguf_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A warm, cached call starts on the event loop (no thread): Redis gone there is a 503
+    too, and nothing blocks the loop for good."""
+    from api.inference import router
+
+    threaded: list[str] = []
+    real = router.run_in_threadpool
+
+    async def spy(func: Any, *args: Any, **kwargs: Any) -> Any:
+        threaded.append(func.__name__)
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(router, "run_in_threadpool", spy)
+    with mini.client() as client:
+        ready = _ready(client, gguf_model)
+        body = {"model_id": ready["id"], **BODY}
+        assert client.post("/v1/infer", json=body, headers=auth(ready["key"])).status_code == 200
+        client.app.state.workers.workers()  # type: ignore[attr-defined]  # heartbeats just read
+        threaded.clear()
+        mini.redis.stop()
+        down = client.post("/v1/infer", json=body, headers=auth(ready["key"]))
+        assert down.status_code == 503, down.text
+        assert down.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+        assert threaded == []  # it was the inline path that met the outage
+        assert client.get("/healthz").status_code == 200  # the loop still serves
+        mini.redis.start()
+        deadline = time.monotonic() + 60
+        while True:
+            resp = client.post("/v1/infer", json=body, headers=auth(ready["key"]))
+            if resp.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert resp.status_code == 200, resp.text
+
+
 def test_redis_restart_gives_503_then_recovers(mini: MiniStack, gguf_model: Path) -> None:
     with mini.client() as client:
         ready = _ready(client, gguf_model)

@@ -1,0 +1,132 @@
+"""`/v1/infer` starts a warm, cached call on the event loop (no thread), and falls back to the
+threaded path for everything else: each case here checks which path ran and what it did."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from api.inference import router
+from core import limits
+from core.tables import utcnow
+from tests.utils.factories import auth
+from tests.utils.stack import StackInfo
+
+BODY: dict[str, Any] = {"prompt": "Once upon a time", "raw": True, "temperature": 0.0,
+                        "max_tokens": 8, "seed": 1}  # fmt: skip
+
+
+@pytest.fixture
+def threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The names of the functions `/v1/infer` handed to a thread."""
+    used: list[str] = []
+    real = router.run_in_threadpool
+
+    async def spy(func: Any, *args: Any, **kwargs: Any) -> Any:
+        used.append(func.__name__)
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(router, "run_in_threadpool", spy)
+    yield used
+
+
+@pytest.fixture
+def rds(stack: StackInfo) -> redis.Redis:  # type: ignore[type-arg]
+    return redis.Redis.from_url(stack.settings.effective_redis_url)
+
+
+def mint(client: TestClient, ready: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    resp = client.post(f"/v1/models/{ready['id']}/keys", json={"name": "inline", **fields},
+                       headers=auth(ready["token"]))  # fmt: skip
+    assert resp.status_code == 201, resp.text
+    minted: dict[str, Any] = resp.json()
+    return minted
+
+
+def fresh_directory(client: TestClient) -> None:
+    """Heartbeats read just now: the inline path needs them no older than a second."""
+    client.app.state.workers.workers()  # type: ignore[attr-defined]
+
+
+def infer(client: TestClient, key: str, **body: Any) -> Any:
+    fresh_directory(client)
+    return client.post("/v1/infer", json={**BODY, **body}, headers=auth(key))
+
+
+def test_a_cached_warm_call_starts_without_a_thread_and_answers_the_same(
+    client: TestClient, gguf_ready: dict[str, Any], threads: list[str]
+) -> None:
+    key = mint(client, gguf_ready, rate_limit_rpm=5)["key"]
+    first = infer(client, key, model_id=gguf_ready["id"])
+    assert first.status_code == 200, first.text
+    assert threads == ["_start"]  # a new key: its grant is read from the database
+    second = infer(client, key, model_id=gguf_ready["id"])
+    assert second.status_code == 200, second.text
+    assert threads == ["_start"]  # the cached grant: admitted and queued on the event loop
+    assert second.json()["completion"] == first.json()["completion"]  # greedy
+    assert second.headers["x-ratelimit-limit"] == "5"
+    assert int(second.headers["x-ratelimit-remaining"]) < int(
+        first.headers["x-ratelimit-remaining"]
+    )
+    job = client.get(f"/v1/jobs/{second.json()['id']}", headers=auth(key))
+    assert job.status_code == 200 and job.json()["status"] == "succeeded"  # its worker wrote it
+    streamed = client.post("/v1/infer", json={**BODY, "model_id": gguf_ready["id"],
+                                               "stream": True}, headers=auth(key))  # fmt: skip
+    assert streamed.status_code == 200 and '"done":true' in streamed.text.replace(" ", "")
+
+
+def test_inline_refuses_a_wrong_secret_and_a_revoked_key(
+    client: TestClient, gguf_ready: dict[str, Any], threads: list[str]
+) -> None:
+    minted = mint(client, gguf_ready)
+    key = minted["key"]
+    assert infer(client, key, model_id=gguf_ready["id"]).status_code == 200
+    forged = key[:-4] + ("aaaa" if not key.endswith("aaaa") else "bbbb")
+    resp = infer(client, forged, model_id=gguf_ready["id"])
+    assert resp.status_code == 403, resp.text
+    assert resp.json()["error"]["code"] == "AUTHENTICATION_FAILED"
+    assert threads == ["_start"]  # refused from the cached digest: no thread, no query
+    revoked = client.delete(f"/v1/keys/{minted['id']}", headers=auth(gguf_ready["token"]))
+    assert revoked.status_code == 204, revoked.text
+    resp = infer(client, key, model_id=gguf_ready["id"])
+    assert resp.status_code == 403 and "revoked" in resp.json()["error"]["message"]
+    assert threads == ["_start", "_start"]  # the revocation emptied the cache: the database
+
+
+def test_inline_admission_error_after_the_slot_frees_it(
+    client: TestClient, gguf_ready: dict[str, Any], threads: list[str]
+) -> None:
+    """`max_tokens` over the server's cap is refused after admission: the slot it took is
+    given back, so a key allowed one request at a time can still call."""
+    key = mint(client, gguf_ready, rate_limit_concurrency=1)["key"]
+    assert infer(client, key, model_id=gguf_ready["id"]).status_code == 200
+    over = infer(client, key, model_id=gguf_ready["id"], max_tokens=10**6)
+    assert over.status_code == 400, over.text
+    assert "max_tokens" in over.json()["error"]["message"]
+    again = infer(client, key, model_id=gguf_ready["id"])
+    assert again.status_code == 200, again.text
+    assert threads == ["_start"]
+
+
+def test_inline_falls_back_to_the_ledger_when_the_budget_counter_is_gone(
+    client: TestClient,
+    gguf_ready: dict[str, Any],
+    threads: list[str],
+    rds: redis.Redis,  # type: ignore[type-arg]
+) -> None:
+    minted = mint(client, gguf_ready, monthly_token_budget=10**6)
+    first = infer(client, minted["key"], model_id=gguf_ready["id"])
+    assert first.status_code == 200, first.text
+    counter = limits.budget_key(minted["id"], limits.month_of(utcnow()))
+    assert int(rds.get(counter) or 0) == first.json()["tokens_used"]
+    rds.delete(counter)  # Redis lost it: only the database knows what was spent
+    threads.clear()
+    second = infer(client, minted["key"], model_id=gguf_ready["id"])
+    assert second.status_code == 200, second.text
+    assert threads == ["_start"]  # the inline path admitted nothing and handed over
+    spent = first.json()["tokens_used"] + second.json()["tokens_used"]
+    assert int(rds.get(counter) or 0) == spent  # re-read from the ledger, then debited once
