@@ -23,6 +23,7 @@ from api.inference.serving import (
     headers_of,
     relay,
     sse,
+    start_inline,
     start_job,
 )
 from api.openai import serving as svc
@@ -53,6 +54,21 @@ def _start(
     return start_job(conn=request, settings=settings, authorize=authorize, spec=spec, live=live)
 
 
+async def _begin(
+    request: Request, settings: Settings, auth: str | None, model: str, spec: JobSpec, live: bool
+) -> Job:
+    """On the event loop when the key's grant is cached (`start_inline`), else `_start`."""
+    token = key_token(auth, None)
+    model_id = svc.cached_model_id(request.app.state.auth_cache, token, model)
+    if model_id is not None:
+        inline = dataclasses.replace(spec, row_by_worker=True)
+        job = await start_inline(conn=request, settings=settings, spec=inline, token=token,
+                                 model_id=model_id, live=live)  # fmt: skip
+        if job is not None:
+            return job
+    return await run_in_threadpool(_start, request, settings, auth, model, spec, live)
+
+
 async def _run(
     request: Request,
     settings: Settings,
@@ -61,7 +77,7 @@ async def _run(
     spec: JobSpec,
     answer: Callable[[str, str, Outcome], BaseModel],
 ) -> JSONResponse | StreamingResponse:
-    job = await run_in_threadpool(_start, request, settings, auth, body.model, spec, body.stream)
+    job = await _begin(request, settings, auth, body.model, spec, body.stream)
     aredis = request.app.state.aredis
     outcome = Outcome()
     if not body.stream:
@@ -147,7 +163,7 @@ async def embeddings(
 ) -> JSONResponse:
     """One vector per input (GGUF: llama.cpp, transformers: mean pooling); usage = tokens."""
     spec = svc.embedding_spec(body, settings)
-    job = await run_in_threadpool(_start, request, settings, authorization, body.model, spec, False)
+    job = await _begin(request, settings, authorization, body.model, spec, False)
     outcome = Outcome()
     aredis = request.app.state.aredis
     async for _ in follow_until(aredis, job.id, outcome, deadline=deadline_for(job)):

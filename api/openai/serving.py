@@ -66,6 +66,16 @@ def authorizer(settings: Settings, token: str, model: str, text: str = "") -> Au
     return authorize
 
 
+def cached_model_id(cache: AuthCache, token: str, model: str) -> str | None:
+    """The model `model` names (its id, or its name as the key's own model has it), as the
+    key's cached grant says; None when the grant is not cached (the database decides)."""
+    parsed = keys.parse(token, keys.API_KEY_PREFIX)
+    cached = cache.get(parsed.key_id) if parsed else None
+    if cached is None or model not in (cached.model_id, cached.model_name):
+        return None
+    return cached.model_id
+
+
 def _model_named(session: Session, key: ApiKey, name: str) -> str | None:
     """The key's own model if it has this name, else the account's newest one that does."""
     stmt = (

@@ -130,3 +130,43 @@ def test_inline_falls_back_to_the_ledger_when_the_budget_counter_is_gone(
     assert threads == ["_start"]  # the inline path admitted nothing and handed over
     spent = first.json()["tokens_used"] + second.json()["tokens_used"]
     assert int(rds.get(counter) or 0) == spent  # re-read from the ledger, then debited once
+
+
+@pytest.fixture
+def openai_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The names of the functions the OpenAI routes handed to a thread."""
+    from api.openai import router as openai_router
+
+    used: list[str] = []
+    real = openai_router.run_in_threadpool
+
+    async def spy(func: Any, *args: Any, **kwargs: Any) -> Any:
+        used.append(func.__name__)
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(openai_router, "run_in_threadpool", spy)
+    yield used
+
+
+def test_openai_routes_start_inline_by_model_id_or_name(
+    client: TestClient, gguf_ready: dict[str, Any], openai_threads: list[str]
+) -> None:
+    key = mint(client, gguf_ready)["key"]
+    name = client.get(f"/v1/models/{gguf_ready['id']}", headers=auth(gguf_ready["token"]))
+    assert name.status_code == 200, name.text
+    body = {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0.0, "seed": 1}
+    answers = []
+    for model in (gguf_ready["id"], gguf_ready["id"], name.json()["name"], "no-such-model"):
+        fresh_directory(client)
+        answers.append(client.post("/openai/v1/completions", json={**body, "model": model},
+                                   headers=auth(key)))  # fmt: skip
+    assert [a.status_code for a in answers] == [200, 200, 200, 404], answers[-1].text
+    assert answers[1].json()["choices"] == answers[0].json()["choices"]
+    assert answers[2].json()["choices"] == answers[0].json()["choices"]
+    # New key: the database; then by id and by its name: the cache; an unknown name: the
+    # database again (it may be another model of the account).
+    assert openai_threads == ["_start", "_start"]
+    embedded = client.post("/openai/v1/embeddings", json={"model": gguf_ready["id"], "input": "hi"},
+                           headers=auth(key))  # fmt: skip
+    assert embedded.status_code == 200 and embedded.json()["data"][0]["embedding"]
+    assert openai_threads == ["_start", "_start"]
