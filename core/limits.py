@@ -23,8 +23,10 @@ from redis.commands.core import Script
 
 BUDGET_TTL_S = 40 * 24 * 3600  # a month's counter outlives the month
 
-# KEYS: rpm bucket, tpm bucket, concurrency set, budget counter.
-# ARGV: rpm, tpm, concurrency, budget (0 = none), job id, lease in ms.
+# KEYS: rpm bucket, tpm bucket, concurrency set, budget counter[, queue list].
+# ARGV: rpm, tpm, concurrency, budget (0 = none), job id, lease in ms[, task message].
+# With the queue list and message, an admitted request's task is queued in the same round
+# trip (LPUSH, as kombu's Redis transport would); a refused one queues nothing.
 # Reply: {verdict, rpm level, tpm level, slots in use, retry after ms (budget: tokens spent)};
 # verdict is "ok", "rpm", "tpm", "concurrency", "budget" or "seed" (no budget counter yet).
 ADMIT_LUA = """
@@ -84,6 +86,7 @@ if conc > 0 then
   keep(KEYS[3], lease)
   used = used + 1
 end
+if KEYS[5] then redis.call('LPUSH', KEYS[5], ARGV[7]) end
 return {'ok', tostring(r), tostring(k), used, 0}
 """
 

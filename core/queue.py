@@ -12,7 +12,6 @@ from typing import Any
 
 import kombu.transport as kombu_transport
 import redis
-import redis.asyncio as aioredis
 from celery import Celery
 from kombu.transport import redis as kombu_redis
 
@@ -235,15 +234,10 @@ def task_message(
 def publish_task(client: redis.Redis, message: dict[str, Any]) -> None:  # type: ignore[type-arg]
     """LPUSH a `task_message` onto its queue's list for its priority, as kombu does: a worker
     consuming that queue takes it like any other Celery message."""
-    client.lpush(*_pushed(message))
+    client.lpush(*pushed(message))
 
 
-async def apublish_task(aredis: aioredis.Redis, message: dict[str, Any]) -> None:  # type: ignore[type-arg]
-    """`publish_task` from an event loop."""
-    await aredis.lpush(*_pushed(message))
-
-
-def _pushed(message: dict[str, Any]) -> tuple[str, str]:
+def pushed(message: dict[str, Any]) -> tuple[str, str]:
     """The list a task message goes to, and the message as kombu stores it."""
     properties = message["properties"]
     queue = properties["delivery_info"]["routing_key"]

@@ -84,12 +84,19 @@ async def aenforce(
     grant: Grant,
     job_id: str,
     lease_s: float,
+    push: tuple[str, str] | None = None,
 ) -> bool:
     """`enforce` on the event loop; False (nothing admitted) where the month's budget
-    counter must first be read from the database: the caller takes `enforce`'s path."""
+    counter must first be read from the database: the caller takes `enforce`'s path.
+
+    `push` (a queue's list and a task message): queued by the same script once admitted.
+    """
     lim = limits_of(grant, settings)
     now = utcnow()
     keys, args = _admission(grant.key_id, lim, job_id, lease_s, now)
+    if push is not None:
+        keys.append(push[0])
+        args.append(push[1])
     reply: list[Any] = await aredis.register_script(limits.ADMIT_LUA)(keys=keys, args=args)
     if reply[0] == b"seed":
         return False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -12,7 +11,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-import anyio
 import redis
 import redis.asyncio as aioredis
 from sqlmodel import Session
@@ -28,16 +26,16 @@ from api.prompt_routing.service import is_router_id
 from core import events
 from core import limits as core_limits
 from core.db import get_engine
-from core.errors import JobTimeout, ServiceUnavailable, job_error
+from core.errors import InferatechError, JobTimeout, ServiceUnavailable, job_error
 from core.ids import new_id
 from core.queue import (
     CARRIED_JOBS,
     INFER_QUEUE,
     INFER_TASK,
     INTERACTIVE_PRIORITY,
-    apublish_task,
     carried_job,
     publish_task,
+    pushed,
     task_message,
 )
 from core.redis import get_redis
@@ -143,6 +141,18 @@ def start_job(
             raise
 
 
+def check_spec(settings: Settings, spec: JobSpec) -> None:
+    """The server's caps on a job's input and output."""
+    if spec.input_chars > settings.max_prompt_chars:
+        raise job_error(
+            "INVALID_REQUEST", f"{spec.input_name} is over {settings.max_prompt_chars} characters"
+        )
+    if spec.max_tokens > settings.max_completion_tokens:
+        raise job_error(
+            "INVALID_REQUEST", f"max_tokens is capped at {settings.max_completion_tokens}"
+        )
+
+
 def new_job(
     *,
     settings: Settings,
@@ -153,14 +163,7 @@ def new_job(
     batch_id: str | None = None,
 ) -> Job:
     """A checked, unsaved job row for `spec`, served by the grant's model."""
-    if spec.input_chars > settings.max_prompt_chars:
-        raise job_error(
-            "INVALID_REQUEST", f"{spec.input_name} is over {settings.max_prompt_chars} characters"
-        )
-    if spec.max_tokens > settings.max_completion_tokens:
-        raise job_error(
-            "INVALID_REQUEST", f"max_tokens is capped at {settings.max_completion_tokens}"
-        )
+    check_spec(settings, spec)
     timeout, ttl = timeout_and_ttl(settings, spec)
     return Job(
         id=job_id or new_id("job"),
@@ -228,8 +231,9 @@ async def start_inline(
 
     That is: a model (not a router) whose grant this process has cached, no session, a job
     its worker writes, and workers' heartbeats read within the second. Anything else, or a
-    month's budget counter to read from the database, returns None having admitted
-    nothing: the caller takes `start_job`. Errors are `start_job`'s.
+    month's budget counter to read from the database, returns None having admitted and
+    queued nothing: the caller takes `start_job`. Errors are `start_job`'s; Redis down is a
+    503 (`api.errors.is_outage`).
     """
     state = conn.app.state
     directory: WorkerDirectory = state.workers
@@ -246,25 +250,24 @@ async def start_inline(
     if grant is None:
         return None
     conn.state.model_id = grant.model_id
-    aredis = state.aredis
-    job_id = new_id("job")
-    lease_s = slot_lease_s(settings, spec)
-    if not await limits.aenforce(conn, aredis=aredis, settings=settings, grant=grant,
-                                 job_id=job_id, lease_s=lease_s):  # fmt: skip
-        return None
+    aredis, lease_s = state.aredis, slot_lease_s(settings, spec)
     try:
-        job = new_job(settings=settings, grant=grant, spec=spec, job_id=job_id)
-        queue = directory.queue_for(grant.model_sha256 or grant.model_id, workers)
-        try:
-            await apublish_task(aredis, infer_message(job, queue, live, carried=True))
-        except Exception as exc:
-            raise ServiceUnavailable("the task queue is unavailable; retry") from exc
-    except BaseException:
-        with anyio.CancelScope(shield=True):  # no job, so no worker to free the slot
-            with contextlib.suppress(Exception):
-                await limits.release(aredis, grant.key_id, job_id)
+        job = new_job(settings=settings, grant=grant, spec=spec)
+    except InferatechError:
+        # As on `start_job`'s path, a request refused for its parameters is admitted first
+        # (it spends a request and carries the limit headers), then its slot is freed.
+        job_id = new_id("job")
+        if not await limits.aenforce(conn, aredis=aredis, settings=settings, grant=grant,
+                                     job_id=job_id, lease_s=lease_s):  # fmt: skip
+            return None
+        await limits.release(aredis, grant.key_id, job_id)
         raise
-    return job
+    queue = directory.queue_for(grant.model_sha256 or grant.model_id, workers)
+    task = pushed(infer_message(job, queue, live, carried=True))
+    # One round trip: the admission script queues the task once it admitted the request.
+    admitted = await limits.aenforce(conn, aredis=aredis, settings=settings, grant=grant,
+                                     job_id=job.id, lease_s=lease_s, push=task)  # fmt: skip
+    return job if admitted else None
 
 
 def create_job(

@@ -3,16 +3,19 @@ threaded path for everything else: each case here checks which path ran and what
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from sqlmodel import col, func, select
 
 from api.inference import router
 from core import limits
-from core.tables import utcnow
+from core.db import session_scope
+from core.tables import Job, utcnow
 from tests.utils.factories import auth
 from tests.utils.stack import StackInfo
 
@@ -107,6 +110,7 @@ def test_inline_admission_error_after_the_slot_frees_it(
     over = infer(client, key, model_id=gguf_ready["id"], max_tokens=10**6)
     assert over.status_code == 400, over.text
     assert "max_tokens" in over.json()["error"]["message"]
+    assert over.headers["x-ratelimit-remaining-concurrency"] == "0"  # admitted, as `start_job`
     again = infer(client, key, model_id=gguf_ready["id"])
     assert again.status_code == 200, again.text
     assert threads == ["_start"]
@@ -170,3 +174,19 @@ def test_openai_routes_start_inline_by_model_id_or_name(
                            headers=auth(key))  # fmt: skip
     assert embedded.status_code == 200 and embedded.json()["data"][0]["embedding"]
     assert openai_threads == ["_start", "_start"]
+
+
+def test_inline_refusal_queues_nothing(
+    client: TestClient, stack: StackInfo, gguf_ready: dict[str, Any], threads: list[str]
+) -> None:
+    """The admission script queues the task only when it admits: a 429 runs no job."""
+    minted = mint(client, gguf_ready, rate_limit_rpm=1)
+    assert infer(client, minted["key"], model_id=gguf_ready["id"]).status_code == 200
+    refused = infer(client, minted["key"], model_id=gguf_ready["id"])
+    assert refused.status_code == 429, refused.text
+    assert threads == ["_start"]  # the refusal came from the inline path
+    time.sleep(2)  # a wrongly queued job would have been claimed (its row written) by now
+
+    with session_scope(stack.settings) as s:
+        rows = s.exec(select(func.count()).where(col(Job.api_key_id) == minted["id"])).one()
+    assert rows == 1

@@ -12,7 +12,7 @@ from api.inference import serving
 from api.inference.routing import WorkerDirectory
 from core.db import session_scope
 from core.events import read_heartbeats
-from core.queue import INFER_QUEUE, apublish_task, publish_task
+from core.queue import INFER_QUEUE
 from core.redis import get_redis
 from core.tables import Model
 from tests.utils.factories import auth
@@ -79,16 +79,13 @@ def test_warm_model_is_routed_to_its_worker_queue(
         time.sleep(0.1)
     sent_to: list[str] = []  # where the API really puts the message, not just what it picks
 
-    def publish(client: Any, message: dict[str, Any]) -> None:
-        sent_to.append(message["properties"]["delivery_info"]["routing_key"])
-        publish_task(client, message)
+    real = serving.infer_message
 
-    async def apublish(aredis: Any, message: dict[str, Any]) -> None:  # the event-loop path
-        sent_to.append(message["properties"]["delivery_info"]["routing_key"])
-        await apublish_task(aredis, message)
+    def message(job: Any, queue: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        sent_to.append(queue)  # on either path: the admission script or `publish_task` sends it
+        return real(job, queue, *args, **kwargs)
 
-    monkeypatch.setattr(serving, "publish_task", publish)
-    monkeypatch.setattr(serving, "apublish_task", apublish)
+    monkeypatch.setattr(serving, "infer_message", message)
     routed = client.post("/v1/infer", json=body, headers=auth(gguf_ready["key"]))
     assert routed.status_code == 200  # the worker took it from its own queue
     assert sent_to == [beat["queue"]]
