@@ -4,7 +4,6 @@ threaded path for everything else: each case here checks which path ran and what
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,7 +15,7 @@ from api.inference import router
 from core import limits
 from core.db import session_scope
 from core.tables import Job, utcnow
-from tests.utils.factories import auth
+from tests.utils.factories import auth, mint_key, spy_threads
 from tests.utils.stack import StackInfo
 
 BODY: dict[str, Any] = {"prompt": "Once upon a time", "raw": True, "temperature": 0.0,
@@ -24,30 +23,14 @@ BODY: dict[str, Any] = {"prompt": "Once upon a time", "raw": True, "temperature"
 
 
 @pytest.fixture
-def threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+def threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The names of the functions `/v1/infer` handed to a thread."""
-    used: list[str] = []
-    real = router.run_in_threadpool
-
-    async def spy(func: Any, *args: Any, **kwargs: Any) -> Any:
-        used.append(func.__name__)
-        return await real(func, *args, **kwargs)
-
-    monkeypatch.setattr(router, "run_in_threadpool", spy)
-    yield used
+    return spy_threads(monkeypatch, router)
 
 
 @pytest.fixture
 def rds(stack: StackInfo) -> redis.Redis:  # type: ignore[type-arg]
     return redis.Redis.from_url(stack.settings.effective_redis_url)
-
-
-def mint(client: TestClient, ready: dict[str, Any], **fields: Any) -> dict[str, Any]:
-    resp = client.post(f"/v1/models/{ready['id']}/keys", json={"name": "inline", **fields},
-                       headers=auth(ready["token"]))  # fmt: skip
-    assert resp.status_code == 201, resp.text
-    minted: dict[str, Any] = resp.json()
-    return minted
 
 
 def fresh_directory(client: TestClient) -> None:
@@ -63,7 +46,7 @@ def infer(client: TestClient, key: str, **body: Any) -> Any:
 def test_a_cached_warm_call_starts_without_a_thread_and_answers_the_same(
     client: TestClient, gguf_ready: dict[str, Any], threads: list[str]
 ) -> None:
-    key = mint(client, gguf_ready, rate_limit_rpm=5)["key"]
+    key = mint_key(client, gguf_ready, rate_limit_rpm=5)["key"]
     first = infer(client, key, model_id=gguf_ready["id"])
     assert first.status_code == 200, first.text
     assert threads == ["_start"]  # a new key: its grant is read from the database
@@ -85,7 +68,7 @@ def test_a_cached_warm_call_starts_without_a_thread_and_answers_the_same(
 def test_inline_refuses_a_wrong_secret_and_a_revoked_key(
     client: TestClient, gguf_ready: dict[str, Any], threads: list[str]
 ) -> None:
-    minted = mint(client, gguf_ready)
+    minted = mint_key(client, gguf_ready)
     key = minted["key"]
     assert infer(client, key, model_id=gguf_ready["id"]).status_code == 200
     forged = key[:-4] + ("aaaa" if not key.endswith("aaaa") else "bbbb")
@@ -105,7 +88,7 @@ def test_inline_admission_error_after_the_slot_frees_it(
 ) -> None:
     """`max_tokens` over the server's cap is refused after admission: the slot it took is
     given back, so a key allowed one request at a time can still call."""
-    key = mint(client, gguf_ready, rate_limit_concurrency=1)["key"]
+    key = mint_key(client, gguf_ready, rate_limit_concurrency=1)["key"]
     assert infer(client, key, model_id=gguf_ready["id"]).status_code == 200
     over = infer(client, key, model_id=gguf_ready["id"], max_tokens=10**6)
     assert over.status_code == 400, over.text
@@ -122,7 +105,7 @@ def test_inline_falls_back_to_the_ledger_when_the_budget_counter_is_gone(
     threads: list[str],
     rds: redis.Redis,  # type: ignore[type-arg]
 ) -> None:
-    minted = mint(client, gguf_ready, monthly_token_budget=10**6)
+    minted = mint_key(client, gguf_ready, monthly_token_budget=10**6)
     first = infer(client, minted["key"], model_id=gguf_ready["id"])
     assert first.status_code == 200, first.text
     counter = limits.budget_key(minted["id"], limits.month_of(utcnow()))
@@ -137,25 +120,17 @@ def test_inline_falls_back_to_the_ledger_when_the_budget_counter_is_gone(
 
 
 @pytest.fixture
-def openai_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+def openai_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The names of the functions the OpenAI routes handed to a thread."""
     from api.openai import router as openai_router
 
-    used: list[str] = []
-    real = openai_router.run_in_threadpool
-
-    async def spy(func: Any, *args: Any, **kwargs: Any) -> Any:
-        used.append(func.__name__)
-        return await real(func, *args, **kwargs)
-
-    monkeypatch.setattr(openai_router, "run_in_threadpool", spy)
-    yield used
+    return spy_threads(monkeypatch, openai_router)
 
 
 def test_openai_routes_start_inline_by_model_id_or_name(
     client: TestClient, gguf_ready: dict[str, Any], openai_threads: list[str]
 ) -> None:
-    key = mint(client, gguf_ready)["key"]
+    key = mint_key(client, gguf_ready)["key"]
     name = client.get(f"/v1/models/{gguf_ready['id']}", headers=auth(gguf_ready["token"]))
     assert name.status_code == 200, name.text
     body = {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0.0, "seed": 1}
@@ -180,7 +155,7 @@ def test_inline_refusal_queues_nothing(
     client: TestClient, stack: StackInfo, gguf_ready: dict[str, Any], threads: list[str]
 ) -> None:
     """The admission script queues the task only when it admits: a 429 runs no job."""
-    minted = mint(client, gguf_ready, rate_limit_rpm=1)
+    minted = mint_key(client, gguf_ready, rate_limit_rpm=1)
     assert infer(client, minted["key"], model_id=gguf_ready["id"]).status_code == 200
     refused = infer(client, minted["key"], model_id=gguf_ready["id"])
     assert refused.status_code == 429, refused.text

@@ -29,7 +29,7 @@ from core.db import session_scope
 from core.ids import new_id
 from core.settings import Settings
 from core.tables import Job, JobStatus, utcnow
-from tests.utils.factories import auth, create_account
+from tests.utils.factories import auth, create_account, mint_key
 from tests.utils.services import free_port
 from tests.utils.sse import sse_events
 from tests.utils.stack import ApiProcess, StackInfo, Worker, start_api
@@ -68,14 +68,6 @@ def paused(worker: Worker) -> Iterator[None]:
         os.kill(worker.process.pid, signal.SIGCONT)
 
 
-def mint(client: TestClient, ready: dict[str, Any], **fields: Any) -> dict[str, Any]:
-    resp = client.post(f"/v1/models/{ready['id']}/keys", json={"name": "limited", **fields},
-                       headers=auth(ready["token"]))  # fmt: skip
-    assert resp.status_code == 201, resp.text
-    minted: dict[str, Any] = resp.json()
-    return minted
-
-
 def burst(
     urls: list[str], path: str, key: str, body: dict[str, Any], n: int
 ) -> list[httpx.Response]:
@@ -109,7 +101,7 @@ def cancel_all(client: TestClient, key: str, replies: list[httpx.Response]) -> N
 def test_mint_stores_limits_budget_and_payload_logging(
     client: TestClient, gguf_ready: dict[str, Any]
 ) -> None:
-    key = mint(client, gguf_ready, rate_limit_rpm=30, rate_limit_tpm=5000,
+    key = mint_key(client, gguf_ready, rate_limit_rpm=30, rate_limit_tpm=5000,
                rate_limit_concurrency=4, monthly_token_budget=10**9, log_payloads=True)  # fmt: skip
     listed = client.get("/v1/keys", headers=auth(gguf_ready["token"])).json()["data"]
     row = next(k for k in listed if k["id"] == key["id"])
@@ -117,7 +109,7 @@ def test_mint_stores_limits_budget_and_payload_logging(
         assert public["rate_limit_rpm"] == 30 and public["rate_limit_tpm"] == 5000
         assert public["rate_limit_concurrency"] == 4 and public["monthly_token_budget"] == 10**9
         assert public["log_payloads"] is True
-    plain = mint(client, gguf_ready)
+    plain = mint_key(client, gguf_ready)
     assert plain["rate_limit_rpm"] is None and plain["log_payloads"] is False
 
 
@@ -152,7 +144,7 @@ def test_mint_rejects_malformed_or_raised_limits(
 
 
 def test_key_cannot_raise_its_own_limits(client: TestClient, gguf_ready: dict[str, Any]) -> None:
-    key = mint(client, gguf_ready, rate_limit_rpm=2)
+    key = mint_key(client, gguf_ready, rate_limit_rpm=2)
     as_key = client.post(f"/v1/models/{gguf_ready['id']}/keys", json={"rate_limit_rpm": 1000},
                          headers=auth(key["key"]))  # fmt: skip
     assert as_key.status_code == 403 and error_of(as_key)["code"] == "AUTHENTICATION_FAILED"
@@ -176,7 +168,7 @@ def test_key_cannot_raise_its_own_limits(client: TestClient, gguf_ready: dict[st
 def test_requests_per_minute_hold_across_three_api_processes(
     client: TestClient, gguf_ready: dict[str, Any], apis: list[str]
 ) -> None:
-    key = mint(client, gguf_ready, rate_limit_rpm=3)  # one request back every 20 s
+    key = mint_key(client, gguf_ready, rate_limit_rpm=3)  # one request back every 20 s
     replies = burst(apis, "/v1/jobs", key["key"], {"model_id": gguf_ready["id"], **BODY}, 10)
     accepted = [r for r in replies if r.status_code == 202]
     refused = [r for r in replies if r.status_code == 429]
@@ -196,7 +188,7 @@ def test_requests_per_minute_hold_across_three_api_processes(
 def test_concurrency_holds_across_api_processes_and_cancel_frees_a_slot(
     client: TestClient, gguf_ready: dict[str, Any], apis: list[str], stack: StackInfo
 ) -> None:
-    key = mint(client, gguf_ready, rate_limit_concurrency=2)
+    key = mint_key(client, gguf_ready, rate_limit_concurrency=2)
     body = {"model_id": gguf_ready["id"], **BODY}
     with paused(stack.infer_worker):
         replies = burst(apis, "/v1/jobs", key["key"], body, 6)
@@ -224,9 +216,9 @@ def test_per_key_limits_beat_the_defaults(
     client: TestClient, gguf_ready: dict[str, Any], stack: StackInfo
 ) -> None:
     default = client.post("/v1/infer", json={"model_id": gguf_ready["id"], **BODY},
-                          headers=auth(mint(client, gguf_ready)["key"]))  # fmt: skip
+                          headers=auth(mint_key(client, gguf_ready)["key"]))  # fmt: skip
     own = client.post("/v1/infer", json={"model_id": gguf_ready["id"], **BODY},
-                      headers=auth(mint(client, gguf_ready, rate_limit_rpm=7,
+                      headers=auth(mint_key(client, gguf_ready, rate_limit_rpm=7,
                                         rate_limit_concurrency=1)["key"]))  # fmt: skip
     assert default.status_code == own.status_code == 200
     assert default.headers["x-ratelimit-limit"] == str(stack.settings.rate_limit_rpm)
@@ -243,7 +235,7 @@ def test_per_key_limits_beat_the_defaults(
 def test_tokens_per_minute_are_debited_and_then_refuse(
     client: TestClient, gguf_ready: dict[str, Any]
 ) -> None:
-    key = mint(client, gguf_ready, rate_limit_tpm=2)  # one token back every 30 s
+    key = mint_key(client, gguf_ready, rate_limit_tpm=2)  # one token back every 30 s
     body = {"model_id": gguf_ready["id"], **BODY}
     first = client.post("/v1/infer", json=body, headers=auth(key["key"]))
     assert first.status_code == 200, first.text
@@ -266,7 +258,7 @@ def test_monthly_budget_is_exhausted_then_rebuilt_from_the_ledger(
     gguf_ready: dict[str, Any],
     rds: redis.Redis,  # type: ignore[type-arg]
 ) -> None:
-    key = mint(client, gguf_ready, monthly_token_budget=1)
+    key = mint_key(client, gguf_ready, monthly_token_budget=1)
     body = {"model_id": gguf_ready["id"], **BODY}
     first = client.post("/v1/infer", json=body, headers=auth(key["key"]))
     assert first.status_code == 200, first.text
@@ -292,7 +284,7 @@ def test_async_job_nobody_waits_for_is_debited_and_frees_its_slot(
     gguf_ready: dict[str, Any],
     rds: redis.Redis,  # type: ignore[type-arg]
 ) -> None:
-    key = mint(client, gguf_ready, monthly_token_budget=10**6, rate_limit_concurrency=1)
+    key = mint_key(client, gguf_ready, monthly_token_budget=10**6, rate_limit_concurrency=1)
     created = client.post("/v1/jobs", json={"model_id": gguf_ready["id"], **BODY},
                           headers=auth(key["key"]))  # fmt: skip
     assert created.status_code == 202 and created.headers["x-ratelimit-limit-concurrency"] == "1"
@@ -320,7 +312,7 @@ def wait_ended(client: TestClient, key: str, job_id: str) -> dict[str, Any]:
 def test_json_sse_jobs_and_error_responses_carry_consistent_headers(
     client: TestClient, gguf_ready: dict[str, Any]
 ) -> None:
-    key = mint(client, gguf_ready, rate_limit_rpm=5, rate_limit_concurrency=3)
+    key = mint_key(client, gguf_ready, rate_limit_rpm=5, rate_limit_concurrency=3)
     body = {"model_id": gguf_ready["id"], **BODY}
     plain = client.post("/v1/infer", json=body, headers=auth(key["key"]))
     with client.stream("POST", "/v1/infer", json={**body, "stream": True},
@@ -365,7 +357,7 @@ def test_disconnected_stream_frees_its_slot_and_is_debited(
     from tests.workers.test_inference import faulty
     from workers import inference
 
-    key = mint(client, gguf_ready, rate_limit_concurrency=1, monthly_token_budget=10**6)
+    key = mint_key(client, gguf_ready, rate_limit_concurrency=1, monthly_token_budget=10**6)
     body = {"model_id": gguf_ready["id"], **BODY, "max_tokens": 400, "stream": True}
     ex = inference.Executor(stack.settings)
     faulty(ex, "slow_endless")  # a token every 50 ms until cancelled
@@ -487,7 +479,7 @@ def test_job_reads_have_a_per_minute_limit_per_key_and_per_account(
 ) -> None:
     settings = stack.settings.model_copy(update={"rate_limit_read_rpm": 3})
     with app_with(settings) as c:
-        key = mint(c, gguf_ready)["key"]
+        key = mint_key(c, gguf_ready)["key"]
         created = c.post("/v1/jobs", json={"model_id": gguf_ready["id"], **BODY}, headers=auth(key))
         assert created.status_code == 202, created.text
         job = f"/v1/jobs/{created.json()['id']}"
@@ -506,7 +498,7 @@ def test_job_reads_have_a_per_minute_limit_per_key_and_per_account(
         # Other readers have buckets of their own; running jobs is limited apart from reading.
         assert c.get(job, headers=auth(gguf_ready["token"])).status_code == 200  # owner account
         assert (
-            c.get(job, headers=auth(mint(c, gguf_ready)["key"])).status_code == 404
+            c.get(job, headers=auth(mint_key(c, gguf_ready)["key"])).status_code == 404
         )  # not its job
         again = c.post("/v1/jobs", json={"model_id": gguf_ready["id"], **BODY}, headers=auth(key))
         assert again.status_code == 202
@@ -516,7 +508,7 @@ def test_job_reads_have_a_per_minute_limit_per_key_and_per_account(
 def test_job_reads_fail_open_without_redis_and_the_limit_can_be_off(
     client: TestClient, stack: StackInfo, gguf_ready: dict[str, Any]
 ) -> None:
-    key = mint(client, gguf_ready)["key"]
+    key = mint_key(client, gguf_ready)["key"]
     created = client.post(
         "/v1/jobs", json={"model_id": gguf_ready["id"], **BODY}, headers=auth(key)
     )

@@ -19,7 +19,7 @@ from core.db import migrate, session_scope
 from core.settings import Settings, get_settings
 from core.tables import Job, JobStatus, UsageEvent
 from tests.conftest import make_settings
-from tests.utils.factories import auth, create_account, upload_model
+from tests.utils.factories import auth, create_account, spy_threads, upload_model
 from tests.utils.services import free_port
 from tests.utils.stack import Worker, start_worker
 
@@ -137,6 +137,17 @@ def test_worker_killed_mid_job_is_redelivered_and_bills_once(
     assert len(usage) <= 1
 
 
+def _served_again(client: TestClient, body: dict[str, Any], key: str) -> None:
+    """Redis is back on the same port: the stack reconnects and serves within a minute."""
+    deadline = time.monotonic() + 60
+    while True:
+        resp = client.post("/v1/infer", json=body, headers=auth(key))
+        if resp.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert resp.status_code == 200, resp.text
+
+
 def test_redis_down_on_the_inline_path_gives_503_then_recovers(
     mini: MiniStack, gguf_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -144,14 +155,7 @@ def test_redis_down_on_the_inline_path_gives_503_then_recovers(
     too, and nothing blocks the loop for good."""
     from api.inference import router
 
-    threaded: list[str] = []
-    real = router.run_in_threadpool
-
-    async def spy(func: Any, *args: Any, **kwargs: Any) -> Any:
-        threaded.append(func.__name__)
-        return await real(func, *args, **kwargs)
-
-    monkeypatch.setattr(router, "run_in_threadpool", spy)
+    threaded = spy_threads(monkeypatch, router)
     with mini.client() as client:
         ready = _ready(client, gguf_model)
         body = {"model_id": ready["id"], **BODY}
@@ -165,13 +169,7 @@ def test_redis_down_on_the_inline_path_gives_503_then_recovers(
         assert threaded == []  # it was the inline path that met the outage
         assert client.get("/healthz").status_code == 200  # the loop still serves
         mini.redis.start()
-        deadline = time.monotonic() + 60
-        while True:
-            resp = client.post("/v1/infer", json=body, headers=auth(ready["key"]))
-            if resp.status_code == 200 or time.monotonic() > deadline:
-                break
-            time.sleep(1)
-        assert resp.status_code == 200, resp.text
+        _served_again(client, body, ready["key"])
 
 
 def test_redis_restart_gives_503_then_recovers(mini: MiniStack, gguf_model: Path) -> None:
@@ -184,10 +182,4 @@ def test_redis_restart_gives_503_then_recovers(mini: MiniStack, gguf_model: Path
         assert down.status_code == 503, down.text
         assert down.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
         mini.redis.start()  # same port; the queues are empty, the stack must reconnect
-        deadline = time.monotonic() + 60
-        while True:
-            resp = client.post("/v1/infer", json=body, headers=auth(ready["key"]))
-            if resp.status_code == 200 or time.monotonic() > deadline:
-                break
-            time.sleep(1)
-        assert resp.status_code == 200, resp.text
+        _served_again(client, body, ready["key"])

@@ -143,3 +143,25 @@ def account_of(settings: Any, model_id: str) -> str:
         model = s.get(Model, model_id)
         assert model is not None
         return model.account_id
+
+
+def mint_key(client: TestClient, ready: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """A new key on the ready model (`ready`: its id and the owner's token), with `fields`."""
+    resp = client.post(f"/v1/models/{ready['id']}/keys", json={"name": "limited", **fields},
+                       headers=auth(ready["token"]))  # fmt: skip
+    assert resp.status_code == 201, resp.text
+    minted: dict[str, Any] = resp.json()
+    return minted
+
+
+def spy_threads(monkeypatch: Any, module: Any) -> list[str]:
+    """The names of the functions `module` hands to `run_in_threadpool` from now on."""
+    used: list[str] = []
+    real = module.run_in_threadpool
+
+    async def spy(func: Any, *args: Any, **kwargs: Any) -> Any:
+        used.append(func.__name__)
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(module, "run_in_threadpool", spy)
+    return used
