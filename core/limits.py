@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import redis
-from redis.commands.core import Script
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript, Script
 
 BUDGET_TTL_S = 40 * 24 * 3600  # a month's counter outlives the month
 
@@ -163,6 +164,12 @@ def read_key(reader_id: str) -> str:
 @functools.lru_cache(maxsize=8)
 def admit_script(client: redis.Redis) -> Script:  # type: ignore[type-arg]
     """EVALSHA through redis-py's `Script`: one round trip; it reloads after a NOSCRIPT."""
+    return client.register_script(ADMIT_LUA)
+
+
+@functools.lru_cache(maxsize=8)
+def async_admit_script(client: aioredis.Redis) -> AsyncScript:  # type: ignore[type-arg]
+    """`admit_script` for an asyncio client (the script's digest computed once)."""
     return client.register_script(ADMIT_LUA)
 
 

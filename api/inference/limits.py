@@ -97,7 +97,7 @@ async def aenforce(
     if push is not None:
         keys.append(push[0])
         args.append(push[1])
-    reply: list[Any] = await aredis.register_script(limits.ADMIT_LUA)(keys=keys, args=args)
+    reply: list[Any] = await limits.async_admit_script(aredis)(keys=keys, args=args)
     if reply[0] == b"seed":
         return False
     _judge(request, lim, reply, now)

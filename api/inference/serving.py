@@ -141,18 +141,6 @@ def start_job(
             raise
 
 
-def check_spec(settings: Settings, spec: JobSpec) -> None:
-    """The server's caps on a job's input and output."""
-    if spec.input_chars > settings.max_prompt_chars:
-        raise job_error(
-            "INVALID_REQUEST", f"{spec.input_name} is over {settings.max_prompt_chars} characters"
-        )
-    if spec.max_tokens > settings.max_completion_tokens:
-        raise job_error(
-            "INVALID_REQUEST", f"max_tokens is capped at {settings.max_completion_tokens}"
-        )
-
-
 def new_job(
     *,
     settings: Settings,
@@ -163,7 +151,14 @@ def new_job(
     batch_id: str | None = None,
 ) -> Job:
     """A checked, unsaved job row for `spec`, served by the grant's model."""
-    check_spec(settings, spec)
+    if spec.input_chars > settings.max_prompt_chars:
+        raise job_error(
+            "INVALID_REQUEST", f"{spec.input_name} is over {settings.max_prompt_chars} characters"
+        )
+    if spec.max_tokens > settings.max_completion_tokens:
+        raise job_error(
+            "INVALID_REQUEST", f"max_tokens is capped at {settings.max_completion_tokens}"
+        )
     timeout, ttl = timeout_and_ttl(settings, spec)
     return Job(
         id=job_id or new_id("job"),

@@ -51,10 +51,8 @@ def authorizer(settings: Settings, token: str, model: str, text: str = "") -> Au
     def authorize(session: Session, cache: AuthCache) -> Grant | Target:
         if is_router_id(model):
             return resolve_target(session, settings, cache, token, model, text)
-        parsed = keys.parse(token, keys.API_KEY_PREFIX)
-        cached = cache.get(parsed.key_id) if parsed else None
-        if cached is not None and cached.model_name == model:  # a name, seen before
-            return grant_for(session, settings, cache, token, cached.model_id)
+        if (known := cached_model_id(cache, token, model)) is not None:  # id or name seen
+            return grant_for(session, settings, cache, token, known)
         try:
             return grant_for(session, settings, cache, token, model)
         except ModelNotFound:
