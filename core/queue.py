@@ -17,7 +17,7 @@ from kombu.transport import redis as kombu_redis
 
 from core.logs import REQUEST_ID, REQUEST_ID_HEADER
 from core.settings import Settings
-from core.tables import Job
+from core.tables import Job, construct
 
 VALIDATE_QUEUE = "validate"
 VALIDATE_TASK = "inferatech.validate_model"
@@ -66,7 +66,7 @@ def job_of_message(message: dict[str, Any]) -> Job:
     for name in _CARRIED_TIMES:
         raw = message.get(name)
         fields[name] = datetime.fromisoformat(raw) if raw else None
-    return Job(**fields)
+    return construct(Job, **fields)
 
 
 def direct_queue(nodename: str) -> str:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
+from sqlalchemy.orm import configure_mappers
+from sqlalchemy.orm.base import manager_of_class
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import JSON, Column, Field, SQLModel
 
@@ -30,6 +32,36 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is not None and value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value
+
+
+RowT = TypeVar("RowT", bound=SQLModel)
+
+
+def construct(cls: type[RowT], **values: Any) -> RowT:
+    """A new, unsaved row object, as `cls(**values)` makes it, in ~7 µs instead of ~120.
+
+    Table models validate nothing on construction either way; SQLModel's own path runs each
+    field through three `__setattr__` layers and asks `inspect` about every default factory.
+    Here the values and defaults go straight into the instance's dict (which SQLAlchemy's
+    state and pydantic share), so it is for trusted values only: the request's hot path
+    builds its job this way (`tests/core/test_tables.py` holds it equal to `cls(...)`).
+    """
+    if unknown := values.keys() - cls.model_fields.keys():
+        raise TypeError(f"{cls.__name__} has no field {', '.join(sorted(unknown))}")
+    configure_mappers()  # as a first `cls(...)` would: a no-op once done
+    row: RowT = manager_of_class(cls).new_instance()
+    fields = row.__dict__
+    for name, info in cls.model_fields.items():
+        if name in values:
+            fields[name] = values[name]
+        elif info.default_factory is not None:
+            fields[name] = info.default_factory()  # type: ignore[call-arg]
+        else:
+            fields[name] = info.default
+    object.__setattr__(row, "__pydantic_fields_set__", set(values))
+    object.__setattr__(row, "__pydantic_extra__", None)
+    object.__setattr__(row, "__pydantic_private__", None)
+    return row
 
 
 def ts(*, nullable: bool = False, index: bool = False) -> Any:

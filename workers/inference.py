@@ -133,9 +133,21 @@ def run_job(
     # Outlives the runner's own timeout, so a redelivered copy of a dead worker's job can
     # take over soon after; while the first copy runs, the lock keeps the second out.
     lock_s = (timeout_s or ex.settings.max_execution_timeout_s) + 30
-    lock = JobLock(ex, job_id, lock_s)
+    lock = JobLock(ex, job_id, lock_s)  # asked for here, its reply read after the INSERT
+    now = utcnow()
+    fresh: jobs.Claim | Exception | None = None
+    try:
+        if job is not None:
+            fresh = jobs.claim_fresh(ex.settings, job)
+    except Exception as exc:
+        fresh = exc
+    finally:
+        lock.settle()
     if lock.cancelled:
         try:
+            claimed = isinstance(fresh, jobs.Claim) and fresh.ctx is not None and not fresh.expired
+            if lock.held and claimed:  # its fresh claim only: it never started
+                jobs.unclaim(ex.settings, job_id)
             ctx = jobs.load(ex.settings, job_id, job)
             if ctx is None or ctx.job.status not in jobs.LIVE:
                 return "skipped"
@@ -150,9 +162,12 @@ def run_job(
     if not lock.held:
         return "busy"
     try:
-        now = utcnow()
         try:
-            claim = jobs.claim(ex.settings, job_id, job)
+            if isinstance(fresh, Exception):
+                raise fresh
+            if fresh is None:
+                fresh = jobs.claim(ex.settings, job_id, job, fresh_tried=job is not None)
+            claim = fresh
         except Exception as exc:
             if job is None:
                 raise
@@ -193,19 +208,61 @@ def run_job(
 
 
 class JobLock:
-    """The job's run lock and its cancel flag, read in one round trip as the task starts.
+    """The job's run lock and its cancel flag, asked for in one round trip as the task starts.
 
-    Held (SET NX with an expiry) while the job runs; released only by its holder.
+    Held (SET NX with an expiry) while the job runs; released only by its holder. The
+    request goes out at once and its reply is read by `settle`, so the round trip overlaps
+    the claim's INSERT (`jobs.claim_fresh`, safe before the lock is known).
     """
 
     def __init__(self, ex: Executor, job_id: str, timeout_s: float) -> None:
         self._client, self._name = ex.redis, f"lock:job:{job_id}"
-        self._token = uuid.uuid4().hex
-        pipe = self._client.pipeline(transaction=False)
-        pipe.exists(events.cancel_key(job_id))
-        pipe.set(self._name, self._token, nx=True, px=int(timeout_s * 1000))
-        cancelled, held = pipe.execute()
-        self.cancelled, self.held = bool(cancelled), bool(held)
+        self._token, self._cancel = uuid.uuid4().hex, events.cancel_key(job_id)
+        self._px = int(timeout_s * 1000)
+        self.cancelled = self.held = False
+        self._conn: redis.connection.AbstractConnection | None = None
+        pool = self._client.connection_pool
+        conn = pool.get_connection()
+        try:
+            # GET reads who holds it: asked again after a broken connection, the answer holds.
+            commands = [
+                ("EXISTS", self._cancel),
+                ("SET", self._name, self._token, "NX", "PX", self._px),
+                ("GET", self._name),
+            ]
+            conn.send_packed_command(conn.pack_commands(commands))
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            conn.disconnect()  # `settle` asks again, with the client's retries
+            pool.release(conn)
+            return
+        except BaseException:
+            pool.release(conn)
+            raise
+        self._conn = conn
+
+    def settle(self) -> None:
+        """Read the replies into `cancelled` and `held`."""
+        replies: list[Any] | None = None
+        if (conn := self._conn) is not None:
+            self._conn = None
+            try:
+                replies = [conn.read_response() for _ in range(3)]
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                conn.disconnect()  # a restarted Redis: asked again below
+            except BaseException:
+                conn.disconnect()  # replies left unread: never reuse the connection
+                raise
+            finally:
+                self._client.connection_pool.release(conn)
+        if replies is None:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.exists(self._cancel)
+            pipe.set(self._name, self._token, nx=True, px=self._px)
+            pipe.get(self._name)
+            replies = pipe.execute()
+        cancelled, _, holder = replies
+        self.cancelled = bool(cancelled)
+        self.held = holder in (self._token, self._token.encode())
 
     def release(self) -> None:
         if self.held:

@@ -146,20 +146,19 @@ class Claim:
     expired: bool = False
 
 
-def claim(settings: Settings, job_id: str, carried: Job | None = None) -> Claim:
+def claim(
+    settings: Settings, job_id: str, carried: Job | None = None, *, fresh_tried: bool = False
+) -> Claim:
     """`queued → running` (or a redelivered `running` job taken over) in one transaction.
 
     A carried job (its row not written by the API) is claimed by inserting its row as
-    `running`: one statement on the hot path of every request. A job whose TTL ran out is
-    not claimed: `expired` asks the caller to end it.
+    `running` (`claim_fresh`), unless `fresh_tried` says the caller did that already. A job
+    whose TTL ran out is not claimed: `expired` asks the caller to end it.
     """
-    if carried is not None:
-        if carried.expires_at and utcnow() > carried.expires_at:
-            ctx = load(settings, job_id, carried)
-            return Claim(ctx, expired=ctx is not None and ctx.job.status in LIVE)
-        job = _insert_carried(settings, carried, JobStatus.RUNNING)
-        if job is not None:
-            return Claim(_context(settings, job))
+    if carried is not None and not fresh_tried:
+        fresh = claim_fresh(settings, carried)
+        if fresh is not None:
+            return fresh
         # A row exists: a redelivered message, its first copy's worker died. Take it over.
     with session_scope(settings) as s:
         job = s.get(Job, job_id)
@@ -175,6 +174,34 @@ def claim(settings: Settings, job_id: str, carried: Job | None = None) -> Claim:
         if update_rows(s, stmt) != 1:
             return Claim(None)
     return Claim(_context(settings, job))
+
+
+def claim_fresh(settings: Settings, carried: Job) -> Claim | None:
+    """A carried job's first claim: its row inserted as `running`, one statement on the hot
+    path of every request; None if a row is there already (a redelivered message).
+
+    Safe before the run lock is known to be held: a fresh insert means no other copy has
+    claimed the job, and a copy that holds the lock takes the row over. A job whose TTL ran
+    out gets its row (`queued`) and comes back `expired`.
+    """
+    if carried.expires_at and utcnow() > carried.expires_at:
+        ctx = load(settings, carried.id, carried)
+        if ctx is None or ctx.job.status not in LIVE:  # another copy ended it
+            return Claim(None)
+        return Claim(ctx, expired=True)
+    job = _insert_carried(settings, carried, JobStatus.RUNNING)
+    return None if job is None else Claim(_context(settings, job))
+
+
+def unclaim(settings: Settings, job_id: str) -> None:
+    """Undo `claim_fresh` (`running → queued`) for a job found cancelled before it ran."""
+    stmt = (
+        update(Job)
+        .where(col(Job.id) == job_id, col(Job.status) == JobStatus.RUNNING)
+        .values(status=JobStatus.QUEUED, started_at=None, attempts=Job.attempts - 1)
+    )
+    with session_scope(settings) as s:
+        update_rows(s, stmt)
 
 
 def finish(settings: Settings, ctx: JobContext, end: Terminal) -> bool:

@@ -40,7 +40,7 @@ from core.queue import (
 )
 from core.redis import get_redis
 from core.settings import Settings
-from core.tables import Job, JobStatus, utcnow
+from core.tables import Job, JobStatus, construct, utcnow
 
 log = logging.getLogger("inferatech.inference")
 
@@ -160,7 +160,8 @@ def new_job(
             "INVALID_REQUEST", f"max_tokens is capped at {settings.max_completion_tokens}"
         )
     timeout, ttl = timeout_and_ttl(settings, spec)
-    return Job(
+    return construct(
+        Job,
         id=job_id or new_id("job"),
         account_id=grant.account_id,
         model_id=grant.model_id,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -17,13 +19,16 @@ from core.settings import Settings
 from core.tables import (
     Account,
     Job,
+    JobStatus,
     Model,
     ModelFile,
     ModelStatus,
     ProcessedWebhookEvent,
     UsageEvent,
+    construct,
 )
 from tests.conftest import make_settings
+from tests.utils.stack import ROOT
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -156,3 +161,53 @@ def test_foreign_keys_are_enforced(session: Session) -> None:
     with pytest.raises(IntegrityError):
         session.commit()
     session.rollback()
+
+
+def _job_values(acct: Account, model: Model) -> dict[str, object]:
+    return {
+        "id": new_id("job"),
+        "account_id": acct.id,
+        "model_id": model.id,
+        "params": {"prompt": "hi", "max_tokens": 8},
+        "execution_timeout_s": 30,
+        "expires_at": datetime.now(UTC) + timedelta(hours=1),
+    }
+
+
+def test_construct_makes_the_row_the_constructor_makes(session: Session) -> None:
+    """The hot path's `construct` (values straight into the instance) against `Job(...)`:
+    every field and default equal, the same dump, and it inserts, updates and reads back."""
+    acct = _account(session)
+    model = _model(session, acct)
+    values = _job_values(acct, model)
+    slow, fast = Job(**values), construct(Job, **values)  # type: ignore[arg-type]
+    assert fast.model_fields_set == slow.model_fields_set
+    created = abs((fast.created_at - slow.created_at).total_seconds())
+    assert created < 5 and fast.created_at.tzinfo is not None  # default factory ran
+    fast.created_at = slow.created_at
+    assert fast.model_dump() == slow.model_dump()
+    session.add(fast)
+    session.commit()
+    fast.status, fast.attempts = JobStatus.RUNNING, 1  # tracked like any row's change
+    session.commit()
+    session.expunge_all()
+    row = session.get(Job, fast.id)
+    assert row is not None and row.params == values["params"]
+    assert (row.status, row.attempts, row.execution_timeout_s) == (JobStatus.RUNNING, 1, 30)
+    with pytest.raises(TypeError, match="no field colour"):
+        construct(Job, colour="red", **values)
+
+
+def test_construct_in_a_fresh_process_configures_the_mappers_first() -> None:
+    """A worker's first job is built by `construct` before any `Job(...)` or query ran:
+    its attributes must read (unconfigured mappers have no attribute implementations)."""
+    code = (
+        "from core.tables import Job, JobStatus, construct\n"
+        "job = construct(Job, id='job_x', account_id='a', model_id='m', params={'p': 1})\n"
+        "assert (job.id, job.status, job.params, job.attempts) == "
+        "('job_x', JobStatus.QUEUED, {'p': 1}, 0)\n"
+        "job.attempts = 1\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -365,6 +365,46 @@ def test_carried_job_cancelled_before_it_ran_is_recorded_cancelled(
     assert done_events(executor, job_id)[0]["status"] == "cancelled"
 
 
+def test_carried_job_claimed_beside_a_live_copy_is_left_to_it(
+    stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
+) -> None:
+    """The claim's INSERT runs before the lock's reply is read: a copy that inserts the row
+    but finds the lock taken runs nothing; the lock's holder takes the row over, runs it once."""
+    message = carried(stack, gguf_ready)
+    job_id = message["id"]
+    executor.redis.set(f"lock:job:{job_id}", "another-copy", px=60_000)
+    assert inference.run_job(job_id, executor, 600, carried=message) == "busy"
+    assert job_row(stack, job_id).status is JobStatus.RUNNING  # its fresh claim stays
+    assert executor.redis.get(f"lock:job:{job_id}") == b"another-copy"  # not released
+    assert done_events(executor, job_id) == [] and usage_rows(stack, job_id) == []
+    executor.redis.delete(f"lock:job:{job_id}")  # the holder died; its copy is redelivered
+    assert inference.run_job(job_id, executor, 600, carried=message) == "succeeded"
+    assert job_row(stack, job_id).attempts == 2 and len(usage_rows(stack, job_id)) == 1
+
+
+def test_job_lock_whose_reply_was_lost_is_asked_again_and_still_held(
+    stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
+) -> None:
+    """The lock's request went out and its connection broke before the reply (a restarted
+    Redis): `settle` asks again through the client and still finds the lock its own."""
+    job_id = new_id("job")
+    lock = inference.JobLock(executor, job_id, 60)
+    assert lock._conn is not None
+    lock._conn.disconnect()
+    lock.settle()
+    assert lock.held and not lock.cancelled
+    again = inference.JobLock(executor, job_id, 60)  # a second copy of the job
+    again.settle()
+    assert not again.held
+    lock.release()
+    assert not executor.redis.exists(f"lock:job:{job_id}")
+    events.request_cancel(executor.redis, job_id)
+    third = inference.JobLock(executor, job_id, 60)
+    third.settle()
+    assert third.cancelled and third.held
+    third.release()
+
+
 def test_carried_job_past_its_ttl_is_recorded_timed_out(
     stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
 ) -> None:
