@@ -67,6 +67,7 @@ class Executor:
             threads=settings.runner_threads,
             spares=settings.runner_spares,
             gpu_memory_fraction=settings.runner_gpu_memory_fraction,
+            gpu_runners_per_model=settings.runner_gpu_per_model,
         )
         self.pool.start_reaper()
 

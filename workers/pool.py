@@ -4,6 +4,8 @@ A warm READY runner is reused; otherwise a cold start. The pool is capped by a r
 and a memory budget: the least recently used *idle* runner is evicted to make room (a busy
 one never is), and when nothing can be evicted the caller waits. Runners idle longer than
 the TTL are torn down by a reaper thread, except the `min_warm` ones.
+On a GPU host a model gets one runner (`gpu_runners_per_model`): its other requests wait
+for it, since a second runner would only time-slice the same GPU.
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ class PoolConfig:
     # free under that share, counting whatever else uses the GPUs; else LRU idle runners go.
     gpu_memory_fraction: float = 0.0
     gpu_overhead_bytes: int = 512 << 20
+    # On a GPU host, runners of one model at once: more would time-slice the same GPU (each
+    # its own CUDA context), so a request waits for the model's runner instead. Measured on
+    # an H100 with a tiny GGUF at concurrency 4: 1,100 tokens/s from four runners, 4,860
+    # from one.
+    gpu_runners_per_model: int = 1
 
 
 class Lease(NamedTuple):
@@ -105,6 +112,7 @@ class RunnerPool:
         self._spares: list[Runner] = []
         self._spare_lock = threading.Lock()
         self._refilling = threading.Event()
+        self._on_gpu = False  # nvidia-smi answered once: this host's runners use a GPU
 
     @contextmanager
     def acquire(
@@ -140,6 +148,12 @@ class RunnerPool:
                     slot.busy = True
                     self._counts["hits"] += 1
                     return slot, False, 0.0
+                if budgeted and self._on_gpu and self._gpu_capped(key):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise PoolExhausted(f"the runner of {key[:12]} stayed busy")
+                    self._cond.wait(remaining)  # a checkin notifies
+                    continue
                 if fresh or not budgeted:
                     fresh = False
                     if self._has_room(estimate, gpu):
@@ -165,6 +179,9 @@ class RunnerPool:
                 _stop(victim)
             elif budgeted and not fresh:
                 gpu, fresh = read_gpu_memory(), True
+                if gpu is not None and not self._on_gpu:
+                    with self._cond:
+                        self._on_gpu = True
         started = time.perf_counter()
         self._start_into(slot, bundle_dir, fmt)
         cold_s = time.perf_counter() - started
@@ -285,6 +302,10 @@ class RunnerPool:
 
     def _rss(self) -> int:
         return sum(s.runner.rss_bytes() for s in self._slots if s.runner is not None)
+
+    def _gpu_capped(self, key: str) -> bool:
+        """The model has as many runners (started or starting) as one GPU should hold."""
+        return self._live(key) >= self.config.gpu_runners_per_model
 
     def _gpu_budgeted(self) -> bool:
         return self.config.gpu_memory_fraction > 0 and self.config.device != "cpu"

@@ -180,6 +180,65 @@ def test_busy_runners_are_never_evicted_for_gpu_memory(
     assert got == [True] and pool.stats().evictions == 1
 
 
+def _acquire_in_thread(
+    pool: RunnerPool, key: str, bundle: Path, got: list[tuple[bool, int]], timeout: float = 30
+) -> threading.Thread:
+    def run() -> None:
+        with pool.acquire(key, bundle, "gguf", timeout=timeout) as (runner, cold, _):
+            got.append((cold, runner.pid or 0))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_a_gpu_host_runs_one_runner_per_model_and_queues_the_rest(
+    make_pool: MakePool, fake_gpu: Path, gguf_dir: Path
+) -> None:
+    """Runners of one model time-slice one GPU (measured on an H100: four served a quarter
+    of what one did): a second request waits for the model's runner, another model starts."""
+    pool = gpu_pool(make_pool)
+    got: list[tuple[bool, int]] = []
+    with pool.acquire(A, gguf_dir, "gguf") as (first, cold, _):
+        assert cold
+        waiter = _acquire_in_thread(pool, A, gguf_dir, got)
+        time.sleep(0.5)
+        assert got == [] and pool.stats().runners == 1  # waiting, not starting a second
+        with pool.acquire(B, gguf_dir, "gguf") as (_, b_cold, _):
+            assert b_cold  # another model is not held back
+        with (
+            pytest.raises(PoolExhausted, match="stayed busy"),
+            pool.acquire(A, gguf_dir, "gguf", timeout=0.3),
+        ):
+            pass
+    waiter.join(30)
+    assert got == [(False, first.pid)]  # the same runner, warm
+    assert pool.stats().runners == 2 and pool.stats().cold_starts == 2
+
+
+def test_gpu_runners_per_model_lets_a_model_have_more(
+    make_pool: MakePool, fake_gpu: Path, gguf_dir: Path
+) -> None:
+    pool = gpu_pool(make_pool, gpu_runners_per_model=2)
+    got: list[tuple[bool, int]] = []
+    with pool.acquire(A, gguf_dir, "gguf") as (first, _, _):
+        _acquire_in_thread(pool, A, gguf_dir, got).join(30)
+    assert len(got) == 1 and got[0][0] and got[0][1] != first.pid  # a second runner, cold
+    assert pool.stats().runners == 2
+
+
+def test_a_host_without_a_gpu_starts_a_second_runner_for_a_busy_model(
+    make_pool: MakePool, gguf_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CPUs, runners of one model run side by side on their own cores: no per-model cap."""
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no nvidia-smi
+    pool = gpu_pool(make_pool)
+    got: list[tuple[bool, int]] = []
+    with pool.acquire(A, gguf_dir, "gguf") as (first, _, _):
+        _acquire_in_thread(pool, A, gguf_dir, got).join(30)
+    assert len(got) == 1 and got[0][0] and got[0][1] != first.pid
+
+
 def test_cpu_pool_ignores_the_gpu_and_its_runners_see_none(
     make_pool: MakePool, fake_gpu: Path, gguf_dir: Path
 ) -> None:
