@@ -223,7 +223,10 @@ class JobLock:
         self.cancelled = self.held = False
         self._conn: redis.connection.AbstractConnection | None = None
         pool = self._client.connection_pool
-        conn = pool.get_connection()
+        try:
+            conn = pool.get_connection()
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            return  # Redis is down or restarting: `settle` asks with the client's retries
         try:
             # GET reads who holds it: asked again after a broken connection, the answer holds.
             commands = [

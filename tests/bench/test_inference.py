@@ -178,6 +178,12 @@ def _show_breakdown(
         part("engine alone, plain process (baseline)", [b.total_ms for b in base]),
         part("engine_ms in the runner", runner_engine),
         part("  runner engine - engine alone", [e - engine_p50 for e in runner_engine]),
+        # The layer against the engine's time in the same request: free of the baseline's
+        # own spread (a CUDA engine's run-to-run spread was ~1 ms on an H100).
+        part(
+            "client - runner engine_ms (same request)",
+            [c - e for c, e in zip(total, runner_engine)],
+        ),
         part("queue_ms (job row -> worker)", queue),
         part("run_ms - engine_ms (pool+pipe+XADD)", [r - e for r, e in zip(run, runner_engine)]),
         part("rest (API, mark_running, finish txn, XREAD)", rest),

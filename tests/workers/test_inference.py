@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+import redis
 from sqlmodel import select
 
 from core import events
@@ -403,6 +404,28 @@ def test_job_lock_whose_reply_was_lost_is_asked_again_and_still_held(
     third.settle()
     assert third.cancelled and third.held
     third.release()
+
+
+def test_job_lock_without_a_connection_asks_through_the_retrying_client(
+    executor: inference.Executor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No connection could be had as the task started (Redis restarting): the lock is asked
+    for at `settle`, through the client and its retries, instead of failing the task."""
+    pool = executor.redis.connection_pool
+    real, failed = pool.get_connection, []
+
+    def first_fails(*args: Any, **kwargs: Any) -> Any:
+        if not failed:
+            failed.append(True)
+            raise redis.ConnectionError("Redis is restarting")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pool, "get_connection", first_fails)
+    lock = inference.JobLock(executor, new_id("job"), 60)
+    assert failed and lock._conn is None
+    lock.settle()
+    assert lock.held and not lock.cancelled
+    lock.release()
 
 
 def test_carried_job_past_its_ttl_is_recorded_timed_out(
