@@ -112,7 +112,8 @@ class RunnerPool:
         self._spares: list[Runner] = []
         self._spare_lock = threading.Lock()
         self._refilling = threading.Event()
-        self._on_gpu = False  # nvidia-smi answered once: this host's runners use a GPU
+        # Whether this host's runners use a GPU (nvidia-smi answers); None: not asked yet.
+        self._on_gpu: bool | None = False if self.config.device == "cpu" else None
 
     @contextmanager
     def acquire(
@@ -138,6 +139,9 @@ class RunnerPool:
         budgeted = self._gpu_budgeted()
         gpu: GpuMemory | None = None
         fresh = False  # `gpu` was read for the next decision (outside the lock: nvidia-smi)
+        if self._on_gpu is None:  # once per pool, at its first acquire (a cold start)
+            gpu = read_gpu_memory()
+            self._on_gpu, fresh = gpu is not None, budgeted
         while True:
             victim: _Slot | None = None
             with self._cond:
@@ -148,7 +152,7 @@ class RunnerPool:
                     slot.busy = True
                     self._counts["hits"] += 1
                     return slot, False, 0.0
-                if budgeted and self._on_gpu and self._gpu_capped(key):
+                if self._on_gpu and self._gpu_capped(key):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise PoolExhausted(f"the runner of {key[:12]} stayed busy")
@@ -179,9 +183,6 @@ class RunnerPool:
                 _stop(victim)
             elif budgeted and not fresh:
                 gpu, fresh = read_gpu_memory(), True
-                if gpu is not None and not self._on_gpu:
-                    with self._cond:
-                        self._on_gpu = True
         started = time.perf_counter()
         self._start_into(slot, bundle_dir, fmt)
         cold_s = time.perf_counter() - started

@@ -216,6 +216,24 @@ def test_a_gpu_host_runs_one_runner_per_model_and_queues_the_rest(
     assert pool.stats().runners == 2 and pool.stats().cold_starts == 2
 
 
+def test_the_per_model_cap_holds_without_a_gpu_memory_budget(
+    make_pool: MakePool, fake_gpu: Path, gguf_dir: Path
+) -> None:
+    """`gpu_memory_fraction=0` turns the memory budget off, not the one-runner rule: the
+    pool asks nvidia-smi once, at its first cold start, whether its runners share a GPU."""
+    pool = make_pool(gpu_memory_fraction=0.0)
+    got: list[tuple[bool, int]] = []
+    with pool.acquire(A, gguf_dir, "gguf") as (first, _, _):
+        waiter = _acquire_in_thread(pool, A, gguf_dir, got)
+        time.sleep(0.5)
+        assert got == [] and pool.stats().runners == 1
+    waiter.join(30)
+    assert got == [(False, first.pid)]
+    with pool.acquire(B, gguf_dir, "gguf"):
+        pass
+    assert fake_gpu.read_text().count("--query-gpu") == 1  # asked once, not per cold start
+
+
 def test_gpu_runners_per_model_lets_a_model_have_more(
     make_pool: MakePool, fake_gpu: Path, gguf_dir: Path
 ) -> None:
