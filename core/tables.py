@@ -44,7 +44,7 @@ def construct(cls: type[RowT], **values: Any) -> RowT:
     field through three `__setattr__` layers and asks `inspect` about every default factory.
     Here the values and defaults go straight into the instance's dict (which SQLAlchemy's
     state and pydantic share), so it is for trusted values only: the request's hot path
-    builds its job this way (`tests/core/test_tables.py` holds it equal to `cls(...)`).
+    builds its job this way (`tests/core/test_db.py` holds it equal to `cls(...)`).
     """
     if unknown := values.keys() - cls.model_fields.keys():
         raise TypeError(f"{cls.__name__} has no field {', '.join(sorted(unknown))}")
