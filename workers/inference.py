@@ -166,9 +166,7 @@ def run_job(
         try:
             if isinstance(fresh, Exception):
                 raise fresh
-            if fresh is None:
-                fresh = jobs.claim(ex.settings, job_id, job, fresh_tried=job is not None)
-            claim = fresh
+            claim = fresh or jobs.claim(ex.settings, job_id, job, fresh_tried=job is not None)
         except Exception as exc:
             if job is None:
                 raise
