@@ -68,6 +68,8 @@ class Executor:
             spares=settings.runner_spares,
             gpu_memory_fraction=settings.runner_gpu_memory_fraction,
             gpu_runners_per_model=settings.runner_gpu_per_model,
+            batch=settings.runner_batch,
+            gpu_batch=settings.runner_gpu_batch,
         )
         self.pool.start_reaper()
 

@@ -47,14 +47,46 @@ def run_engine(engine: Any, prompt: str, max_tokens: int) -> EngineRun:
     return EngineRun("".join(pieces), result.completion_tokens, total, ttft)
 
 
+def run_batched(engine: Any, spec: dict[str, Any]) -> list[EngineRun]:
+    """`batch` generations kept decoding together (one ends, the next is admitted) for at
+    least `min_seconds`: one run whose tokens and time are the totals, as the runner's
+    batcher serves `batch` concurrent requests."""
+    from workers.engines.base import GenerateRequest, SamplingParams
+
+    params = SamplingParams(
+        max_tokens=spec["max_tokens"], temperature=0.0, top_k=40, top_p=1.0, seed=7
+    )
+    request = GenerateRequest(prompt=spec["prompt"], params=params)
+    batcher = engine.batcher(spec["batch"])
+    try:
+        tokens, t0 = 0, time.perf_counter()
+        while True:
+            more = time.perf_counter() - t0 < spec["min_seconds"]
+            while more and not batcher.full:
+                batcher.admit(request, lambda: False, None)
+            if not batcher.active:
+                break
+            for seq in batcher.step():
+                if seq.stream.result is not None:
+                    tokens += seq.stream.result.completion_tokens
+                seq.pieces.clear()
+        total = (time.perf_counter() - t0) * 1000
+        return [EngineRun("", tokens, total, 0.0)]
+    finally:
+        batcher.close()
+
+
 def main(spec: dict[str, Any]) -> list[EngineRun]:
-    """`runs` generations, then more until `min_seconds` have passed."""
+    """`runs` generations, then more until `min_seconds` have passed (`batch` > 1: together)."""
     from workers.engines.loader import load_engine
 
     engine: Any = load_engine(
         Path(spec["path"]), spec["fmt"], device=spec["device"], threads=spec["threads"]
     )
     try:
+        if spec.get("batch", 1) > 1:
+            run_engine(engine, spec["prompt"], spec["max_tokens"])  # warm
+            return run_batched(engine, spec)
         for _ in range(WARMUP):
             run_engine(engine, spec["prompt"], spec["max_tokens"])
         t0 = time.perf_counter()

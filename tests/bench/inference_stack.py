@@ -38,6 +38,8 @@ RUNNER_MARK = "workers.runner.child"
 IDLE_TTL_S = 2
 # Engine threads per runner (and for the engine-alone baseline); the product default unless set.
 RUNNER_THREADS = os.environ.get("INFERATECH_BENCH_RUNNER_THREADS")
+# Requests a GGUF runner decodes together (CPU and GPU hosts alike); the product default unless set.
+RUNNER_BATCH = os.environ.get("INFERATECH_BENCH_RUNNER_BATCH")
 
 
 @dataclass
@@ -130,6 +132,11 @@ def bench_stack(data_dir: Path) -> Iterator[BenchStack]:
         rate_limit_tpm=10**12,
         rate_limit_concurrency=10**6,
         **({"runner_threads": int(RUNNER_THREADS)} if RUNNER_THREADS else {}),
+        **(
+            {"runner_batch": int(RUNNER_BATCH), "runner_gpu_batch": int(RUNNER_BATCH)}
+            if RUNNER_BATCH
+            else {}
+        ),
     )
     redis.Redis.from_url(BENCH_REDIS, socket_connect_timeout=3).flushdb()
     migrate(settings)

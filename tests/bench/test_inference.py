@@ -90,7 +90,12 @@ def infer_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BenchStack
 
 
 def engine_alone(
-    stack: BenchStack, name: str, max_tokens: int, runs: int, min_seconds: float = 0.0
+    stack: BenchStack,
+    name: str,
+    max_tokens: int,
+    runs: int,
+    min_seconds: float = 0.0,
+    batch: int = 1,
 ) -> list[EngineRun]:
     """The same file in a plain process (`engine_alone`), with the runner's device and threads."""
     spec = {
@@ -102,6 +107,7 @@ def engine_alone(
         "max_tokens": max_tokens,
         "runs": runs,
         "min_seconds": min_seconds,
+        "batch": batch,
     }
     argv = [sys.executable, "-m", "tests.bench.engine_alone", json.dumps(spec)]
     out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
@@ -311,6 +317,18 @@ def _level(
     return Level(concurrency, len(out), tokens, seconds, p50, colds, max(seen))
 
 
+def _runner_batch(stack: BenchStack) -> int:
+    """Requests one GGUF runner of the stack decodes together (its GPU setting on a GPU)."""
+    from workers.gpu import read_gpu_memory
+
+    on_gpu = stack.settings.runner_device != "cpu" and read_gpu_memory() is not None
+    return stack.settings.runner_gpu_batch if on_gpu else stack.settings.runner_batch
+
+
+def _tps(runs: list[EngineRun]) -> float:
+    return sum(r.tokens for r in runs) / (sum(r.total_ms for r in runs) / 1000)
+
+
 @pytest.mark.parametrize("name", ["gguf", SMALL])
 @pytest.mark.bench
 def test_bench_throughput(infer_stack: BenchStack, name: str) -> None:
@@ -320,22 +338,39 @@ def test_bench_throughput(infer_stack: BenchStack, name: str) -> None:
     # this one's baseline and c=1 run) made the c=1 cost swing from 9 % to 23 %.
     infer_stack.wait_no_runners()
     runs = engine_alone(infer_stack, name, TPUT_TOKENS, 1, LEVEL_S / 2)
-    engine_tps = sum(r.tokens for r in runs) / (sum(r.total_ms for r in runs) / 1000)
+    engine_tps = _tps(runs)
+    batch = _runner_batch(infer_stack)
+    # With batching on, the engine's own batched decoding of as many sequences is the
+    # baseline too: what the layer costs, apart from what batching gains.
+    batched = {
+        c: _tps(engine_alone(infer_stack, name, TPUT_TOKENS, 0, LEVEL_S / 2, min(c, batch)))
+        for c in TPUT_LEVELS
+        if batch > 1 and c > 1
+    }
     post_infer(infer_stack.http, model, body)  # warm
     levels = [_level(infer_stack, name, body, runs[0].text, c) for c in TPUT_LEVELS]
-    rows = [(f"engine alone, sequential ({len(runs)} calls)", engine_tps, "-", "-", "-", "-", "1", "-")]  # fmt: skip
+    blank = ("-", "-", "-", "-", "-", "1", "-")
+    rows: list[tuple[Any, ...]] = [
+        (f"engine alone, sequential ({len(runs)} calls)", engine_tps, *blank)
+    ]
+    for c, tps in batched.items():
+        rows.append((f"engine alone, {min(c, batch)} decoded together", tps, *blank))
     for lv in levels:
         cost = (1 - lv.tps / engine_tps) * 100
+        base = batched.get(lv.concurrency)
+        vs_batched = "-" if base is None else f"{(1 - lv.tps / base) * 100:.2f}"
         rows.append((f"platform c={lv.concurrency} ({lv.requests} req)", lv.tps, cost,
-                     verdict(cost, 10), lv.p50_ms, lv.cold_starts, str(lv.max_runners),
-                     f"{lv.seconds:.1f}s"))  # fmt: skip
-    header = ("setup", "tok/s", "cost %", "<=10 %", "p50 ms", "cold", "runners", "wall")
-    title = f"Throughput: {name}, {TPUT_TOKENS} tokens/request, ~{LEVEL_S:.0f} s per level"
+                     verdict(cost, 10), vs_batched, lv.p50_ms, lv.cold_starts,
+                     str(lv.max_runners), f"{lv.seconds:.1f}s"))  # fmt: skip
+    header = ("setup", "tok/s", "cost %", "<=10 %", "vs batched %", "p50 ms", "cold", "runners", "wall")  # fmt: skip
+    title = f"Throughput: {name}, {TPUT_TOKENS} tokens/request, ~{LEVEL_S:.0f} s per level, "
+    title += f"runner batch {batch}"
     show(title, header, rows)
     per_request = levels[0].seconds / levels[0].requests * 1000 - 1000 * TPUT_TOKENS / engine_tps
     print(
         "Baseline: the same engine in a plain process, calls one after another (one runner serves"
     )
     print("one request at a time); runners = most runner processes seen during the level.")
+    print("vs batched: cost against the engine alone decoding min(c, batch) sequences at once.")
     print(f"Fixed cost per request at c=1: {per_request:.1f} ms; for a generation the engine takes")
     print(f"1 s over, that is a {per_request / (1000 + per_request) * 100:.1f} % throughput cost.")

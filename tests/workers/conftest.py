@@ -90,9 +90,15 @@ def make_runner() -> Iterator[Callable[..., Runner]]:
     made: list[Runner] = []
 
     def factory(
-        bundle: Path, fmt: str = "gguf", *, mode: str | None = None, device: str = "auto"
+        bundle: Path,
+        fmt: str = "gguf",
+        *,
+        mode: str | None = None,
+        device: str = "auto",
+        parallel: int = 1,
     ) -> Runner:
-        runner = Runner(bundle, fmt, device=device, argv=fault_argv(mode) if mode else None)
+        argv = fault_argv(mode) if mode else None
+        runner = Runner(bundle, fmt, device=device, argv=argv, parallel=parallel)
         made.append(runner)
         return runner
 

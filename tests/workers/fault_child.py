@@ -6,7 +6,10 @@ engine the real loader returns: `slow` sleeps between tokens,
 os._exit after two tokens, `ignore_cancel` never stops, `raise_in_generate` raises a bare
 RuntimeError, `print_in_setup` writes junk to stdout from Python and from C before loading,
 `bad_vector` answers an Embed with strings for numbers, `short_vectors` with one vector less,
-`non_text_token` generates a number where a token's text belongs.
+`non_text_token` generates a number where a token's text belongs. The `batch_` modes keep
+the engine's batcher: `batch_exit` calls os._exit at the third decode step, `batch_stray_tag`
+writes a request's tokens under a tag no request has from the third step on, `batch_slow`
+sleeps before every step.
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ class Faulty:
 
     def count_prompt_tokens(self, request: GenerateRequest) -> int:
         return self.inner.count_prompt_tokens(request)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "batcher" and MODE.startswith("batch_"):
+            return lambda parallel: FaultyBatcher(self.inner.batcher(parallel))  # type: ignore[attr-defined]
+        raise AttributeError(name)
 
     def embed(self, texts: Sequence[str]) -> Embeddings:
         real = self.inner.embed(texts)
@@ -70,6 +78,28 @@ class Faulty:
                 return GenerationResult("cancelled", 1, n)
             if MODE != "ignore_cancel":
                 return GenerationResult("length", 1, n)
+
+
+class FaultyBatcher:
+    """The real batcher, with a fault at its third step."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.steps = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def step(self) -> Any:
+        self.steps += 1
+        if MODE == "batch_slow":
+            time.sleep(0.05)
+        elif MODE == "batch_exit" and self.steps == 3:
+            os._exit(3)
+        elif MODE == "batch_stray_tag" and self.steps == 3:
+            for seq in self.inner.active:
+                seq.owner.sink._tag = "stray"
+        return self.inner.step()
 
 
 def _load(setup: Any) -> Engine:

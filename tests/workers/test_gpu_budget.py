@@ -64,7 +64,9 @@ def fake_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def gpu_pool(make_pool: MakePool, **kw: object) -> RunnerPool:
     # Budget 900 MiB; a cold start needs its weights plus 400 MiB: two runners fit, not three.
-    return make_pool(gpu_memory_fraction=0.9, gpu_overhead_bytes=400 * MIB, **kw)
+    # A lease holds a whole runner (no batching) unless a test asks for `gpu_batch`.
+    options: dict[str, object] = {"gpu_batch": 1, **kw}
+    return make_pool(gpu_memory_fraction=0.9, gpu_overhead_bytes=400 * MIB, **options)
 
 
 @pytest.mark.parametrize(
@@ -221,7 +223,7 @@ def test_the_per_model_cap_holds_without_a_gpu_memory_budget(
 ) -> None:
     """`gpu_memory_fraction=0` turns the memory budget off, not the one-runner rule: the
     pool asks nvidia-smi once, at its first cold start, whether its runners share a GPU."""
-    pool = make_pool(gpu_memory_fraction=0.0)
+    pool = make_pool(gpu_memory_fraction=0.0, gpu_batch=1)
     got: list[tuple[bool, int]] = []
     with pool.acquire(A, gguf_dir, "gguf") as (first, _, _):
         waiter = _acquire_in_thread(pool, A, gguf_dir, got)
@@ -232,6 +234,34 @@ def test_the_per_model_cap_holds_without_a_gpu_memory_budget(
     with pool.acquire(B, gguf_dir, "gguf"):
         pass
     assert fake_gpu.read_text().count("--query-gpu") == 1  # asked once, not per cold start
+
+
+def test_a_gpu_hosts_runner_takes_its_models_requests_into_one_batch(
+    make_pool: MakePool, fake_gpu: Path, gguf_dir: Path
+) -> None:
+    """The model's one runner decodes its requests together: a second request joins it at
+    once, warm; one more than the batch holds waits for room in it."""
+    pool = gpu_pool(make_pool, gpu_batch=2)
+    got: list[tuple[bool, int]] = []
+    with pool.acquire(A, gguf_dir, "gguf") as (first, cold, _):
+        assert cold and first.capacity == 2
+        with pool.acquire(A, gguf_dir, "gguf", timeout=5) as (second, second_cold, _):
+            assert second is first and not second_cold
+            waiter = _acquire_in_thread(pool, A, gguf_dir, got)
+            time.sleep(0.5)
+            assert got == [] and pool.stats().runners == 1 and pool.stats().busy == 1
+    waiter.join(30)
+    assert got == [(False, first.pid)]
+    assert pool.stats().cold_starts == 1 and pool.stats().busy == 0
+
+
+def test_gpu_hosts_batch_eight_by_default_and_cpu_hosts_one() -> None:
+    from core.settings import Settings
+    from workers.pool import PoolConfig
+
+    assert (PoolConfig().gpu_batch, PoolConfig().batch) == (8, 1)
+    settings = Settings()
+    assert (settings.runner_gpu_batch, settings.runner_batch) == (8, 1)
 
 
 def test_gpu_runners_per_model_lets_a_model_have_more(

@@ -8,7 +8,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workers.engines.base import (
     ContextLengthExceeded,
@@ -21,6 +21,10 @@ from workers.engines.base import (
 from workers.engines.chat import ChatTemplate, prompt_text
 from workers.engines.loop import check_context, stream_tokens
 
+if TYPE_CHECKING:
+    from workers.engines.llama_batch import LlamaBatcher
+
+BATCH_TOKENS = 512  # tokens one batched decode takes at most (prompts are fed in chunks)
 _LOG_LINES: deque[str] = deque(maxlen=40)
 _LOG_LOCK = threading.Lock()
 _log_callback: Any = None  # kept referenced: llama.cpp holds a raw pointer to it
@@ -132,6 +136,13 @@ class LlamaEngine:
         self._pieces: dict[int, bytes] = {}
         self.chat = _chat_template(llm, self._token_text)
         self.has_chat_template = self.chat is not None
+
+    def batcher(self, parallel: int, n_batch: int = BATCH_TOKENS) -> LlamaBatcher:
+        """Continuous batching over `parallel` sequences, in a context of its own."""
+        from workers.engines.llama_batch import LlamaBatcher, batch_context, kv_cells
+
+        ctx = batch_context(self, parallel, n_batch)
+        return LlamaBatcher(self, ctx, parallel, n_batch, kv_cells(self.context_length, parallel))
 
     def close(self) -> None:
         """Free the model now (llama.cpp's own finaliser can fail at interpreter exit)."""

@@ -48,28 +48,56 @@ def stream_tokens(
     Every sampled token counts as a completion token, including the end-of-sequence token
     and the tokens that complete a stop string: the model computed them.
     """
-    stops = StopMatcher(params.stop)
-    limit = min(params.max_tokens, room)
-    count = 0
-    reason: FinishReason = "length"
-    while count < limit:
-        if cancelled():
-            reason = "cancelled"
-            break
-        token = next_token()
-        count += 1
-        if is_eos(token):
-            reason = "stop"
-            break
-        piece = stops.push(decoder.step(token))
+    stream = TokenStream(decoder, is_eos, params, prompt_tokens, room)
+    while stream.result is None:
+        piece = stream.finish("cancelled") if cancelled() else stream.push(next_token())
         if piece:
             yield piece
-        if stops.stopped:
-            return GenerationResult("stop", prompt_tokens, count)
-    tail = stops.push(decoder.flush())
-    tail += stops.flush()
-    if tail:
-        yield tail
-    if stops.stopped:
-        reason = "stop"
-    return GenerationResult(reason, prompt_tokens, count)
+    return stream.result
+
+
+class TokenStream:
+    """The same loop, pushed one token at a time: for a scheduler that samples many
+    sequences per step (`stream_tokens` pulls; both end the same way).
+
+    `push` and `finish` return the text to send now; `result` is set once the stream ended.
+    """
+
+    def __init__(
+        self,
+        decoder: TokenDecoder,
+        is_eos: Callable[[int], bool],
+        params: SamplingParams,
+        prompt_tokens: int,
+        room: int,
+    ) -> None:
+        self._decoder, self._is_eos = decoder, is_eos
+        self._stops = StopMatcher(params.stop)
+        self._limit = min(params.max_tokens, room)
+        self.prompt_tokens = prompt_tokens
+        self.count = 0
+        self.result: GenerationResult | None = None
+        if self._limit <= 0:
+            self.finish("length")
+
+    def push(self, token: int) -> str:
+        """One sampled token (the stream must not have ended)."""
+        self.count += 1
+        if self._is_eos(token):
+            return self.finish("stop")
+        piece = self._stops.push(self._decoder.step(token))
+        if self._stops.stopped:
+            self.result = GenerationResult("stop", self.prompt_tokens, self.count)
+            return piece
+        if self.count >= self._limit:
+            return piece + self.finish("length")
+        return piece
+
+    def finish(self, reason: FinishReason) -> str:
+        """End the stream: what the decoder and the stop matcher still held."""
+        tail = self._stops.push(self._decoder.flush())
+        tail += self._stops.flush()
+        if self._stops.stopped:
+            reason = "stop"
+        self.result = GenerationResult(reason, self.prompt_tokens, self.count)
+        return tail

@@ -163,6 +163,8 @@ def load(setup: Setup) -> Engine:
 class Server:
     """Serves one request at a time; a reader thread takes Cancel/Shutdown meanwhile."""
 
+    parallel = 1
+
     def __init__(self, engine: Engine, out: EventWriter, stdin: BinaryIO) -> None:
         self.engine = engine
         self.out = out
@@ -282,6 +284,7 @@ def main() -> int:
             raise ProtocolError(f"expected Setup, got {type(setup).__name__}")
         started = time.perf_counter()
         engine = load(setup)
+        server = serving(engine, setup.parallel, out, stdin)
     except Exception as exc:
         traceback.print_exc(file=sys.stderr)
         out.send(SetupFailed(detail=short(exc)))
@@ -294,10 +297,21 @@ def main() -> int:
             context_length=engine.context_length,
             has_chat_template=engine.has_chat_template,
             device=device,
+            parallel=server.parallel,
         )
     )
-    Server(engine, out, stdin).serve()
+    server.serve()
     return 0
+
+
+def serving(engine: Engine, parallel: int, out: EventWriter, stdin: BinaryIO) -> Server:
+    """A batching server where the engine batches and more than one request was asked for."""
+    make_batcher = getattr(engine, "batcher", None)
+    if parallel <= 1 or make_batcher is None:
+        return Server(engine, out, stdin)
+    from workers.runner.batch_server import BatchServer
+
+    return BatchServer(make_batcher(parallel), engine, out, stdin)
 
 
 if __name__ == "__main__":

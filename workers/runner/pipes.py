@@ -39,7 +39,13 @@ class _Eof:
 
 
 class ChildPipes:
-    """A reader thread per output stream; events are queued, stderr kept in a ring buffer."""
+    """A reader thread per output stream; events are queued, stderr kept in a ring buffer.
+
+    After `route_by_tag` (a runner that takes several requests at once), each request's
+    events go to its own queue, opened with `open_route`: the reader thread hands every
+    event straight to the request that waits for it, with no thread in between. An event
+    for no open request, and the end of the stream, reach every open request.
+    """
 
     def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdin and proc.stdout and proc.stderr
@@ -47,6 +53,9 @@ class ChildPipes:
         self._events: queue.Queue[Event | _Eof | ProtocolError] = queue.Queue()
         self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
         self._write_lock = threading.Lock()
+        self._routes: dict[str, queue.Queue[Event | _Eof | ProtocolError]] | None = None
+        self._route_lock = threading.Lock()
+        self._ended: _Eof | ProtocolError | None = None  # what every later route gets at once
         self._readers = [
             threading.Thread(target=fn, args=(stream,), daemon=True, name="runner-io")
             for fn, stream in ((self._read_events, proc.stdout), (self._read_stderr, proc.stderr))
@@ -64,14 +73,33 @@ class ChildPipes:
         except (OSError, ValueError) as exc:  # ValueError: the pipe was closed by stop()
             raise PipeClosed(f"runner stdin closed: {exc}") from exc
 
-    def next_event(self, timeout: float) -> Event | None:
-        """The next event, or None if none came within `timeout`; PipeClosed at EOF."""
+    def route_by_tag(self) -> None:
+        """From now on, events carrying a tag go to that tag's route."""
+        with self._route_lock:
+            self._routes = {}
+
+    def open_route(self, tag: str) -> None:
+        with self._route_lock:
+            assert self._routes is not None and tag not in self._routes
+            route = self._routes[tag] = queue.Queue()
+            if self._ended is not None:
+                route.put(self._ended)
+
+    def close_route(self, tag: str) -> None:
+        with self._route_lock:
+            if self._routes is not None:
+                self._routes.pop(tag, None)
+
+    def next_event(self, timeout: float, tag: str | None = None) -> Event | None:
+        """The next event (of `tag`'s route, if given), or None if none came within
+        `timeout`; PipeClosed at EOF."""
+        events = self._events if tag is None or self._routes is None else self._routes[tag]
         try:
-            item = self._events.get(timeout=max(0.0, timeout))
+            item = events.get(timeout=max(0.0, timeout))
         except queue.Empty:
             return None
         if isinstance(item, _Eof):
-            self._events.put(item)  # stays visible to any later reader
+            events.put(item)  # stays visible to any later reader
             raise PipeClosed("runner closed its stdout")
         if isinstance(item, ProtocolError):
             raise PipeClosed(str(item))
@@ -104,14 +132,38 @@ class ChildPipes:
         try:
             for line in stream:
                 try:
-                    self._events.put(decode(line))
+                    event = decode(line)
                 except ProtocolError as exc:
-                    self._events.put(exc)
+                    self._end(exc)
                     return
+                self._put(event)
         except (OSError, ValueError):
             pass
         finally:
-            self._events.put(_Eof())
+            self._end(_Eof())
+
+    def _put(self, event: Event) -> None:
+        if self._routes is None:
+            self._events.put(event)
+            return
+        tag = getattr(event, "tag", None)
+        with self._route_lock:
+            route = self._routes.get(tag) if isinstance(tag, str) else None
+        if route is not None:
+            route.put(event)
+        elif isinstance(tag, str):  # for no request in flight: the child is confused
+            self._end(ProtocolError(f"event for no request in flight: {event!r}"[:300]))
+        else:
+            self._events.put(event)
+
+    def _end(self, item: _Eof | ProtocolError) -> None:
+        with self._route_lock:
+            if self._ended is None:
+                self._ended = item
+            routes = list(self._routes.values()) if self._routes is not None else []
+        for route in routes:
+            route.put(item)
+        self._events.put(item)
 
     def _read_stderr(self, stream: IO[bytes]) -> None:
         with contextlib.suppress(OSError, ValueError):

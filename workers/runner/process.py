@@ -75,7 +75,11 @@ class InvalidState(RunnerError):
 
 
 class Runner:
-    """One child process that owns one loaded model. One request at a time."""
+    """One child process that owns one loaded model.
+
+    It takes `capacity` requests at once: one, or the sequences its engine decodes together
+    (`parallel`, where the engine batches). It is BUSY while it has no room for another.
+    """
 
     def __init__(
         self,
@@ -85,6 +89,7 @@ class Runner:
         sandbox: SandboxConfig | None = None,
         device: str = "auto",
         argv: Sequence[str] | None = None,
+        parallel: int = 1,
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.fmt = fmt
@@ -93,6 +98,9 @@ class Runner:
         if device == "cpu" and not self._sandbox_config.hide_gpus:
             self._sandbox_config = dataclasses.replace(self._sandbox_config, hide_gpus=True)
         self._argv = list(argv) if argv else runner_argv()
+        self.parallel = parallel  # asked for; `capacity` is what the child took
+        self.capacity = 1
+        self.inflight = 0
         self.state = RunnerState.NEW
         self.ready: Ready | None = None
         self.load_ms = 0.0  # the engine's own load time, reported by the child
@@ -131,7 +139,8 @@ class Runner:
             if self._proc is None:
                 self._spawn()
             threads = self._sandbox_config.threads
-            self._send(Setup(self.bundle_dir.as_posix(), self.fmt, self.device, threads))
+            setup = Setup(self.bundle_dir.as_posix(), self.fmt, self.device, threads, self.parallel)
+            self._send(setup)
             event = self._next_event(timeout) or self._fatal("runner did not load in time")
         except RunnerFatal as exc:  # died while loading: the message already has the tail
             self._kill_and_clean()
@@ -144,6 +153,10 @@ class Runner:
             reason = event.detail if isinstance(event, SetupFailed) else f"unexpected {event!r}"
             raise RunnerSetupFailed(self._with_tail(reason))
         self.ready, self.load_ms = event, event.load_ms
+        self.capacity = max(1, min(int(event.parallel), self.parallel))
+        if self.capacity > 1:
+            assert self._pipes is not None
+            self._pipes.route_by_tag()
         self.startup_ms = (time.perf_counter() - began) * 1000
         self.last_used = time.monotonic()
         with self._lock:
@@ -258,16 +271,26 @@ class Runner:
     def _request(self, exchange: Exchange[Any], event: Event) -> Done:
         with self._lock:
             self._assert_state(RunnerState.READY)
-            self.state = RunnerState.BUSY
+            self.inflight += 1
+            if self.inflight >= self.capacity:
+                self.state = RunnerState.BUSY
+            routed = self.capacity > 1
         try:
+            if routed:
+                assert self._pipes is not None
+                self._pipes.open_route(exchange.tag)
             self._send(event)
-            done = self._serve(exchange)
+            done = self._serve(exchange, exchange.tag if routed else None)
         except BaseException:
             # Fatal, or we stopped listening mid-request: the child's state is unknown.
             self._kill_and_clean()
             raise
         finally:
             self.last_used = time.monotonic()
+            with self._lock:
+                self.inflight -= 1
+            if routed and self._pipes is not None:
+                self._pipes.close_route(exchange.tag)
         with self._lock:
             if self.state is RunnerState.BUSY:
                 self.state = RunnerState.READY
@@ -275,7 +298,7 @@ class Runner:
             raise exchange.callback_error
         return done
 
-    def _serve(self, ex: Exchange[Any]) -> Done:
+    def _serve(self, ex: Exchange[Any], route: str | None) -> Done:
         while True:
             if ex.should_cancel():
                 self._send(Cancel(ex.tag))
@@ -283,7 +306,7 @@ class Runner:
             elif ex.cancel_ignored(CANCEL_GRACE_S):
                 kind = RunnerTimeout if ex.timed_out else RunnerFatal
                 raise kind(f"runner ignored Cancel for {CANCEL_GRACE_S:.0f}s; killed")
-            event = self._next_event(_POLL_S)
+            event = self._next_event(_POLL_S, route)
             if event is not None and ex.takes(event):
                 ex.deliver(event)
             elif isinstance(event, Done) and event.tag == ex.tag:
@@ -301,10 +324,10 @@ class Runner:
         except PipeClosed as exc:
             self._fatal(str(exc))
 
-    def _next_event(self, timeout: float) -> Event | None:
+    def _next_event(self, timeout: float, route: str | None = None) -> Event | None:
         assert self._pipes is not None
         try:
-            return self._pipes.next_event(timeout)
+            return self._pipes.next_event(timeout, route)
         except PipeClosed as exc:
             self._fatal(self._exit_reason(str(exc)))
 

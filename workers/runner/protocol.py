@@ -18,6 +18,8 @@ class Setup:  # from parent, first line: what to load
     format: str
     device: str = "cpu"
     threads: int = 1
+    # Requests decoded together (continuous batching) where the engine can; else one.
+    parallel: int = 1
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class Ready:  # from child, once, after a successful load
     context_length: int
     has_chat_template: bool
     device: str
+    parallel: int = 1  # requests the runner takes at once
 
 
 @dataclass(frozen=True)

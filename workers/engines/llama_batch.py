@@ -1,0 +1,287 @@
+"""Continuous batching for GGUF: several requests decode together in one llama.cpp context.
+
+One runner then serves `parallel` requests at once: every step decodes one token of each
+running sequence (plus prompt tokens of newly admitted ones) in a single `llama_decode`, so
+on a GPU four requests cost about one forward pass instead of four queued ones. Each
+sequence has its own KV stream (`seq_id` = its slot), its own sampler chain (built as
+`Llama.generate` builds it, so a greedy or seeded request decodes as it would alone) and its
+own `TokenStream` (limits, stop strings, counts, exactly as every other engine).
+
+The sequences share one KV cache of `kv_tokens` cells (llama.cpp's unified cache): a
+request is admitted only when its prompt plus the tokens it may still generate fit beside
+the reservations of those decoding, so a decode never runs out of cells; one that does not
+fit waits (`BatchFull`) for a sequence to end. The cache is sized at most `BATCH_KV_TOKENS`
+(or one whole context, if larger), not `parallel` whole contexts: eight 8,192-token
+contexts of an 8 B model would take 8 GiB of GPU memory for cells mostly never used.
+
+A slot keeps the tokens its cells hold after a request ends; the next request that starts
+with the same tokens (a shared system prompt, a repeated prompt) reuses them. Cells kept
+that way give way to a request that needs the room.
+
+Batch composition can move logits in their last bits (other kernels for other batch
+sizes), so a greedy or seeded request is reproducible run to run, but may differ from the
+same request decoded alone where two candidates tie that closely; llama-server and vLLM
+behave the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.engines.base import EngineError, GenerateRequest, resolve_seed
+from workers.engines.llama import LlamaEngine, _ByteDecoder, _log_tail
+from workers.engines.loop import TokenStream, check_context
+
+PENALTY_LAST_N = 64  # as `Llama(last_n_tokens_size=64)`: the chain's penalty stage is a no-op
+BATCH_KV_TOKENS = 16384  # the shared KV cache's cells, unless one context needs more
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request in the batch. `owner` is the caller's handle for it."""
+
+    owner: Any
+    slot: int
+    stream: TokenStream
+    sampler: Any
+    cancelled: Callable[[], bool]
+    pending: list[int]  # tokens to decode next: the prompt's uncached tail, then the last sample
+    pos: int  # the KV position of pending[0]
+    reserved: int  # KV cells it may fill: its prompt plus the tokens it may generate
+    prefilled: bool = False  # its whole prompt has been decoded
+    pieces: list[str] = field(default_factory=list)  # text produced by the last step
+
+
+class DecodeFailed(EngineError):
+    """`llama_decode` failed: every sequence of the batch ended with it (`sequences`)."""
+
+    def __init__(self, detail: str, sequences: list[Sequence]) -> None:
+        super().__init__(detail)
+        self.sequences = sequences
+
+
+class BatchFull(Exception):
+    """No slot or no KV room for the request now: admit it after a sequence ends."""
+
+
+class LlamaBatcher:
+    """Decodes up to `parallel` sequences per step. Single-threaded: one caller drives it."""
+
+    def __init__(
+        self, engine: LlamaEngine, ctx: Any, parallel: int, n_batch: int, kv_tokens: int
+    ) -> None:
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self.engine = engine
+        self.parallel = parallel
+        self.kv_tokens = kv_tokens
+        self._ctx = ctx  # a LlamaContext with n_seq_max = parallel and a unified KV cache
+        self._memory = llama_cpp.llama_get_memory(ctx.ctx)
+        self._n_batch = n_batch
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._n_vocab = int(engine.llm.n_vocab())
+        self._cached: list[list[int]] = [[] for _ in range(parallel)]  # KV contents per slot
+        self._free = list(range(parallel))
+        self.active: list[Sequence] = []
+
+    def close(self) -> None:
+        for seq in self.active:
+            seq.sampler.close()
+        self.active = []
+        if self._batch is not None:
+            self._lib.llama_batch_free(self._batch)
+            self._batch = None
+        self._ctx.close()
+
+    @property
+    def full(self) -> bool:
+        return not self._free
+
+    def admit(
+        self, request: GenerateRequest, cancelled: Callable[[], bool], owner: Any
+    ) -> Sequence:
+        """Start a request (raises ContextLengthExceeded, EngineError, BatchFull)."""
+        if not self._free:
+            raise BatchFull
+        engine = self.engine
+        ids = engine._encode(request)
+        room = check_context(len(ids), engine.context_length)
+        params = request.params
+        reserved = len(ids) + max(min(params.max_tokens, room), 0)
+        if sum(s.reserved for s in self.active) + reserved > self.kv_tokens:
+            raise BatchFull
+        stream = TokenStream(_ByteDecoder(engine._piece), engine._is_eog, params, len(ids), room)
+        slot, reuse = self._best_slot(ids, params.seed is not None and engine.device == "cuda")
+        self._free.remove(slot)
+        if not self._lib.llama_memory_seq_rm(self._memory, slot, reuse, -1):
+            reuse = 0  # a partial removal can fail: start the slot over
+            self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
+        self._cached[slot] = ids[:reuse]
+        self._make_room(reserved - reuse)
+        seed = resolve_seed(params.seed) & 0xFFFFFFFF
+        sampler = self._sampler(max(params.temperature, 0.0), params.top_k, params.top_p, seed)
+        seq = Sequence(owner, slot, stream, sampler, cancelled, ids[reuse:], reuse, reserved)
+        self.active.append(seq)
+        if stream.result is not None:  # nothing to generate (no room or max_tokens 0)
+            self._end(seq)
+        return seq
+
+    def _best_slot(self, ids: list[int], whole_prompt: bool) -> tuple[int, int]:
+        """The free slot whose cached tokens share the longest prefix with the prompt.
+
+        At least the prompt's last token is decoded again: its logits give the first sample.
+        A seeded request on CUDA takes no prefix (as `LlamaEngine.generate`).
+        """
+        best, best_len = self._free[0], -1
+        for slot in self._free:
+            common = 0
+            for a, b in zip(self._cached[slot], ids, strict=False):
+                if a != b:
+                    break
+                common += 1
+            if common > best_len:
+                best, best_len = slot, common
+        reuse = 0 if whole_prompt else min(best_len, len(ids) - 1)
+        return best, max(reuse, 0)
+
+    def _make_room(self, cells: int) -> None:
+        """Drop the cells idle slots kept, oldest first, until `cells` more fit."""
+        active = {s.slot for s in self.active}
+        held = sum(s.reserved for s in self.active)
+        for slot in list(self._free):
+            kept = sum(len(self._cached[i]) for i in range(self.parallel) if i not in active)
+            if held + kept + cells <= self.kv_tokens:
+                return
+            if self._cached[slot]:
+                self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
+                self._cached[slot] = []
+
+    def _sampler(self, temp: float, top_k: int, top_p: float, seed: int) -> Any:
+        from llama_cpp import _internals
+
+        sampler: Any = getattr(_internals, "LlamaSampler")()  # noqa: B009 (untyped upstream)
+        sampler.add_penalties(
+            n_vocab=self._n_vocab,
+            penalty_last_n=PENALTY_LAST_N,
+            penalty_repeat=1.0,
+            penalty_freq=0.0,
+            penalty_present=0.0,
+        )
+        if temp == 0.0:
+            sampler.add_greedy()
+            return sampler
+        sampler.add_top_k(top_k)
+        sampler.add_typical(1.0, 1)
+        sampler.add_top_p(top_p, 1)
+        sampler.add_min_p(0.0, 1)
+        sampler.add_temp(temp)
+        sampler.add_dist(seed)
+        return sampler
+
+    def step(self) -> list[Sequence]:
+        """One decode over every active sequence; returns those that produced text or ended.
+
+        A sequence that ended (`seq.stream.result` set) has left the batch. An EngineError
+        `DecodeFailed` ends every active sequence: the caller fails them all.
+        """
+        touched: list[Sequence] = []
+        for seq in list(self.active):
+            if seq.cancelled():
+                seq.pieces.append(seq.stream.finish("cancelled"))
+                self._end(seq)
+                touched.append(seq)
+        if not self.active:
+            return touched
+        sampled = self._fill()
+        code = self._lib.llama_decode(self._ctx.ctx, self._batch)
+        if code != 0:
+            failed = list(self.active)
+            for seq in failed:
+                self._end(seq)
+                self._cached[seq.slot] = []
+                self._lib.llama_memory_seq_rm(self._memory, seq.slot, -1, -1)
+            raise DecodeFailed(f"llama.cpp could not decode (code {code}): {_log_tail()}", failed)
+        for seq, index in sampled:
+            token = int(self._lib.llama_sampler_sample(seq.sampler.sampler, self._ctx.ctx, index))
+            seq.pieces.append(seq.stream.push(token))
+            if seq.stream.result is None:
+                seq.pending = [token]
+            else:
+                self._end(seq)
+            touched.append(seq)
+        return touched
+
+    def _fill(self) -> list[tuple[Sequence, int]]:
+        """Put every decoding sequence's token, then prompt tokens up to n_batch, in the batch.
+
+        Returns the sequences whose logits the step samples, with their index in the batch.
+        """
+        batch = self._batch
+        n, sampled = 0, []
+        # Decoding sequences first (one token each), so a long prompt never stalls them.
+        order = sorted(self.active, key=lambda s: not s.prefilled)
+        for seq in order:
+            room = self._n_batch - n
+            if room <= 0:
+                break
+            take = seq.pending[:room]
+            for offset, token in enumerate(take):
+                batch.token[n] = token
+                batch.pos[n] = seq.pos + offset
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq.slot
+                batch.logits[n] = 0
+                n += 1
+            seq.pos += len(take)
+            self._cached[seq.slot].extend(take)
+            del seq.pending[: len(take)]
+            if not seq.pending:  # its last token is in: sample from its logits
+                batch.logits[n - 1] = 1
+                seq.prefilled = True
+                sampled.append((seq, n - 1))
+        batch.n_tokens = n
+        return sampled
+
+    def _end(self, seq: Sequence) -> None:
+        seq.sampler.close()
+        self.active.remove(seq)
+        self._free.append(seq.slot)  # the last to end goes last when room is made
+
+
+def kv_cells(context_length: int, parallel: int) -> int:
+    """The shared KV cache's size: room for every slot, within `BATCH_KV_TOKENS`."""
+    return max(context_length, min(context_length * parallel, BATCH_KV_TOKENS))
+
+
+def batch_context(engine: LlamaEngine, parallel: int, n_batch: int) -> Any:
+    """A context beside the engine's own: `parallel` sequences over one shared KV cache."""
+    import llama_cpp
+    from llama_cpp._internals import LlamaContext
+
+    llm = engine.llm
+    params = llama_cpp.llama_context_default_params()
+    source = llm.context_params
+    for name in (
+        "n_threads",
+        "n_threads_batch",
+        "type_k",
+        "type_v",
+        "offload_kqv",
+        "flash_attn_type",
+    ):
+        if hasattr(source, name):
+            setattr(params, name, getattr(source, name))
+    params.n_ctx = kv_cells(engine.context_length, parallel)
+    params.n_batch = params.n_ubatch = n_batch
+    params.n_seq_max = parallel
+    params.kv_unified = True  # one pool of cells, shared as the admissions reserve them
+    params.no_perf = True
+    try:
+        return LlamaContext(model=llm._model, params=params, verbose=False)
+    except ValueError as exc:
+        raise EngineError(
+            f"llama.cpp could not make a batch context: {_log_tail() or exc}"
+        ) from exc

@@ -1,0 +1,150 @@
+"""The runner child's loop when its engine batches: many requests in flight, one decode loop.
+
+The stdin reader queues requests as the sequential `Server` does; this loop admits them into
+the batcher between decode steps (a request never waits for another to finish while a slot
+is free), writes each sequence's text as its step produces it, and one `Done` per request
+when it ends. An embedding request runs between two steps.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from workers.engines.base import GenerateRequest, SamplingParams
+from workers.engines.llama_batch import BatchFull, DecodeFailed, LlamaBatcher, Sequence
+from workers.runner.child import Server, TokenSink, _failed, _messages
+from workers.runner.protocol import Done, Embed, Generate, Request
+
+
+@dataclass(eq=False)
+class _InFlight:
+    request: Generate
+    sink: TokenSink
+    started: float
+
+
+class BatchServer(Server):
+    """`Server` whose generations share the batcher's steps."""
+
+    def __init__(self, batcher: LlamaBatcher, *args: Any) -> None:
+        super().__init__(*args)
+        self.batcher = batcher
+        self.parallel = batcher.parallel
+        self.backlog: collections.deque[Generate] = collections.deque()
+
+    def serve(self) -> None:
+        threading.Thread(target=self.read_loop, name="runner-stdin", daemon=True).start()
+        try:
+            while self._take_requests():
+                self._admit_backlog()
+                self._step()
+            while self.batcher.active:  # stopping: every sequence ends as cancelled
+                self._step()
+        finally:
+            self.batcher.close()
+
+    def _take_requests(self) -> bool:
+        """Queue what arrived; block only when nothing is decoding. False at Shutdown/EOF."""
+        block = not self.batcher.active and not self.backlog
+        while True:
+            try:
+                request = self.requests.get(block=block)
+            except queue.Empty:
+                return True
+            if request is None:
+                return False
+            self._accept(request)
+            block = False
+
+    def _accept(self, request: Request) -> None:
+        if isinstance(request, Embed):
+            self.out.send(self.embed(request))
+            self.cancelled.discard(request.tag)
+        else:
+            self.backlog.append(request)
+
+    def _admit_backlog(self) -> None:
+        while self.backlog and not self.batcher.full:
+            g = self.backlog.popleft()
+            started = time.perf_counter()
+            sink = TokenSink(self.out, g.tag, g.coalesce_ms)
+            try:
+                request = GenerateRequest(
+                    prompt=g.prompt,
+                    raw=g.raw,
+                    params=_params(g),
+                    messages=_messages(g.messages),
+                )
+                seq = self.batcher.admit(
+                    request, _Cancelled(self, g.tag), _InFlight(g, sink, started)
+                )
+            except BatchFull:  # no KV room beside those decoding: first in line when one ends
+                self.backlog.appendleft(g)
+                return
+            except Exception as exc:
+                self._finish(g.tag, _failed(g.tag, exc, started))
+                continue
+            if seq.stream.result is not None:
+                self._report(seq.owner, seq)
+
+    def _step(self) -> None:
+        if not self.batcher.active:
+            return
+        try:
+            touched = self.batcher.step()
+        except DecodeFailed as exc:
+            for seq in exc.sequences:
+                owner: _InFlight = seq.owner
+                owner.sink.flush()
+                self._finish(owner.request.tag, _failed(owner.request.tag, exc, owner.started))
+            return
+        for seq in touched:
+            self._report(seq.owner, seq)
+
+    def _report(self, owner: _InFlight, seq: Sequence) -> None:
+        for piece in seq.pieces:
+            if piece:
+                owner.sink.add(piece)
+        seq.pieces.clear()
+        result = seq.stream.result
+        if result is None:
+            return
+        owner.sink.flush()
+        done = Done(
+            tag=owner.request.tag,
+            finish_reason=result.finish_reason,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            engine_ms=(time.perf_counter() - owner.started) * 1000,
+        )
+        self._finish(owner.request.tag, done)
+
+    def _finish(self, tag: str, done: Done) -> None:
+        self.out.send(done)
+        self.cancelled.discard(tag)
+
+
+class _Cancelled:
+    """The batcher's view of one request's Cancel (or the runner stopping)."""
+
+    def __init__(self, server: Server, tag: str) -> None:
+        self._server, self._tag = server, tag
+
+    def __call__(self) -> bool:
+        return self._server._is_cancelled(self._tag)
+
+
+def _params(g: Generate) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=g.max_tokens,
+        temperature=g.temperature,
+        top_p=g.top_p,
+        top_k=g.top_k,
+        stop=tuple(g.stop),
+        seed=g.seed,
+    )
