@@ -292,7 +292,8 @@ class RunnerPool:
             slot.leases -= 1
             if runner is not None:
                 runner.last_used = time.monotonic()  # a lease is a use, generate or not
-            healthy = runner is not None and runner.state is RunnerState.READY
+            # BUSY is healthy too: a batching runner may be full with other leases' requests.
+            healthy = runner is not None and runner.state in (RunnerState.READY, RunnerState.BUSY)
             if not healthy and slot in self._slots:
                 self._slots.remove(slot)  # DEFUNCT: never handed out again
             self._cond.notify_all()

@@ -287,13 +287,12 @@ class Runner:
             raise
         finally:
             self.last_used = time.monotonic()
-            with self._lock:
-                self.inflight -= 1
             if routed and self._pipes is not None:
                 self._pipes.close_route(exchange.tag)
-        with self._lock:
-            if self.state is RunnerState.BUSY:
-                self.state = RunnerState.READY
+            with self._lock:  # a fatal end left it DEFUNCT; otherwise it has room again
+                self.inflight -= 1
+                if self.state is RunnerState.BUSY:
+                    self.state = RunnerState.READY
         if exchange.callback_error is not None:
             raise exchange.callback_error
         return done
