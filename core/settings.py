@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     # with a KV stream each); other formats take one at a time. CPU hosts keep side-by-side
     # runners instead by default; a GPU host's one runner per model batches.
     runner_batch: int = Field(default=1, ge=1, le=64)
-    runner_gpu_batch: int = Field(default=8, ge=1, le=64)
+    runner_gpu_batch: int = Field(default=4, ge=1, le=64)
     # Blank runners kept spawned per worker (no model, no user data): cold starts skip
     # Python's start-up and engine imports. 0 spawns every runner on demand.
     runner_spares: int = Field(default=1, ge=0, le=8)

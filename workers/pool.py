@@ -67,7 +67,7 @@ class PoolConfig:
     # Requests one runner decodes together where its engine batches (GGUF): `batch` on CPU
     # hosts, `gpu_batch` on GPU hosts. Other formats take one request at a time.
     batch: int = 1
-    gpu_batch: int = 8
+    gpu_batch: int = 4
 
 
 class Lease(NamedTuple):

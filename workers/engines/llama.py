@@ -139,10 +139,9 @@ class LlamaEngine:
 
     def batcher(self, parallel: int, n_batch: int = BATCH_TOKENS) -> LlamaBatcher:
         """Continuous batching over `parallel` sequences, in a context of its own."""
-        from workers.engines.llama_batch import LlamaBatcher, batch_context, kv_cells
+        from workers.engines.llama_batch import LlamaBatcher, batch_context
 
-        ctx = batch_context(self, parallel, n_batch)
-        return LlamaBatcher(self, ctx, parallel, n_batch, kv_cells(self.context_length, parallel))
+        return LlamaBatcher(self, batch_context(self, parallel, n_batch), parallel, n_batch)
 
     def close(self) -> None:
         """Free the model now (llama.cpp's own finaliser can fail at interpreter exit)."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from workers.engines.base import GenerateRequest, SamplingParams
-from workers.engines.llama_batch import BatchFull, DecodeFailed, LlamaBatcher, Sequence
+from workers.engines.llama_batch import DecodeFailed, LlamaBatcher, Sequence
 from workers.runner.child import Server, TokenSink, _failed, _messages
 from workers.runner.protocol import Done, Embed, Generate, Request
 
@@ -83,9 +83,6 @@ class BatchServer(Server):
                 seq = self.batcher.admit(
                     request, _Cancelled(self, g.tag), _InFlight(g, sink, started)
                 )
-            except BatchFull:  # no KV room beside those decoding: first in line when one ends
-                self.backlog.appendleft(g)
-                return
             except Exception as exc:
                 self._finish(g.tag, _failed(g.tag, exc, started))
                 continue
