@@ -9,15 +9,16 @@ when it ends. An embedding request runs between two steps.
 from __future__ import annotations
 
 import collections
+import functools
 import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import BinaryIO
 
-from workers.engines.base import GenerateRequest, SamplingParams
+from workers.engines.base import Engine, GenerateRequest, SamplingParams
 from workers.engines.llama_batch import DecodeFailed, LlamaBatcher, Sequence
-from workers.runner.child import Server, TokenSink, _failed, _messages
+from workers.runner.child import EventWriter, Server, TokenSink, _failed, _messages
 from workers.runner.protocol import Done, Embed, Generate, Request
 
 
@@ -31,8 +32,10 @@ class _InFlight:
 class BatchServer(Server):
     """`Server` whose generations share the batcher's steps."""
 
-    def __init__(self, batcher: LlamaBatcher, *args: Any) -> None:
-        super().__init__(*args)
+    def __init__(
+        self, batcher: LlamaBatcher, engine: Engine, out: EventWriter, stdin: BinaryIO
+    ) -> None:
+        super().__init__(engine, out, stdin)
         self.batcher = batcher
         self.parallel = batcher.parallel
         self.backlog: collections.deque[Generate] = collections.deque()
@@ -80,9 +83,8 @@ class BatchServer(Server):
                     params=_params(g),
                     messages=_messages(g.messages),
                 )
-                seq = self.batcher.admit(
-                    request, _Cancelled(self, g.tag), _InFlight(g, sink, started)
-                )
+                cancelled = functools.partial(self._is_cancelled, g.tag)
+                seq = self.batcher.admit(request, cancelled, _InFlight(g, sink, started))
             except Exception as exc:
                 self._finish(g.tag, _failed(g.tag, exc, started))
                 continue
@@ -124,16 +126,6 @@ class BatchServer(Server):
     def _finish(self, tag: str, done: Done) -> None:
         self.out.send(done)
         self.cancelled.discard(tag)
-
-
-class _Cancelled:
-    """The batcher's view of one request's Cancel (or the runner stopping)."""
-
-    def __init__(self, server: Server, tag: str) -> None:
-        self._server, self._tag = server, tag
-
-    def __call__(self) -> bool:
-        return self._server._is_cancelled(self._tag)
 
 
 def _params(g: Generate) -> SamplingParams:
