@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from workers.engines.base import Engine, GenerateRequest, SamplingParams
+from workers.engines.base import Engine
 from workers.engines.llama_batch import DecodeFailed, LlamaBatcher, Sequence
-from workers.runner.child import EventWriter, Server, TokenSink, _failed, _messages
+from workers.runner.child import EventWriter, Server, TokenSink, _failed, generate_request
 from workers.runner.protocol import Done, Embed, Generate, Request
 
 
@@ -77,12 +77,7 @@ class BatchServer(Server):
             started = time.perf_counter()
             sink = TokenSink(self.out, g.tag, g.coalesce_ms)
             try:
-                request = GenerateRequest(
-                    prompt=g.prompt,
-                    raw=g.raw,
-                    params=_params(g),
-                    messages=_messages(g.messages),
-                )
+                request = generate_request(g)
                 cancelled = functools.partial(self._is_cancelled, g.tag)
                 seq = self.batcher.admit(request, cancelled, _InFlight(g, sink, started))
             except Exception as exc:
@@ -126,14 +121,3 @@ class BatchServer(Server):
     def _finish(self, tag: str, done: Done) -> None:
         self.out.send(done)
         self.cancelled.discard(tag)
-
-
-def _params(g: Generate) -> SamplingParams:
-    return SamplingParams(
-        max_tokens=g.max_tokens,
-        temperature=g.temperature,
-        top_p=g.top_p,
-        top_k=g.top_k,
-        stop=tuple(g.stop),
-        seed=g.seed,
-    )

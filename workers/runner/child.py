@@ -213,20 +213,10 @@ class Server:
         )
 
     def run(self, g: Generate) -> Done:
-        params = SamplingParams(
-            max_tokens=g.max_tokens,
-            temperature=g.temperature,
-            top_p=g.top_p,
-            top_k=g.top_k,
-            stop=tuple(g.stop),
-            seed=g.seed,
-        )
         started = time.perf_counter()
         sink = TokenSink(self.out, g.tag, g.coalesce_ms)
         try:
-            request = GenerateRequest(
-                prompt=g.prompt, raw=g.raw, params=params, messages=_messages(g.messages)
-            )
+            request = generate_request(g)
             stream = self.engine.generate(request, lambda: self._is_cancelled(g.tag))
             while True:
                 try:
@@ -259,6 +249,21 @@ def _failed(tag: str, exc: Exception, started: float) -> Done:
         traceback.print_exc(file=sys.stderr)
     engine_ms = (time.perf_counter() - started) * 1000
     return Done(tag=tag, error=True, code=code, detail=short(exc), engine_ms=engine_ms)
+
+
+def generate_request(g: Generate) -> GenerateRequest:
+    """The engine's request for a Generate event (raises EngineError on bad messages)."""
+    params = SamplingParams(
+        max_tokens=g.max_tokens,
+        temperature=g.temperature,
+        top_p=g.top_p,
+        top_k=g.top_k,
+        stop=tuple(g.stop),
+        seed=g.seed,
+    )
+    return GenerateRequest(
+        prompt=g.prompt, raw=g.raw, params=params, messages=_messages(g.messages)
+    )
 
 
 def _messages(raw: list[dict[str, str]] | None) -> tuple[ChatMessage, ...] | None:
