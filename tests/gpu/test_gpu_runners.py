@@ -152,3 +152,32 @@ def test_pool_gpu_budget_evicts_an_idle_runner_before_the_gpu_is_full(
         assert _text(lease.runner, greedy(4))
     stats = pool.stats()
     assert stats.evictions == 1 and stats.warm_models == [b]
+
+
+def test_a_batching_gguf_runner_on_cuda_answers_as_each_request_alone(
+    make_runner: MakeRunner, gguf_model_q8: Path
+) -> None:
+    """Four requests decoded together on the GPU give the texts each gives alone (batch
+    size picks CUDA kernels: this is where a logit could move)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    runner = make_runner(gguf_model_q8.parent, "gguf", parallel=4)
+    assert runner.start().device == "cuda" and runner.capacity == 4
+    prompts = ["The quick brown fox", "Hello there", "Once upon a time", "What is the"]
+    reqs = [
+        GenerateRequest(p, raw=True, params=SamplingParams(max_tokens=32, temperature=0.0))
+        for p in prompts
+    ] + [seeded(11, 32)]
+    alone = [_text_tagged(runner, r, f"alone-{i}") for i, r in enumerate(reqs)]
+    with ThreadPoolExecutor(4) as ex:  # at most its capacity in flight
+        together = list(
+            ex.map(lambda i: _text_tagged(runner, reqs[i], f"batch-{i}"), range(len(reqs)))
+        )
+    assert together == alone
+
+
+def _text_tagged(runner: Runner, request: GenerateRequest, tag: str) -> str:
+    pieces: list[str] = []
+    done = runner.generate(request, tag, lambda t: pieces.append(t.text))
+    assert not done.error, done.detail
+    return "".join(pieces)
