@@ -118,7 +118,7 @@ class RunnerPool:
         self._min_warm = dict(self.config.min_warm)
         self._bundles: dict[str, tuple[Path, str]] = {}
         self._cold_s: dict[str, float] = {}  # last cold start per model
-        self._sizes: dict[str, int] = {}  # bundle bytes per model, the memory estimate
+        self._sizes: dict[str, int] = {}  # per model: weights and KV cache, the memory estimate
         self._slots: list[_Slot] = []
         self._cond = threading.Condition()
         self._counts = {"cold_starts": 0, "hits": 0, "evictions": 0, "reaped": 0}
@@ -147,16 +147,16 @@ class RunnerPool:
     ) -> tuple[_Slot, bool, float]:
         began = time.monotonic()
         deadline = began + (timeout or self.config.acquire_timeout_s)
-        # Bundles are content-addressed, so their size never changes: walk the folder once.
-        estimate = self._sizes.get(key)
-        if estimate is None:
-            estimate = self._sizes[key] = _bundle_bytes(bundle_dir)
         budgeted = self._gpu_budgeted()
         gpu: GpuMemory | None = None
         fresh = False  # `gpu` was read for the next decision (outside the lock: nvidia-smi)
         if self._on_gpu is None:  # once per pool, at its first acquire (a cold start)
             gpu = read_gpu_memory()
             self._on_gpu, fresh = gpu is not None, budgeted
+        # Bundles are content-addressed, so their size never changes: estimate once.
+        estimate = self._sizes.get(key)
+        if estimate is None:
+            estimate = self._sizes[key] = self._estimate(bundle_dir, fmt)
         while True:
             victim: _Slot | None = None
             with self._cond:
@@ -204,6 +204,26 @@ class RunnerPool:
         with self._cond:
             self._cold_s[key] = cold_s
         return slot, True, cold_s * 1000
+
+    def _parallel(self) -> int:
+        return self.config.gpu_batch if self._on_gpu else self.config.batch
+
+    def _estimate(self, bundle_dir: Path, fmt: str) -> int:
+        """Memory a runner of this bundle takes: its weights, plus a GGUF's KV cache (its
+        own context and, batching, one more per sequence), which llama.cpp allocates whole."""
+        weights = _bundle_bytes(bundle_dir)
+        if fmt != "gguf":
+            return weights
+        from workers.engines.llama import kv_cache_bytes
+        from workers.engines.loader import DEFAULT_CONTEXT_CAP
+
+        files = [bundle_dir] if bundle_dir.is_file() else list(bundle_dir.rglob("*"))
+        weights_file = max((f for f in files if f.is_file()), key=_size, default=None)
+        if weights_file is None:
+            return weights
+        parallel = self._parallel()
+        contexts = 1 + (parallel if parallel > 1 else 0)
+        return weights + kv_cache_bytes(weights_file, contexts, DEFAULT_CONTEXT_CAP)
 
     def _new_runner(self, bundle_dir: Path, fmt: str) -> Runner:
         return Runner(
@@ -274,7 +294,7 @@ class RunnerPool:
             runner.assign(bundle_dir, fmt)
         else:
             runner = self._new_runner(bundle_dir, fmt)
-        runner.parallel = self.config.gpu_batch if self._on_gpu else self.config.batch
+        runner.parallel = self._parallel()
         try:
             runner.start(timeout=self.config.start_timeout_s)
         except BaseException:
@@ -448,6 +468,10 @@ def _last_used(slot: _Slot) -> float:
 def _stop(slot: _Slot) -> None:
     if slot.runner is not None:
         slot.runner.stop()
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size
 
 
 def _bundle_bytes(bundle_dir: Path) -> int:

@@ -166,13 +166,20 @@ def test_admission_refuses_what_cannot_run_and_keeps_the_slot(
 
 
 @pytest.fixture(scope="module")
-def q8_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaEngine]:
+def q8_bench_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The benchmark's 28 M shape in Q8_0 (8 layers, 8 KV heads of 64, context 256)."""
     from tests.utils.model_files import BENCH_SHAPE, make_gguf
+
+    folder = tmp_path_factory.mktemp("q8")
+    return make_gguf(folder / "model.gguf", quant="q8_0", shape=BENCH_SHAPE)
+
+
+@pytest.fixture(scope="module")
+def q8_engine(q8_bench_gguf: Path) -> Iterator[LlamaEngine]:
     from workers.engines.loader import load_engine
 
-    folder = tmp_path_factory.mktemp("q8")  # the benchmark's 28 M shape: the tiny one hid it
-    make_gguf(folder / "model.gguf", quant="q8_0", shape=BENCH_SHAPE)
-    loaded = load_engine(folder, "gguf", device="cpu", threads=1)
+    # The tiny shape hid the unified cache's drift; this one shows it.
+    loaded = load_engine(q8_bench_gguf.parent, "gguf", device="cpu", threads=1)
     assert isinstance(loaded, LlamaEngine)
     yield loaded
     loaded.close()
@@ -330,3 +337,30 @@ def test_requests_for_one_model_share_its_batching_runner(
     stats = pool.stats()
     assert stats.runners == 1 and stats.cold_starts == 1 and len({id(r) for r in runners}) == 1
     assert stats.busy == 0 and stats.idle_models == [KEY]
+
+
+CONTEXT_KV = 256 * 8 * 8 * (64 + 64) * 2  # one context of the Q8_0 bench shape, f16 K and V
+
+
+def test_kv_cache_bytes_follow_the_gguf_shape(q8_bench_gguf: Path, tmp_path: Path) -> None:
+    from workers.engines.llama import kv_cache_bytes
+
+    assert kv_cache_bytes(q8_bench_gguf, 1, 8192) == CONTEXT_KV
+    assert kv_cache_bytes(q8_bench_gguf, 5, 8192) == 5 * CONTEXT_KV
+    assert kv_cache_bytes(q8_bench_gguf, 1, 128) == CONTEXT_KV // 2  # the engine's context cap
+    junk = tmp_path / "model.gguf"
+    junk.write_bytes(b"GGUF" + b"\x00" * 20)
+    assert kv_cache_bytes(junk, 1, 8192) == 0  # a file that does not say: no estimate
+
+
+@pytest.mark.parametrize(("batch", "contexts"), [(1, 1), (4, 5)])
+def test_the_pool_budgets_a_ggufs_kv_cache_with_its_weights(
+    make_pool: MakePool, q8_bench_gguf: Path, batch: int, contexts: int
+) -> None:
+    """The engine's own context, plus one per sequence when the runner batches: llama.cpp
+    allocates them whole at load, so a budget that counted only weights would overcommit."""
+    pool = make_pool(batch=batch)
+    with pool.acquire(KEY, q8_bench_gguf.parent, "gguf") as (runner, _, _):
+        assert runner.capacity == batch
+    size = q8_bench_gguf.stat().st_size
+    assert pool._sizes[KEY] == size + contexts * CONTEXT_KV
