@@ -212,7 +212,8 @@ def _worker_families(beats: list[dict[str, object]]) -> Iterable[Metric]:
     """Each live worker's own numbers, from its heartbeat (gone with the worker)."""
     spec = (  # name after `inferatech_worker_`, kind, heartbeat field, help
         ("runners", "gauge", "runners", "Warm runners (each holds a loaded model)."),
-        ("busy_runners", "gauge", "busy", "Runners generating right now."),
+        ("busy_runners", "gauge", "busy", "Runners with room for no other request right now."),
+        ("requests_in_flight", "gauge", "inflight", "Requests its runners are serving now."),
         ("free_slots", "gauge", "free_slots", "Runners this worker may still start."),
         ("cold_starts", "counter", "cold_starts", "Runner cold starts."),
         ("warm_hits", "counter", "hits", "Requests served by a warm runner."),

@@ -61,6 +61,7 @@ def snapshot(
         "idle_models": stats.idle_models,
         "runners": stats.runners,
         "busy": stats.busy,
+        "inflight": stats.inflight,
         "free_slots": max(pool.config.max_runners - stats.busy, 0),
         "cold_starts": stats.cold_starts,
         "hits": stats.hits,

@@ -81,7 +81,8 @@ class PoolStats:
     warm_models: list[str]
     idle_models: list[str]  # models with a READY runner that has room right now
     runners: int
-    busy: int
+    busy: int  # runners with no room for another request (starting, or full)
+    inflight: int  # requests holding a runner (a batching runner holds several)
     cold_starts: int
     hits: int
     evictions: int
@@ -442,6 +443,7 @@ class RunnerPool:
                 idle_models=sorted({s.key for s in self._slots if s.has_room()}),
                 runners=len(self._slots),
                 busy=sum(1 for s in self._slots if s.busy),
+                inflight=sum(s.leases for s in self._slots),
                 **self._counts,
             )
 

@@ -41,7 +41,9 @@ def _settled(client: TestClient, stack: StackInfo, timeout: float = 60) -> Sampl
     deadline = time.monotonic() + timeout
     while True:
         samples = scrape(client)
-        busy = sum(v for (n, _), v in samples.items() if n == "inferatech_worker_busy_runners")
+        busy = sum(
+            v for (n, _), v in samples.items() if n == "inferatech_worker_requests_in_flight"
+        )
         queued = sum(v for (n, _), v in samples.items() if n == "inferatech_queue_depth")
         taken = broker.hlen("unacked")  # kombu's tasks taken by a worker, not yet acknowledged
         if busy == 0 and queued == 0 and taken == 0:
@@ -138,6 +140,7 @@ def test_worker_counters_come_through_heartbeats(
     assert value(samples, "inferatech_workers") >= 1
     assert value(samples, "inferatech_worker_cold_starts_total", worker=worker) >= 1
     assert value(samples, "inferatech_worker_warm_hits_total", worker=worker) >= 0
+    assert {"worker": worker} in series(samples, "inferatech_worker_requests_in_flight")
     cache = value(samples, "inferatech_worker_weight_cache_hits_total", worker=worker)
     misses = value(samples, "inferatech_worker_weight_cache_misses_total", worker=worker)
     assert cache + misses >= 1  # a miss, or a hit on what validation's smoke load cached

@@ -330,7 +330,8 @@ def test_requests_for_one_model_share_its_batching_runner(
         return text
 
     with pool.acquire(KEY, gguf_dir, "gguf"):  # warm it: the four then find room in it
-        pass
+        stats = pool.stats()
+        assert (stats.inflight, stats.busy) == (1, 0)  # one request in, room for three more
     with ThreadPoolExecutor(4) as ex:
         got = list(ex.map(one, PROMPTS))
     assert got == [expected[p] for p in PROMPTS]
