@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 from validators.base import CHUNK, HashingReader, Rejected
 
@@ -328,6 +328,22 @@ def _check_layout(tensors: list[_Tensor], data_start: int, size: int, align: int
 
 def _align_up(n: int, align: int) -> int:
     return (n + align - 1) // align * align
+
+
+def read_integers(raw: BinaryIO, size: int) -> tuple[str, dict[str, int]]:
+    """The architecture and the header's integer metadata, parsed under validation's
+    bounds, reading nothing past the header.
+
+    For a worker sizing a validated file (its KV cache) without a second, unbounded parser.
+    Raises Rejected where validation would.
+    """
+    parser = _Parser(HashingReader(raw, size))
+    _, _, n_kv = _read_preamble(parser.cur)
+    kv = parser.metadata(n_kv)
+    arch = _get(kv, "general.architecture", frozenset({STRING}))
+    if not isinstance(arch, str):
+        raise _invalid("general.architecture is missing")
+    return arch, {key: int(value) for key, (vtype, value) in kv.items() if vtype in _INTEGER_TYPES}
 
 
 def validate_gguf(reader: HashingReader) -> dict[str, Any]:

@@ -8,6 +8,7 @@ for one model share its batching runner).
 
 from __future__ import annotations
 
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -352,6 +353,10 @@ def test_kv_cache_bytes_follow_the_gguf_shape(q8_bench_gguf: Path, tmp_path: Pat
     junk = tmp_path / "model.gguf"
     junk.write_bytes(b"GGUF" + b"\x00" * 20)
     assert kv_cache_bytes(junk, 1, 8192) == 0  # a file that does not say: no estimate
+    # A hostile header (a key 2**62 bytes long) is refused by validation's bounded parser,
+    # not read: this runs in the worker, outside the sandbox.
+    junk.write_bytes(b"GGUF" + struct.pack("<IQQQ", 3, 1, 1, 1 << 62) + b"x" * 64)
+    assert kv_cache_bytes(junk, 1, 8192) == 0
 
 
 @pytest.mark.parametrize(("batch", "contexts"), [(1, 1), (4, 5)])

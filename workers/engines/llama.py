@@ -313,28 +313,22 @@ F16_BYTES = 2  # llama.cpp's default KV cache type
 
 def kv_cache_bytes(path: Path, contexts: int, context_cap: int) -> int:
     """KV cache memory `contexts` whole contexts of this GGUF take (f16 K and V), as the
-    engine sizes a context (`min(trained, context_cap)`); 0 if the file does not say."""
-    from gguf import GGUFReader
+    engine sizes a context (`min(trained, context_cap)`); 0 if the file does not say.
+
+    The header is read with validation's bounded parser: this runs in the worker, outside
+    the sandbox, on an uploaded file.
+    """
+    from validators.gguf import read_integers
 
     try:
-        reader: Any = GGUFReader(str(path), "r")
-        arch = str(reader.get_field("general.architecture").contents())
-
-        def number(name: str, default: int | None = None) -> int:
-            field = reader.get_field(f"{arch}.{name}")
-            if field is None:
-                if default is None:
-                    raise KeyError(name)
-                return default
-            return int(field.contents())
-
-        layers, heads = number("block_count"), number("attention.head_count")
-        width = number("embedding_length")
-        kv_heads = number("attention.head_count_kv", heads)
-        key = number("attention.key_length", width // heads)
-        value = number("attention.value_length", key)
-        trained = number("context_length", context_cap)
-    except Exception:  # per-layer head counts, other architectures: no estimate
+        with path.open("rb") as raw:
+            arch, meta = read_integers(raw, path.stat().st_size)
+        layers, heads = meta[f"{arch}.block_count"], meta[f"{arch}.attention.head_count"]
+        kv_heads = meta.get(f"{arch}.attention.head_count_kv", heads)
+        key = meta.get(f"{arch}.attention.key_length", meta[f"{arch}.embedding_length"] // heads)
+        value = meta.get(f"{arch}.attention.value_length", key)
+        trained = meta.get(f"{arch}.context_length", 0)
+    except Exception:  # per-layer head counts (arrays), other architectures: no estimate
         return 0
     n_ctx = min(trained, context_cap) if trained > 0 else context_cap
-    return contexts * n_ctx * layers * kv_heads * (key + value) * F16_BYTES
+    return int(contexts * n_ctx * layers * kv_heads * (key + value) * F16_BYTES)
