@@ -212,19 +212,18 @@ class RunnerPool:
     def _estimate(self, bundle_dir: Path, fmt: str) -> int:
         """Memory a runner of this bundle takes: its weights, plus a GGUF's KV cache (its
         own context and, batching, one more per sequence), which llama.cpp allocates whole."""
-        weights = _bundle_bytes(bundle_dir)
-        if fmt != "gguf":
+        files = [bundle_dir] if bundle_dir.is_file() else list(bundle_dir.rglob("*"))
+        sizes = {f: f.stat().st_size for f in files if f.is_file()}
+        weights = sum(sizes.values())
+        if fmt != "gguf" or not sizes:
             return weights
         from workers.engines.llama import kv_cache_bytes
         from workers.engines.loader import DEFAULT_CONTEXT_CAP
 
-        files = [bundle_dir] if bundle_dir.is_file() else list(bundle_dir.rglob("*"))
-        weights_file = max((f for f in files if f.is_file()), key=_size, default=None)
-        if weights_file is None:
-            return weights
         parallel = self._parallel()
         contexts = 1 + (parallel if parallel > 1 else 0)
-        return weights + kv_cache_bytes(weights_file, contexts, DEFAULT_CONTEXT_CAP)
+        largest = max(sizes, key=sizes.__getitem__)
+        return weights + kv_cache_bytes(largest, contexts, DEFAULT_CONTEXT_CAP)
 
     def _new_runner(self, bundle_dir: Path, fmt: str) -> Runner:
         return Runner(
@@ -470,14 +469,3 @@ def _last_used(slot: _Slot) -> float:
 def _stop(slot: _Slot) -> None:
     if slot.runner is not None:
         slot.runner.stop()
-
-
-def _size(path: Path) -> int:
-    return path.stat().st_size
-
-
-def _bundle_bytes(bundle_dir: Path) -> int:
-    """A cheap memory estimate for a runner not yet started: its weights' size on disk."""
-    if bundle_dir.is_file():
-        return bundle_dir.stat().st_size
-    return sum(p.stat().st_size for p in bundle_dir.rglob("*") if p.is_file())

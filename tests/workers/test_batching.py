@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -247,10 +248,9 @@ def test_a_full_batching_runner_refuses_one_more(make_runner: MakeRunner, gguf_d
     with ThreadPoolExecutor(2) as ex:
         futures = [ex.submit(endless, t) for t in ("a", "b")]
         started.wait(10)
-        deadline = 50
-        while runner.inflight < 2 and deadline:
-            threading.Event().wait(0.05)
-            deadline -= 1
+        deadline = time.monotonic() + 5
+        while runner.inflight < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert runner.state is RunnerState.BUSY
         with pytest.raises(InvalidState):
             runner.generate(request("Hello"), "c", lambda t: None)
