@@ -16,6 +16,7 @@ from workers.engines.base import (
     EngineError,
     GenerateRequest,
     GenerationResult,
+    SamplingParams,
     resolve_seed,
 )
 from workers.engines.chat import ChatTemplate, prompt_text
@@ -185,15 +186,7 @@ class LlamaEngine:
             # than a whole prompt: logits move in the last bits and a seeded sample drifts.
             # A seed promises the same output, so its prompt is evaluated whole.
             self.llm.reset()
-        tokens = self.llm.generate(
-            ids,
-            temp=max(params.temperature, 0.0),
-            top_k=params.top_k,
-            top_p=params.top_p,
-            min_p=0.0,
-            typical_p=1.0,
-            repeat_penalty=1.0,
-        )
+        tokens = self.llm.generate(ids, **sampler_options(params))
         try:
             return (
                 yield from stream_tokens(
@@ -238,6 +231,19 @@ class LlamaEngine:
         if token < 0:
             return ""
         return self._token_bytes(token, special=True).decode("utf-8", "replace")
+
+
+def sampler_options(params: SamplingParams) -> dict[str, Any]:
+    """llama.cpp's sampler chain for a request, as `Llama.generate` and `_init_sampler` take
+    it: the sequential and the batched paths sample alike."""
+    return {
+        "temp": max(params.temperature, 0.0),
+        "top_k": params.top_k,
+        "top_p": params.top_p,
+        "min_p": 0.0,
+        "typical_p": 1.0,
+        "repeat_penalty": 1.0,
+    }
 
 
 def _chat_template(llm: Any, token_text: Callable[[int], str]) -> ChatTemplate | None:

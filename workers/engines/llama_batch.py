@@ -3,9 +3,10 @@
 One runner then serves `parallel` requests at once: every step decodes one token of each
 running sequence (plus prompt tokens of newly admitted ones) in a single `llama_decode`, so
 on a GPU four requests cost about one forward pass instead of four queued ones. Each
-sequence has its own KV stream (`seq_id` = its slot), its own sampler chain (built as
-`Llama.generate` builds it, so a greedy or seeded request decodes as it would alone) and its
-own `TokenStream` (limits, stop strings, counts, exactly as every other engine).
+sequence has its own KV stream (`seq_id` = its slot), its own sampler chain (from
+`Llama._init_sampler`, as `Llama.generate` builds it, so a greedy or seeded request decodes
+as it would alone) and its own `TokenStream` (limits, stop strings, counts, exactly as
+every other engine).
 
 Each slot has a KV stream of one whole context (`kv_unified=False`): KV memory is
 `parallel` contexts. One shared (unified) cache would be smaller, but it moved the logits
@@ -27,10 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workers.engines.base import EngineError, GenerateRequest, resolve_seed
-from workers.engines.llama import LlamaEngine, _ByteDecoder, _log_tail
+from workers.engines.llama import LlamaEngine, _ByteDecoder, _log_tail, sampler_options
 from workers.engines.loop import TokenStream, check_context
-
-PENALTY_LAST_N = 64  # as `Llama(last_n_tokens_size=64)`: the chain's penalty stage is a no-op
 
 
 @dataclass(eq=False)
@@ -73,7 +72,6 @@ class LlamaBatcher:
         self._memory = llama_cpp.llama_get_memory(ctx.ctx)
         self._n_batch = n_batch
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-        self._n_vocab = int(engine.llm.n_vocab())
         self._cached: list[list[int]] = [[] for _ in range(parallel)]  # KV contents per slot
         self._free = list(range(parallel))
         self.active: list[Sequence] = []
@@ -108,8 +106,9 @@ class LlamaBatcher:
             reuse = 0  # a partial removal can fail: start the slot over
             self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
         self._cached[slot] = ids[:reuse]
-        seed = resolve_seed(params.seed) & 0xFFFFFFFF
-        sampler = self._sampler(max(params.temperature, 0.0), params.top_k, params.top_p, seed)
+        # The chain `Llama.generate` builds, from the seed set here (`_init_sampler` reads it).
+        engine.llm.set_seed(resolve_seed(params.seed) & 0xFFFFFFFF)
+        sampler = engine.llm._init_sampler(**sampler_options(params))
         seq = Sequence(owner, slot, stream, sampler, cancelled, ids[reuse:], reuse)
         self.active.append(seq)
         if stream.result is not None:  # nothing to generate (no room or max_tokens 0)
@@ -133,28 +132,6 @@ class LlamaBatcher:
                 best, best_len = slot, common
         reuse = 0 if whole_prompt else min(best_len, len(ids) - 1)
         return best, max(reuse, 0)
-
-    def _sampler(self, temp: float, top_k: int, top_p: float, seed: int) -> Any:
-        from llama_cpp import _internals
-
-        sampler: Any = getattr(_internals, "LlamaSampler")()  # noqa: B009 (untyped upstream)
-        sampler.add_penalties(
-            n_vocab=self._n_vocab,
-            penalty_last_n=PENALTY_LAST_N,
-            penalty_repeat=1.0,
-            penalty_freq=0.0,
-            penalty_present=0.0,
-        )
-        if temp == 0.0:
-            sampler.add_greedy()
-            return sampler
-        sampler.add_top_k(top_k)
-        sampler.add_typical(1.0, 1)
-        sampler.add_top_p(top_p, 1)
-        sampler.add_min_p(0.0, 1)
-        sampler.add_temp(temp)
-        sampler.add_dist(seed)
-        return sampler
 
     def step(self) -> list[Sequence]:
         """One decode over every active sequence; returns those that produced text or ended.
