@@ -86,6 +86,24 @@ class BenchStack:
             count += RUNNER_MARK.encode() in cmdline and not spare
         return count
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) so far of the API, the infer worker and its runners.
+
+        Differences over a throughput level say which process a request's cost lands in:
+        one Python process near a full core per second is a ceiling that more concurrency or
+        batching cannot lift.
+        """
+        runners = [
+            pid
+            for pid in _children(self.infer_worker.process.pid)
+            if RUNNER_MARK.encode() in _read(Path(f"/proc/{pid}/cmdline"))
+        ]
+        return {
+            "api": _cpu_s(self.api.process.pid),
+            "worker": _cpu_s(self.infer_worker.process.pid),
+            "runners": sum(_cpu_s(pid) for pid in runners),
+        }
+
     def wait_no_runners(self, timeout: float = 30) -> float:
         """Wait until the pool tore every runner down; returns the seconds waited."""
         began = time.monotonic()
@@ -98,6 +116,22 @@ class BenchStack:
         with session_scope(self.settings) as s:
             rows = s.exec(select(Job).where(col(Job.id).in_(job_ids)))
             return {job.id: dict(job.timings or {}) for job in rows}
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+def _cpu_s(pid: int) -> float:
+    """utime + stime of a live process from /proc/<pid>/stat (0 once it is gone)."""
+    stat = _read(Path(f"/proc/{pid}/stat"))
+    if not stat:
+        return 0.0
+    fields = stat.rsplit(b")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _children(pid: int) -> list[int]:
