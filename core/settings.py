@@ -80,10 +80,11 @@ class Settings(BaseSettings):
     # runners of one GGUF served a quarter of the tokens one runner did at concurrency 4).
     runner_gpu_per_model: int = Field(default=1, ge=1, le=64)
     # Requests one GGUF runner decodes together (continuous batching, one llama.cpp context
-    # with a KV stream each); other formats take one at a time. CPU hosts keep side-by-side
-    # runners instead by default; a GPU host's one runner per model batches.
+    # with a KV stream each); other formats take one at a time. Off by default on both kinds
+    # of host until the platform turns the engine's batching gain into throughput (see the
+    # pool's `PoolConfig.gpu_batch`): CPU hosts run a busy model's runners side by side.
     runner_batch: int = Field(default=1, ge=1, le=64)
-    runner_gpu_batch: int = Field(default=4, ge=1, le=64)
+    runner_gpu_batch: int = Field(default=1, ge=1, le=64)
     # Blank runners kept spawned per worker (no model, no user data): cold starts skip
     # Python's start-up and engine imports. 0 spawns every runner on demand.
     runner_spares: int = Field(default=1, ge=0, le=8)

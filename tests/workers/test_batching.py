@@ -8,6 +8,7 @@ for one model share its batching runner).
 
 from __future__ import annotations
 
+import io
 import struct
 import threading
 import time
@@ -28,8 +29,10 @@ from workers.engines.base import (
 from workers.engines.llama import LlamaEngine
 from workers.engines.llama_batch import BatchFull, LlamaBatcher
 from workers.pool import RunnerPool
+from workers.runner.batch_server import BatchServer
+from workers.runner.child import EventWriter
 from workers.runner.process import InvalidState, Runner, RunnerFatal, RunnerState
-from workers.runner.protocol import Token
+from workers.runner.protocol import Done, Generate, Token
 
 MakeRunner = Callable[..., Runner]
 MakePool = Callable[..., RunnerPool]
@@ -185,6 +188,56 @@ def q8_engine(q8_bench_gguf: Path) -> Iterator[LlamaEngine]:
     assert isinstance(loaded, LlamaEngine)
     yield loaded
     loaded.close()
+
+
+class _Captured(EventWriter):
+    """The child's event writer, keeping events in a list instead of writing to a pipe."""
+
+    def __init__(self) -> None:
+        super().__init__(-1)
+        self.events: list[Any] = []
+
+    def send(self, event: Any) -> None:
+        self.events.append(event)
+
+
+@pytest.mark.parametrize("solo_seeded", [True, False])
+def test_a_seeded_request_decodes_alone_where_batching_is_not_exact(
+    engine: LlamaEngine, batcher: LlamaBatcher, solo_seeded: bool
+) -> None:
+    """On CUDA (`solo_seeded`) a seeded request waits for the batch to drain, decodes with
+    nothing beside it, and nothing overtakes it; elsewhere it joins like any other."""
+    batcher.solo_seeded = solo_seeded
+    out = _Captured()
+    server = BatchServer(batcher, engine, out, io.BytesIO())
+    tags = ["a", "b", "seeded", "c", "d"]
+    for tag, prompt in zip(tags, [*PROMPTS, PROMPTS[0]], strict=True):
+        seed = 7 if tag == "seeded" else None
+        server._accept(Generate(tag=tag, prompt=prompt, raw=True, max_tokens=8 + len(tag),
+                                temperature=0.0 if seed is None else 0.9, seed=seed))  # fmt: skip
+    batches: list[set[str]] = []
+    while server.backlog or batcher.active:
+        server._admit_backlog()
+        batches.append({seq.owner.request.tag for seq in batcher.active})
+        server._step()
+    done = [e.tag for e in out.events if isinstance(e, Done)]
+    assert sorted(done) == sorted(tags) and not any(
+        e.error for e in out.events if isinstance(e, Done)
+    )
+    texts = {
+        t: "".join(e.text for e in out.events if isinstance(e, Token) and e.tag == t) for t in tags
+    }
+    seeded = request(PROMPTS[2], 8 + len("seeded"), temperature=0.9, seed=7)
+    assert texts["seeded"] == alone(engine, seeded)[0]
+    with_seeded = [b for b in batches if "seeded" in b]
+    if solo_seeded:
+        assert all(b == {"seeded"} for b in with_seeded)
+        first = batches.index(with_seeded[0])
+        assert {"a", "b"} <= set().union(*batches[:first])  # ahead of it: ran before it
+        assert not {"c", "d"} & set().union(*batches[: first + len(with_seeded)])  # never overtook
+    else:
+        assert any(len(b) > 1 for b in with_seeded)
+        assert batches[0] == {"a", "b", "seeded", "c"}  # four slots, filled at once
 
 
 def test_identical_requests_decoded_together_answer_alike_on_a_quantized_model(

@@ -255,13 +255,13 @@ def test_a_gpu_hosts_runner_takes_its_models_requests_into_one_batch(
     assert pool.stats().cold_starts == 1 and pool.stats().busy == 0
 
 
-def test_gpu_hosts_batch_four_by_default_and_cpu_hosts_one() -> None:
+def test_batching_is_off_by_default_on_gpu_and_cpu_hosts() -> None:
     from core.settings import Settings
     from workers.pool import PoolConfig
 
-    assert (PoolConfig().gpu_batch, PoolConfig().batch) == (4, 1)
+    assert (PoolConfig().gpu_batch, PoolConfig().batch) == (1, 1)
     settings = Settings()
-    assert (settings.runner_gpu_batch, settings.runner_batch) == (4, 1)
+    assert (settings.runner_gpu_batch, settings.runner_batch) == (1, 1)
 
 
 def test_gpu_runners_per_model_lets_a_model_have_more(

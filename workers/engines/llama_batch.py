@@ -17,8 +17,15 @@ streams give each sequence exactly the logits it gets alone.
 A slot keeps the tokens its stream holds after a request ends; the next request that
 starts with the same tokens (a shared system prompt, a repeated prompt) reuses them.
 
-Tested on CPU only (f32 and Q8_0: texts equal to each request alone). On a GPU, kernels
-picked by batch size may still move a logit's last bits.
+Batched decoding is not batch-invariant everywhere. On an H100 (CUDA), a request decoded
+beside others that join and leave gave a different greedy text from the same request alone
+on a random-weight Q8_0 model (210 of 307 requests at concurrency 4): kernels picked by the
+shape of each step round differently, and near-tied logits tip. Identical requests admitted
+together, and one request alone in the batcher, matched. So on CUDA a request with a seed
+decodes alone (`solo_seeded`: the runner's loop admits nothing beside it), as it evaluates
+its whole prompt: a seed promises the same text every time. On CPU one engine thread gave
+exact texts in every mix (tested); several threads did not always, which is one reason CPU
+hosts do not batch by default.
 """
 
 from __future__ import annotations
@@ -75,6 +82,8 @@ class LlamaBatcher:
         self._cached: list[list[int]] = [[] for _ in range(parallel)]  # KV contents per slot
         self._free = list(range(parallel))
         self.active: list[Sequence] = []
+        # A seeded request must decode as it would alone: on CUDA that means alone (see above).
+        self.solo_seeded = engine.device == "cuda"
 
     def close(self) -> None:
         for seq in self.active:
@@ -100,7 +109,7 @@ class LlamaBatcher:
         room = check_context(len(ids), engine.context_length)
         params = request.params
         stream = TokenStream(_ByteDecoder(engine._piece), engine._is_eog, params, len(ids), room)
-        slot, reuse = self._best_slot(ids, params.seed is not None and engine.device == "cuda")
+        slot, reuse = self._best_slot(ids, self.solo(request))
         self._free.remove(slot)
         if not self._lib.llama_memory_seq_rm(self._memory, slot, reuse, -1):
             reuse = 0  # a partial removal can fail: start the slot over
@@ -114,6 +123,11 @@ class LlamaBatcher:
         if stream.result is not None:  # nothing to generate (no room or max_tokens 0)
             self._end(seq)
         return seq
+
+    def solo(self, request: GenerateRequest) -> bool:
+        """Whether the request must decode with no other sequence in the batch, its whole
+        prompt evaluated (a seeded request on CUDA)."""
+        return self.solo_seeded and request.params.seed is not None
 
     def _best_slot(self, ids: list[int], whole_prompt: bool) -> tuple[int, int]:
         """The free slot whose cached tokens share the longest prefix with the prompt.

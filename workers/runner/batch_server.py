@@ -4,6 +4,10 @@ The stdin reader queues requests as the sequential `Server` does; this loop admi
 the batcher between decode steps (a request never waits for another to finish while a slot
 is free), writes each sequence's text as its step produces it, and one `Done` per request
 when it ends. An embedding request runs between two steps.
+
+Requests are admitted in arrival order. One the batcher says must decode alone (`solo`: a
+seeded request on CUDA) waits until every sequence ahead of it has ended, and nothing is
+admitted beside it until it ends.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class _InFlight:
     request: Generate
     sink: TokenSink
     started: float
+    solo: bool = False
 
 
 class BatchServer(Server):
@@ -73,13 +78,24 @@ class BatchServer(Server):
 
     def _admit_backlog(self) -> None:
         while self.backlog and not self.batcher.full:
-            g = self.backlog.popleft()
+            if any(seq.owner.solo for seq in self.batcher.active):
+                return
+            g = self.backlog[0]
             started = time.perf_counter()
-            sink = TokenSink(self.out, g.tag, g.coalesce_ms)
             try:
                 request = generate_request(g)
+            except Exception as exc:
+                self.backlog.popleft()
+                self._finish(g.tag, _failed(g.tag, exc, started))
+                continue
+            solo = self.batcher.solo(request)
+            if solo and self.batcher.active:
+                return  # it waits for the batch to drain; nothing overtakes it
+            self.backlog.popleft()
+            sink = TokenSink(self.out, g.tag, g.coalesce_ms)
+            try:
                 cancelled = functools.partial(self._is_cancelled, g.tag)
-                seq = self.batcher.admit(request, cancelled, _InFlight(g, sink, started))
+                seq = self.batcher.admit(request, cancelled, _InFlight(g, sink, started, solo))
             except Exception as exc:
                 self._finish(g.tag, _failed(g.tag, exc, started))
                 continue
