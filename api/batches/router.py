@@ -13,12 +13,12 @@ from sqlmodel import Session
 
 from api.batches import service as svc
 from api.batches.protocol import BatchCreate, BatchCreated, BatchPublic
-from api.deps import CeleryDep, SessionDep, SettingsDep
+from api.deps import CeleryDep, SessionDep, SettingsDep, settings_of
 from api.inference.auth import key_token
 from api.inference.jobs import reader_of
 from core.db import get_engine
 from core.errors import PayloadTooLarge
-from core.settings import Settings, get_settings
+from core.settings import Settings
 
 Authorization = Annotated[str | None, Header()]
 
@@ -44,7 +44,7 @@ class CappedBodyRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def capped(request: Request) -> Response:
-            settings = request.app.dependency_overrides.get(get_settings, get_settings)()
+            settings = await settings_of(request)
             # Starlette keeps the body here; FastAPI's own `await request.body()` reads it back.
             request._body = await _capped_body(request, settings.batch_max_body_bytes)
             return await handler(request)
