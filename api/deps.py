@@ -9,6 +9,7 @@ from typing import Annotated
 from celery import Celery
 from fastapi import Depends, Request
 from sqlmodel import Session, select
+from starlette.requests import HTTPConnection
 
 from api.inference.auth_cache import AuthCache
 from core import keys
@@ -20,14 +21,15 @@ from core.storage.base import ObjectStorage
 from core.tables import Account
 
 
-async def settings_of(request: Request) -> Settings:
-    """The app's settings: `get_settings`, or what a test put in its place.
+async def settings_of(conn: HTTPConnection) -> Settings:
+    """The app's settings: `get_settings`, or what a test put in its place (HTTP routes and
+    WebSockets alike).
 
     Async on purpose: FastAPI runs a plain-function dependency in its thread pool, and that
     hand-off (to a worker thread and back) was on every request's path, about a tenth of the
     API process's Python time under load (py-spy on the 2-vCPU host).
     """
-    return request.app.dependency_overrides.get(get_settings, get_settings)()  # type: ignore[no-any-return]
+    return conn.app.dependency_overrides.get(get_settings, get_settings)()  # type: ignore[no-any-return]
 
 
 SettingsDep = Annotated[Settings, Depends(settings_of)]
