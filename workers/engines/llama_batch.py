@@ -109,7 +109,7 @@ class LlamaBatcher:
         room = check_context(len(ids), engine.context_length)
         params = request.params
         stream = TokenStream(_ByteDecoder(engine._piece), engine._is_eog, params, len(ids), room)
-        slot, reuse = self._best_slot(ids, self.solo(request))
+        slot, reuse = self._best_slot(ids, self.solo(params.seed))
         self._free.remove(slot)
         if not self._lib.llama_memory_seq_rm(self._memory, slot, reuse, -1):
             reuse = 0  # a partial removal can fail: start the slot over
@@ -124,10 +124,10 @@ class LlamaBatcher:
             self._end(seq)
         return seq
 
-    def solo(self, request: GenerateRequest) -> bool:
-        """Whether the request must decode with no other sequence in the batch, its whole
-        prompt evaluated (a seeded request on CUDA)."""
-        return self.solo_seeded and request.params.seed is not None
+    def solo(self, seed: int | None) -> bool:
+        """Whether a request with this seed must decode with no other sequence in the batch,
+        its whole prompt evaluated (a seeded request on CUDA)."""
+        return self.solo_seeded and seed is not None
 
     def _best_slot(self, ids: list[int], whole_prompt: bool) -> tuple[int, int]:
         """The free slot whose cached tokens share the longest prefix with the prompt.

@@ -78,22 +78,15 @@ class BatchServer(Server):
 
     def _admit_backlog(self) -> None:
         while self.backlog and not self.batcher.full:
-            if any(seq.owner.solo for seq in self.batcher.active):
-                return
             g = self.backlog[0]
-            started = time.perf_counter()
-            try:
-                request = generate_request(g)
-            except Exception as exc:
-                self.backlog.popleft()
-                self._finish(g.tag, _failed(g.tag, exc, started))
-                continue
-            solo = self.batcher.solo(request)
-            if solo and self.batcher.active:
-                return  # it waits for the batch to drain; nothing overtakes it
+            solo = self.batcher.solo(g.seed)
+            if self.batcher.active and (solo or any(s.owner.solo for s in self.batcher.active)):
+                return  # a solo request waits for the batch to drain; nothing overtakes it
             self.backlog.popleft()
+            started = time.perf_counter()
             sink = TokenSink(self.out, g.tag, g.coalesce_ms)
             try:
+                request = generate_request(g)
                 cancelled = functools.partial(self._is_cancelled, g.tag)
                 seq = self.batcher.admit(request, cancelled, _InFlight(g, sink, started, solo))
             except Exception as exc:
