@@ -123,7 +123,10 @@ class KeyLimits:
 
 
 def month_of(now: datetime) -> str:
-    return now.astimezone(UTC).strftime("%Y-%m")
+    # Not strftime: glibc's re-reads the time zone (a stat of /etc/localtime) on every call,
+    # and this runs on every request.
+    utc = now.astimezone(UTC)
+    return f"{utc.year:04d}-{utc.month:02d}"
 
 
 def month_start(now: datetime) -> datetime:

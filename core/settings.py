@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GiB = 1024**3
@@ -135,6 +135,14 @@ class Settings(BaseSettings):
         }
     )
 
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, value: Path) -> Path:
+        """Resolved once, as the process starts: the paths derived from it are read on every
+        request (each database session names the SQLite file), and `resolve()` costs a system
+        call per path component; a later `chdir` then never moves the data either."""
+        return value.resolve()
+
     @model_validator(mode="after")
     def _refuse_unsafe_defaults(self) -> Settings:
         if self.environment != "development":
@@ -161,15 +169,15 @@ class Settings(BaseSettings):
 
     @property
     def effective_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.data_dir.resolve() / 'inferatech.db'}"
+        return self.database_url or f"sqlite:///{self.data_dir / 'inferatech.db'}"
 
     @property
     def effective_storage_url(self) -> str:
-        return self.storage_url or (self.data_dir.resolve() / "objects").as_uri()
+        return self.storage_url or (self.data_dir / "objects").as_uri()
 
     @property
     def effective_weight_cache_dir(self) -> Path:
-        return self.weight_cache_dir or self.data_dir.resolve() / "cache"
+        return self.weight_cache_dir or self.data_dir / "cache"
 
     @property
     def effective_redis_url(self) -> str:

@@ -42,11 +42,75 @@ COALESCE_MS = 50.0
 STATUS_HOLD_S = 0.05
 
 
-# Each running job's cancel watcher and (when someone streams it) token publisher run on
-# threads taken from this pool: starting a thread costs ~0.3 ms on a small VM, paid before the
-# first token; a pooled one is handed work in microseconds. Threads are made only when none is
-# idle, so the cap is a ceiling, above two per concurrent job.
+# A streamed job's token publisher runs on a thread taken from this pool: starting a thread
+# costs ~0.3 ms on a small VM, paid before the first token; a pooled one is handed work in
+# microseconds. Threads are made only when none is idle, so the cap is a ceiling.
 _job_threads = ThreadPoolExecutor(max_workers=256, thread_name_prefix="job-helper")
+
+
+class CancelWatcher:
+    """Every running job's cancel flag, polled by one thread per worker process.
+
+    All the flags go in one pipeline every `interval_s`, so a job costs a dict entry, not a
+    thread hand-off of its own (py-spy put the per-job watcher at about a tenth of the
+    worker's GIL time under load). The thread sleeps while no job is registered.
+    """
+
+    def __init__(self, client: redis.Redis, interval_s: float = CANCEL_POLL_S) -> None:  # type: ignore[type-arg]
+        self._client, self._interval = client, interval_s
+        self._jobs: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        self._busy = threading.Event()  # set while a job is registered
+        self._thread: threading.Thread | None = None
+
+    def watch(self, job_id: str) -> threading.Event:
+        """The event set once the job's cancel flag is seen; `forget` it when the job ends."""
+        event = threading.Event()
+        with self._lock:
+            self._jobs[job_id] = event
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, name="cancel-watcher", daemon=True
+                )
+                self._thread.start()
+        if not self._busy.is_set():
+            self._busy.set()
+        return event
+
+    def forget(self, job_id: str) -> None:
+        with self._lock:
+            self._jobs.pop(job_id, None)
+
+    def watching(self) -> list[str]:
+        with self._lock:
+            return list(self._jobs)
+
+    def poll(self) -> None:
+        """One round trip for every registered job; sets the events of the cancelled ones."""
+        with self._lock:
+            watched = list(self._jobs.items())
+        if not watched:
+            return
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for job_id, _ in watched:
+                pipe.exists(events.cancel_key(job_id))
+            flags = pipe.execute()
+        except Exception:  # a Redis blip must not kill a generation; asked again next time
+            log.warning("cancel check failed for %d running jobs", len(watched))
+            return
+        for (_, event), flag in zip(watched, flags, strict=True):
+            if flag:
+                event.set()
+
+    def _loop(self) -> None:
+        while True:
+            self._busy.wait()
+            time.sleep(self._interval)  # a job shorter than this is never polled at all
+            with self._lock:
+                if not self._jobs:
+                    self._busy.clear()  # `watch` sets it after registering: nothing is lost
+            self.poll()
 
 
 class Executor:
@@ -72,6 +136,7 @@ class Executor:
             gpu_batch=settings.runner_gpu_batch,
         )
         self.pool.start_reaper()
+        self.cancels = CancelWatcher(self.redis)
 
     def cached_files(self, rows: list[ModelFile]) -> list[CachedFile]:
         return [
@@ -391,9 +456,7 @@ def _generate(
     texts: list[str],
 ) -> Done:
     job = ctx.job
-    stop = threading.Event()
-    cancel = threading.Event()
-    _job_threads.submit(_watch_cancel, ex, job.id, stop, cancel)
+    cancel = ex.cancels.watch(job.id)
 
     def on_token(tok: Token) -> None:
         if not texts:  # from the job's creation, as its client sees it
@@ -414,7 +477,7 @@ def _generate(
         )
         return done
     finally:
-        stop.set()
+        ex.cancels.forget(job.id)
         publisher.end()  # flushes while the terminal state commits; `_end` joins it
 
 
@@ -478,18 +541,6 @@ class TokenPublisher:
         """Append what is queued already, up to the end marker."""
         while not self._queue.empty() and batch[-1] is not None:
             batch.append(self._queue.get_nowait())
-
-
-def _watch_cancel(
-    ex: Executor, job_id: str, stop: threading.Event, cancel: threading.Event
-) -> None:
-    while not stop.wait(CANCEL_POLL_S):
-        try:
-            if events.cancel_requested(ex.redis, job_id):
-                cancel.set()
-                return
-        except Exception:  # a Redis blip must not kill the generation
-            log.warning("cancel check failed for %s", job_id)
 
 
 def _terminal_of(done: Done, timings: dict[str, Any], text: str) -> Terminal:

@@ -86,6 +86,21 @@ def test_request_id_is_on_every_api_line_and_carried_to_the_worker(
     assert ended["status"] == "succeeded" and ended["model_id"] == gguf_ready["id"]
     assert ended["completion_tokens"] == resp.json()["completion_tokens"]
     assert ended["queue_ms"] >= 0 and ended["first_token_ms"] >= ended["queue_ms"]
+    # Celery's own per-task lines are left out for inference tasks (`job ended` says more)...
+    celery_lines = [e for e in _worker_entries(stack) if e["logger"].startswith("celery.")]
+    assert not [e for e in celery_lines if job_id in e["message"]], celery_lines[-3:]
+
+
+def test_celery_task_lines_are_kept_for_every_task_but_inference(
+    stack: StackInfo, gguf_ready: dict[str, Any]
+) -> None:
+    # ...and kept for the others: the validate worker logged receiving and finishing the
+    # validation of the model this test uploaded.
+    entries = [json.loads(x) for x in stack.worker.log_path.read_text().splitlines() if x.strip()]
+    received = [e for e in entries if e["logger"] == "celery.worker.strategy"]
+    succeeded = [e for e in entries if e["logger"] == "celery.app.trace"]
+    assert any(gguf_ready["id"] in e["message"] for e in received), received[-3:]
+    assert any("succeeded" in e["message"] and gguf_ready["id"] in e["message"] for e in succeeded)
 
 
 def test_worker_log_file_is_json_lines(stack: StackInfo, gguf_ready: dict[str, Any]) -> None:

@@ -161,6 +161,48 @@ def test_run_job_cancel_while_running_records_partial_usage(
     assert 1 <= usage.completion_tokens < 200
 
 
+def test_one_cancel_watcher_polls_every_running_job_and_sets_only_the_cancelled(
+    executor: inference.Executor,
+) -> None:
+    watcher = inference.CancelWatcher(executor.redis, interval_s=0.02)
+    ids = [new_id("job") for _ in range(5)]
+    flags = {job_id: watcher.watch(job_id) for job_id in ids}
+    events.request_cancel(executor.redis, ids[2])
+    assert flags[ids[2]].wait(5)
+    watcher.poll()  # and once more by hand: the others stay unset
+    assert [job_id for job_id in ids if flags[job_id].is_set()] == [ids[2]]
+    assert [t.name for t in threading.enumerate()].count("cancel-watcher") >= 1
+
+    watcher.forget(ids[3])  # an ended job is no longer asked about
+    events.request_cancel(executor.redis, ids[3])
+    for job_id in ids:
+        if job_id != ids[3]:
+            watcher.forget(job_id)
+    assert watcher.watching() == []
+    time.sleep(0.1)
+    assert not flags[ids[3]].is_set()
+
+    late = new_id("job")  # the thread, asleep with nothing to watch, wakes for a new job
+    flag = watcher.watch(late)
+    events.request_cancel(executor.redis, late)
+    assert flag.wait(5)
+    watcher.forget(late)
+
+
+def test_a_cancel_watcher_survives_redis_errors(stack: StackInfo) -> None:
+    dead = redis.Redis(port=1, socket_connect_timeout=0.2)  # nothing listens there
+    watcher = inference.CancelWatcher(dead, interval_s=0.01)
+    flag = watcher.watch(new_id("job"))
+    watcher.poll()  # logged, not raised
+    time.sleep(0.1)
+    assert not flag.is_set()
+    live = redis.Redis.from_url(stack.settings.redis_url)
+    watcher._client = live  # Redis is back: the same thread sees the next flag
+    job_id = watcher.watching()[0]
+    events.request_cancel(live, job_id)
+    assert flag.wait(5)
+
+
 def test_run_job_past_execution_timeout_times_out(
     stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
 ) -> None:
