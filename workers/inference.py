@@ -62,6 +62,7 @@ class CancelWatcher:
         self._lock = threading.Lock()
         self._busy = threading.Event()  # set while a job is registered
         self._thread: threading.Thread | None = None
+        self._failing = False
 
     def watch(self, job_id: str) -> threading.Event:
         """The event set once the job's cancel flag is seen; `forget` it when the job ends."""
@@ -97,8 +98,13 @@ class CancelWatcher:
                 pipe.exists(events.cancel_key(job_id))
             flags = pipe.execute()
         except Exception:  # a Redis blip must not kill a generation; asked again next time
-            log.warning("cancel check failed for %d running jobs", len(watched))
+            if not self._failing:  # once per outage, not ten lines a second
+                log.warning("cancel checks failing for %d running jobs", len(watched))
+            self._failing = True
             return
+        if self._failing:
+            log.info("cancel checks work again")
+            self._failing = False
         for (_, event), flag in zip(watched, flags, strict=True):
             if flag:
                 event.set()
