@@ -106,8 +106,12 @@ def cancel_many(client: redis.Redis, ended: list[str], running: list[str]) -> No
     pipe.execute()
 
 
-def cancel_requested(client: redis.Redis, job_id: str) -> bool:  # type: ignore[type-arg]
-    return bool(client.exists(cancel_key(job_id)))
+def cancels_requested(client: redis.Redis, job_ids: list[str]) -> list[bool]:  # type: ignore[type-arg]
+    """Whether each job was asked to stop, in one round trip."""
+    pipe = client.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.exists(cancel_key(job_id))
+    return [bool(flag) for flag in pipe.execute()]
 
 
 def _decode(fields: dict[Any, Any]) -> dict[str, Any]:

@@ -52,8 +52,8 @@ class CancelWatcher:
     """Every running job's cancel flag, polled by one thread per worker process.
 
     All the flags go in one pipeline every `interval_s`, so a job costs a dict entry, not a
-    thread hand-off of its own (py-spy put the per-job watcher at about a tenth of the
-    worker's GIL time under load). The thread sleeps while no job is registered.
+    pooled thread of its own (0.10 → 0.04 ms of CPU per job, measured beside a busy task
+    thread). The thread sleeps while no job is registered.
     """
 
     def __init__(self, client: redis.Redis, interval_s: float = CANCEL_POLL_S) -> None:  # type: ignore[type-arg]
@@ -82,10 +82,6 @@ class CancelWatcher:
         with self._lock:
             self._jobs.pop(job_id, None)
 
-    def watching(self) -> list[str]:
-        with self._lock:
-            return list(self._jobs)
-
     def poll(self) -> None:
         """One round trip for every registered job; sets the events of the cancelled ones."""
         with self._lock:
@@ -93,10 +89,7 @@ class CancelWatcher:
         if not watched:
             return
         try:
-            pipe = self._client.pipeline(transaction=False)
-            for job_id, _ in watched:
-                pipe.exists(events.cancel_key(job_id))
-            flags = pipe.execute()
+            flags = events.cancels_requested(self._client, [job_id for job_id, _ in watched])
         except Exception:  # a Redis blip must not kill a generation; asked again next time
             if not self._failing:  # once per outage, not ten lines a second
                 log.warning("cancel checks failing for %d running jobs", len(watched))

@@ -172,18 +172,16 @@ def test_one_cancel_watcher_polls_every_running_job_and_sets_only_the_cancelled(
     assert flags[ids[2]].wait(5)
     watcher.poll()  # and once more by hand: the others stay unset
     assert [job_id for job_id in ids if flags[job_id].is_set()] == [ids[2]]
-    assert [t.name for t in threading.enumerate()].count("cancel-watcher") >= 1
 
     watcher.forget(ids[3])  # an ended job is no longer asked about
     events.request_cancel(executor.redis, ids[3])
-    for job_id in ids:
-        if job_id != ids[3]:
-            watcher.forget(job_id)
-    assert watcher.watching() == []
-    time.sleep(0.1)
+    time.sleep(0.1)  # five polls
     assert not flags[ids[3]].is_set()
+    for job_id in ids:
+        watcher.forget(job_id)
+    time.sleep(0.1)  # the thread finds nothing to watch and goes to sleep
 
-    late = new_id("job")  # the thread, asleep with nothing to watch, wakes for a new job
+    late = new_id("job")  # and wakes for a new job
     flag = watcher.watch(late)
     events.request_cancel(executor.redis, late)
     assert flag.wait(5)
