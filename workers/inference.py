@@ -202,14 +202,27 @@ def run_job(
     lock_s = (timeout_s or ex.settings.max_execution_timeout_s) + 30
     lock = JobLock(ex, job_id, lock_s)  # asked for here, its reply read after the INSERT
     now = utcnow()
+    # A job only its caller waits for is run before it has a row: `finish` writes it once,
+    # ended. Any other carried job's row is inserted while the lock's reply is on its way.
+    unsaved = job is not None and not live and not (job.expires_at and now > job.expires_at)
     fresh: jobs.Claim | Exception | None = None
+    tried = job is not None and not unsaved  # `claim` need not try the INSERT again
     try:
-        if job is not None:
+        if tried:
+            assert job is not None
             fresh = jobs.claim_fresh(ex.settings, job)
     except Exception as exc:
         fresh = exc
     finally:
         lock.settle()
+    if unsaved and lock.ended:  # events on its stream: a copy ended it (or began to)
+        unsaved = False  # so the database says what happened, as for any other job
+    elif unsaved and lock.held and not lock.cancelled:
+        assert job is not None
+        try:
+            fresh = jobs.claim_unsaved(ex.settings, job)
+        except Exception as exc:  # the model's rows could not be read
+            fresh = exc
     if lock.cancelled:
         try:
             claimed = isinstance(fresh, jobs.Claim) and fresh.ctx is not None and not fresh.expired
@@ -232,7 +245,7 @@ def run_job(
         try:
             if isinstance(fresh, Exception):
                 raise fresh
-            claim = fresh or jobs.claim(ex.settings, job_id, job, fresh_tried=job is not None)
+            claim = fresh or jobs.claim(ex.settings, job_id, job, fresh_tried=tried)
         except Exception as exc:
             if job is None:
                 raise
@@ -267,24 +280,36 @@ def run_job(
                 lock=lock,
             )
             raise
-        return _end(ex, ctx, end, publisher, lock=lock)
+        try:
+            return _end(ex, ctx, end, publisher, lock=lock)
+        except Exception as exc:
+            if not ctx.unsaved:
+                raise
+            # Ran, but nothing recorded it: like a claim that failed, the caller is answered
+            # and what it holds is freed; its tokens are not billed, and not delivered.
+            log.exception("could not record job %s", job_id)
+            _end_unrecorded(ex, ctx.job, database_down=isinstance(exc, OperationalError))
+            return JobStatus.FAILED.value
     finally:
         lock.release()
 
 
 class JobLock:
-    """The job's run lock and its cancel flag, asked for in one round trip as the task starts.
+    """The job's run lock, its cancel flag and whether its stream has events, asked for in
+    one round trip as the task starts.
 
     Held (SET NX with an expiry) while the job runs; released only by its holder. The
     request goes out at once and its reply is read by `settle`, so the round trip overlaps
-    the claim's INSERT (`jobs.claim_fresh`, safe before the lock is known).
+    the claim's INSERT (`jobs.claim_fresh`, safe before the lock is known). `ended`: the
+    job's stream exists, so a job that publishes nothing until its end has ended before.
     """
 
     def __init__(self, ex: Executor, job_id: str, timeout_s: float) -> None:
         self._client, self._name = ex.redis, f"lock:job:{job_id}"
         self._token, self._cancel = uuid.uuid4().hex, events.cancel_key(job_id)
+        self._stream = events.stream_key(job_id)
         self._px = int(timeout_s * 1000)
-        self.cancelled = self.held = False
+        self.cancelled = self.held = self.ended = False
         self._conn: redis.connection.AbstractConnection | None = None
         pool = self._client.connection_pool
         try:
@@ -297,6 +322,7 @@ class JobLock:
                 ("EXISTS", self._cancel),
                 ("SET", self._name, self._token, "NX", "PX", self._px),
                 ("GET", self._name),
+                ("EXISTS", self._stream),
             ]
             conn.send_packed_command(conn.pack_commands(commands))
         except (redis.ConnectionError, redis.TimeoutError, OSError):
@@ -314,7 +340,7 @@ class JobLock:
         if (conn := self._conn) is not None:
             self._conn = None
             try:
-                replies = [conn.read_response() for _ in range(3)]
+                replies = [conn.read_response() for _ in range(4)]
             except (redis.ConnectionError, redis.TimeoutError, OSError):
                 conn.disconnect()  # a restarted Redis: asked again below
             except BaseException:
@@ -327,9 +353,10 @@ class JobLock:
             pipe.exists(self._cancel)
             pipe.set(self._name, self._token, nx=True, px=self._px)
             pipe.get(self._name)
+            pipe.exists(self._stream)
             replies = pipe.execute()
-        cancelled, _, holder = replies
-        self.cancelled = bool(cancelled)
+        cancelled, _, holder, ended = replies
+        self.cancelled, self.ended = bool(cancelled), bool(ended)
         self.held = holder in (self._token, self._token.encode())
 
     def release(self) -> None:

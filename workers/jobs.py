@@ -5,9 +5,10 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, update
+from sqlalchemy import Connection, bindparam, func, insert, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
@@ -37,6 +38,8 @@ class JobContext:
     model: Model
     files: list[ModelFile]
     log_payloads: bool = False  # the key opted in: its prompts and completions are logged
+    # Its row is not written yet (`claim_unsaved`): `finish` inserts it, already ended.
+    unsaved: bool = False
 
 
 @dataclass
@@ -193,6 +196,20 @@ def claim_fresh(settings: Settings, carried: Job) -> Claim | None:
     return None if job is None else Claim(_context(settings, job))
 
 
+def claim_unsaved(settings: Settings, carried: Job) -> Claim:
+    """A carried job taken without writing anything: its row is inserted once, ended, by
+    `finish` (one write on the request's path instead of two).
+
+    For a job only its caller waits for (a non-streaming `/v1/infer`: nobody can ask about
+    it before the answer names it), taken under its run lock, not past its TTL, and with no
+    stream yet (a redelivered copy of an ended job finds its events: `JobLock.ended`).
+    """
+    carried.status, carried.started_at, carried.attempts = JobStatus.RUNNING, utcnow(), 1
+    ctx = _context(settings, carried)
+    ctx.unsaved = True
+    return Claim(ctx)
+
+
 def unclaim(settings: Settings, job_id: str) -> None:
     """Undo `claim_fresh` (`running → queued`) for a job found cancelled before it ran."""
     stmt = (
@@ -205,48 +222,74 @@ def unclaim(settings: Settings, job_id: str) -> None:
 
 
 def finish(settings: Settings, ctx: JobContext, end: Terminal) -> bool:
-    """Write the terminal state and its usage event in one transaction; False if already ended."""
+    """Write the terminal state and its usage event in one transaction; False if already ended.
+
+    An unsaved job's row is inserted here, ended; if a row is there already (another copy
+    wrote it), a live one is ended as a saved job's is and an ended one is left alone.
+    """
     job = ctx.job
     now = utcnow()
+    ended = {
+        "job_id": job.id,
+        "status": end.status,
+        "result": end.result,
+        "error_code": end.error_code,
+        "error_message": (end.error_message or None) and end.error_message[:2000],
+        "prompt_tokens": end.prompt_tokens,
+        "completion_tokens": end.completion_tokens,
+        "timings": end.timings,
+        "finished_at": now,
+    }
+    if ctx.unsaved:
+        row = {name: getattr(job, name) for name in _JOB_COLUMNS}
+        row.update({name: ended[name] for name in _ENDED_COLUMNS})
+        try:
+            with get_engine(settings).begin() as conn:
+                conn.execute(_INSERT_JOB, row)
+                _record_usage(conn, job, end, now)
+            ctx.unsaved = False
+            return True
+        except IntegrityError:
+            # A row is there: another copy wrote it (an older worker's claim, or a copy
+            # that ended it). A live row is taken over below; an ended one is left as is.
+            with session_scope(settings) as s:
+                if s.get(Job, job.id) is None:  # not a duplicate id: a broken reference
+                    raise
+            ctx.unsaved = False
     # Prebuilt Core statements on one connection: no ORM session, identity map, flush or
     # statement building on the path of every request.
     with get_engine(settings).begin() as conn:
-        ended = {
-            "job_id": job.id,
-            "status": end.status,
-            "result": end.result,
-            "error_code": end.error_code,
-            "error_message": (end.error_message or None) and end.error_message[:2000],
-            "prompt_tokens": end.prompt_tokens,
-            "completion_tokens": end.completion_tokens,
-            "timings": end.timings,
-            "finished_at": now,
-        }
         if conn.execute(_FINISH_JOB, ended).rowcount != 1:
             return False
-        if end.completion_tokens > 0 or end.status is JobStatus.SUCCEEDED:
-            usage = {
-                "id": new_id("ue"),
-                "job_id": job.id,
-                "account_id": job.account_id,
-                "api_key_id": job.api_key_id,
-                "model_id": job.model_id,
-                "prompt_tokens": end.prompt_tokens,
-                "completion_tokens": end.completion_tokens,
-                "occurred_at": now,
-                "push_state": PushState.PENDING,
-                "attempts": 0,
-                "key_of_customer": job.api_key_id,
-                "account_of_customer": job.account_id,
-            }
-            conn.execute(_INSERT_USAGE, usage)
-        if _due(f"model:{job.model_id}"):
-            model_row = update(Model).where(col(Model.id) == job.model_id)
-            conn.execute(model_row.values(last_invoked_at=now))
-        if job.api_key_id and _due(f"key:{job.api_key_id}"):
-            key_row = update(ApiKey).where(col(ApiKey.id) == job.api_key_id)
-            conn.execute(key_row.values(last_used_at=now))
+        _record_usage(conn, job, end, now)
     return True
+
+
+def _record_usage(conn: Connection, job: Job, end: Terminal, now: datetime) -> None:
+    """The ended job's usage event (none when it produced nothing billable) and the
+    once-a-minute touches of its model and key, on the finishing transaction."""
+    if end.completion_tokens > 0 or end.status is JobStatus.SUCCEEDED:
+        usage = {
+            "id": new_id("ue"),
+            "job_id": job.id,
+            "account_id": job.account_id,
+            "api_key_id": job.api_key_id,
+            "model_id": job.model_id,
+            "prompt_tokens": end.prompt_tokens,
+            "completion_tokens": end.completion_tokens,
+            "occurred_at": now,
+            "push_state": PushState.PENDING,
+            "attempts": 0,
+            "key_of_customer": job.api_key_id,
+            "account_of_customer": job.account_id,
+        }
+        conn.execute(_INSERT_USAGE, usage)
+    if _due(f"model:{job.model_id}"):
+        model_row = update(Model).where(col(Model.id) == job.model_id)
+        conn.execute(model_row.values(last_invoked_at=now))
+    if job.api_key_id and _due(f"key:{job.api_key_id}"):
+        key_row = update(ApiKey).where(col(ApiKey.id) == job.api_key_id)
+        conn.execute(key_row.values(last_used_at=now))
 
 
 _ENDED_COLUMNS = ("status", "result", "error_code", "error_message", "prompt_tokens",

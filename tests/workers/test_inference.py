@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -400,6 +401,125 @@ def test_carried_job_redelivered_after_its_worker_died_is_taken_over(
     assert inference.run_job(job_id, executor, 600, carried=message) == "succeeded"
     job = job_row(stack, job_id)
     assert job.attempts == 2 and len(usage_rows(stack, job_id)) == 1
+
+
+def job_writes(stack: StackInfo) -> list[str]:
+    """The statements that write the job table from now on (INSERT, UPDATE), as sent."""
+    from sqlalchemy import event
+
+    from core.db import get_engine
+
+    seen: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        words = statement.split(None, 3)
+        if words[0] in ("INSERT", "UPDATE") and "job" in (words[2], words[1]):
+            seen.append(words[0])
+
+    event.listen(get_engine(stack.settings), "before_cursor_execute", record)
+    return seen
+
+
+def test_unsaved_job_is_written_once_ended_and_has_no_row_while_it_runs(
+    stack: StackInfo,
+    gguf_ready: dict[str, Any],
+    executor: inference.Executor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A non-streaming `/v1/infer` job: one INSERT of its ended row, none while it runs."""
+    message = carried(stack, gguf_ready)
+    job_id = message["id"]
+    rows_while_running: list[Job | None] = []
+    real = inference._generate
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        with session_scope(stack.settings) as s:
+            rows_while_running.append(s.get(Job, job_id))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "_generate", generate)
+    writes = job_writes(stack)
+    assert inference.run_job(job_id, executor, 600, live=False, carried=message) == "succeeded"
+    assert rows_while_running == [None]
+    assert writes == ["INSERT"]
+    job = job_row(stack, job_id)
+    assert job.status is JobStatus.SUCCEEDED and job.attempts == 1
+    assert job.started_at is not None and job.finished_at is not None
+    assert job.started_at <= job.finished_at
+    assert job.timings["run_ms"] > 0 and job.prompt_tokens > 0
+    (usage,) = usage_rows(stack, job_id)
+    assert usage.completion_tokens == job.completion_tokens > 0
+
+
+def test_unsaved_job_redelivered_after_it_ended_never_runs_again(
+    stack: StackInfo,
+    gguf_ready: dict[str, Any],
+    executor: inference.Executor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its stream says it ended (the lock's round trip asks): the database decides, and the
+    copy is skipped without a generation."""
+    message = carried(stack, gguf_ready)
+    job_id = message["id"]
+    assert inference.run_job(job_id, executor, 600, live=False, carried=message) == "succeeded"
+    runs: list[Any] = []
+    real = inference._execute
+    monkeypatch.setattr(inference, "_execute", lambda *a, **k: runs.append(a) or real(*a, **k))
+    entries = executor.redis.xlen(events.stream_key(job_id))
+    assert inference.run_job(job_id, executor, 600, live=False, carried=message) == "skipped"
+    assert runs == [] and len(usage_rows(stack, job_id)) == 1
+    assert executor.redis.xlen(events.stream_key(job_id)) == entries
+
+
+def test_unsaved_job_whose_row_another_copy_wrote_takes_it_over(
+    stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
+) -> None:
+    """A copy (an older worker's) claimed the row and died: the INSERT meets it, and the
+    end is recorded on it instead, once."""
+    message = carried(stack, gguf_ready)
+    job_id = message["id"]
+    claimed = jobs.claim(stack.settings, job_id, job_of_message(message))
+    assert claimed.ctx is not None
+    writes = job_writes(stack)
+    assert inference.run_job(job_id, executor, 600, live=False, carried=message) == "succeeded"
+    assert writes == ["INSERT", "UPDATE"]  # the INSERT failed, the ended UPDATE took it
+    job = job_row(stack, job_id)
+    assert job.status is JobStatus.SUCCEEDED and job.result and job.result["completion"]
+    assert len(usage_rows(stack, job_id)) == 1 and len(done_events(executor, job_id)) == 1
+
+
+def test_unsaved_job_with_the_database_down_at_its_end_answers_503(
+    stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
+) -> None:
+    """It ran (its model's rows were cached), then nothing could record it: the caller gets
+    SERVICE_UNAVAILABLE, not the completion, and the key's slot is freed."""
+    from core import limits
+
+    warm = carried(stack, gguf_ready)  # caches the model's rows in this process
+    assert inference.run_job(warm["id"], executor, 600, live=False, carried=warm) == "succeeded"
+    message = carried(stack, gguf_ready)
+    job_id, key_id = message["id"], message["api_key_id"]
+    down = stack.settings.model_copy(update={"database_url": "postgresql://x@127.0.0.1:1/x"})
+    ex = inference.Executor(down)
+    ran: list[bool] = []
+    real = inference._generate
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(inference, "_generate", lambda *a, **k: ran.append(True) or real(*a, **k))
+            ex.redis.zadd(limits.concurrency_key(key_id), {job_id: time.time() + 600})
+            assert inference.run_job(job_id, ex, 600, live=False, carried=message) == "failed"
+        assert ran == [True]  # it ran: the failure was at the end
+        (done,) = done_events(ex, job_id)
+        assert done["status"] == "failed" and "result" not in done
+        assert done["error"]["code"] == "SERVICE_UNAVAILABLE"
+        kinds = [json.loads(f[b"e"])["type"] for _, f in ex.redis.xrange(events.stream_key(job_id))]
+        assert kinds == ["done"]  # its completion is not delivered
+        assert ex.redis.zscore(limits.concurrency_key(key_id), job_id) is None
+    finally:
+        ex.pool.close()
+    with session_scope(stack.settings) as s:
+        assert s.get(Job, job_id) is None
+    assert usage_rows(stack, job_id) == []
 
 
 def test_carried_job_cancelled_before_it_ran_is_recorded_cancelled(
