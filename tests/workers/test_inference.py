@@ -371,13 +371,17 @@ def test_carried_job_gets_its_row_at_claim_and_one_usage(
     assert len(done_events(executor, job_id)) == 1
 
 
+@pytest.mark.parametrize("live", [True, False])
 def test_carried_job_redelivered_after_it_ended_streams_nothing_and_never_runs(
     stack: StackInfo,
     gguf_ready: dict[str, Any],
     executor: inference.Executor,
     monkeypatch: pytest.MonkeyPatch,
+    live: bool,
 ) -> None:
-    """A redelivered copy of an ended job, with someone streaming: no event, no generation."""
+    """A redelivered copy of an ended job: no event, no generation. Not live, the copy would
+    run without a row (`jobs.claim_unsaved`): the lock's round trip finds the job's stream,
+    and the database decides."""
     message = carried(stack, gguf_ready)
     job_id = message["id"]
     assert inference.run_job(job_id, executor, 600, live=False, carried=message) == "succeeded"
@@ -385,7 +389,7 @@ def test_carried_job_redelivered_after_it_ended_streams_nothing_and_never_runs(
     runs: list[Any] = []
     real = inference._execute
     monkeypatch.setattr(inference, "_execute", lambda *a, **k: runs.append(a) or real(*a, **k))
-    assert inference.run_job(job_id, executor, 600, live=True, carried=message) == "skipped"
+    assert inference.run_job(job_id, executor, 600, live=live, carried=message) == "skipped"
     assert executor.redis.xlen(events.stream_key(job_id)) == entries  # no status, no token
     assert len(usage_rows(stack, job_id)) == 1 and runs == []
 
@@ -449,26 +453,6 @@ def test_unsaved_job_is_written_once_ended_and_has_no_row_while_it_runs(
     assert job.timings["run_ms"] > 0 and job.prompt_tokens > 0
     (usage,) = usage_rows(stack, job_id)
     assert usage.completion_tokens == job.completion_tokens > 0
-
-
-def test_unsaved_job_redelivered_after_it_ended_never_runs_again(
-    stack: StackInfo,
-    gguf_ready: dict[str, Any],
-    executor: inference.Executor,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Its stream says it ended (the lock's round trip asks): the database decides, and the
-    copy is skipped without a generation."""
-    message = carried(stack, gguf_ready)
-    job_id = message["id"]
-    assert inference.run_job(job_id, executor, 600, live=False, carried=message) == "succeeded"
-    runs: list[Any] = []
-    real = inference._execute
-    monkeypatch.setattr(inference, "_execute", lambda *a, **k: runs.append(a) or real(*a, **k))
-    entries = executor.redis.xlen(events.stream_key(job_id))
-    assert inference.run_job(job_id, executor, 600, live=False, carried=message) == "skipped"
-    assert runs == [] and len(usage_rows(stack, job_id)) == 1
-    assert executor.redis.xlen(events.stream_key(job_id)) == entries
 
 
 def test_unsaved_job_whose_row_another_copy_wrote_takes_it_over(
