@@ -192,7 +192,7 @@ def _show_breakdown(
         ),
         part("queue_ms (job row -> worker)", queue),
         part("run_ms - engine_ms (pool+pipe+XADD)", [r - e for r, e in zip(run, runner_engine)]),
-        part("rest (API, mark_running, finish txn, XREAD)", rest),
+        part("rest (API, lock, finish txn, ending, XREAD)", rest),
         part("  GET /healthz, lean client (HTTP floor)", floor["healthz_lean"]),
         part("  GET /healthz, httpx", floor["healthz"]),
         part("  POST /v1/jobs (auth+INSERT+publish)", floor["create"]),
