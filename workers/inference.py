@@ -194,13 +194,13 @@ def run_job(
     before the job row is read); without it the longest allowed timeout is assumed. `live`
     False (nobody streams the job) publishes its tokens with the terminal event, at once.
     `carried`: the job as its task message holds it, its row not yet written (the claim
-    writes it).
+    writes it; for a job nobody streams, `jobs.finish` does, once it ended).
     """
     job = job_of_message(carried) if carried is not None else None
     # Outlives the runner's own timeout, so a redelivered copy of a dead worker's job can
     # take over soon after; while the first copy runs, the lock keeps the second out.
     lock_s = (timeout_s or ex.settings.max_execution_timeout_s) + 30
-    lock = JobLock(ex, job_id, lock_s)  # asked for here, its reply read after the INSERT
+    lock = JobLock(ex, job_id, lock_s)  # asked for here, its reply read after any INSERT
     now = utcnow()
     # A job only its caller waits for is run before it has a row: `finish` writes it once,
     # ended. Any other carried job's row is inserted while the lock's reply is on its way.
