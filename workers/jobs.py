@@ -129,12 +129,16 @@ def _insert_carried(settings: Settings, carried: Job, status: JobStatus) -> Job 
         with get_engine(settings).begin() as conn:
             conn.execute(_INSERT_JOB, row)
     except IntegrityError:
-        with session_scope(settings) as s:
-            if s.get(Job, carried.id) is None:  # not a duplicate id: a broken reference
-                raise
+        if not _has_row(settings, carried.id):  # not a duplicate id: a broken reference
+            raise
         return None
     carried.status, carried.started_at, carried.attempts = status, started, row["attempts"]
     return carried
+
+
+def _has_row(settings: Settings, job_id: str) -> bool:
+    with session_scope(settings) as s:
+        return s.get(Job, job_id) is not None
 
 
 _INSERT_JOB = insert(Job.__table__)  # type: ignore[attr-defined]
@@ -252,9 +256,8 @@ def finish(settings: Settings, ctx: JobContext, end: Terminal) -> bool:
         except IntegrityError:
             # A row is there: another copy wrote it (an older worker's claim, or a copy
             # that ended it). A live row is taken over below; an ended one is left as is.
-            with session_scope(settings) as s:
-                if s.get(Job, job.id) is None:  # not a duplicate id: a broken reference
-                    raise
+            if not _has_row(settings, job.id):  # not a duplicate id: a broken reference
+                raise
             ctx.unsaved = False
     # Prebuilt Core statements on one connection: no ORM session, identity map, flush or
     # statement building on the path of every request.

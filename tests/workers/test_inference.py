@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -407,8 +408,9 @@ def test_carried_job_redelivered_after_its_worker_died_is_taken_over(
     assert job.attempts == 2 and len(usage_rows(stack, job_id)) == 1
 
 
-def job_writes(stack: StackInfo) -> list[str]:
-    """The statements that write the job table from now on (INSERT, UPDATE), as sent."""
+@contextmanager
+def job_writes(stack: StackInfo) -> Iterator[list[str]]:
+    """The statements that write the job table inside the block (INSERT, UPDATE), as sent."""
     from sqlalchemy import event
 
     from core.db import get_engine
@@ -420,8 +422,12 @@ def job_writes(stack: StackInfo) -> list[str]:
         if words[0] in ("INSERT", "UPDATE") and "job" in (words[2], words[1]):
             seen.append(words[0])
 
-    event.listen(get_engine(stack.settings), "before_cursor_execute", record)
-    return seen
+    engine = get_engine(stack.settings)
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
 
 
 def test_unsaved_job_is_written_once_ended_and_has_no_row_while_it_runs(
@@ -442,8 +448,8 @@ def test_unsaved_job_is_written_once_ended_and_has_no_row_while_it_runs(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(inference, "_generate", generate)
-    writes = job_writes(stack)
-    assert inference.run_job(job_id, executor, 600, live=False, carried=message) == "succeeded"
+    with job_writes(stack) as writes:
+        assert inference.run_job(job_id, executor, 600, live=False, carried=message) == "succeeded"
     assert rows_while_running == [None]
     assert writes == ["INSERT"]
     job = job_row(stack, job_id)
@@ -464,8 +470,8 @@ def test_unsaved_job_whose_row_another_copy_wrote_takes_it_over(
     job_id = message["id"]
     claimed = jobs.claim(stack.settings, job_id, job_of_message(message))
     assert claimed.ctx is not None
-    writes = job_writes(stack)
-    assert inference.run_job(job_id, executor, 600, live=False, carried=message) == "succeeded"
+    with job_writes(stack) as writes:
+        assert inference.run_job(job_id, executor, 600, live=False, carried=message) == "succeeded"
     assert writes == ["INSERT", "UPDATE"]  # the INSERT failed, the ended UPDATE took it
     job = job_row(stack, job_id)
     assert job.status is JobStatus.SUCCEEDED and job.result and job.result["completion"]
