@@ -131,6 +131,7 @@ class Executor:
             spares=settings.runner_spares,
             gpu_memory_fraction=settings.runner_gpu_memory_fraction,
             gpu_runners_per_model=settings.runner_gpu_per_model,
+            cpu_runners_per_model=settings.runner_cpu_per_model,
             batch=settings.runner_batch,
             gpu_batch=settings.runner_gpu_batch,
         )

@@ -40,6 +40,8 @@ IDLE_TTL_S = 2
 RUNNER_THREADS = os.environ.get("INFERATECH_BENCH_RUNNER_THREADS")
 # Requests a GGUF runner decodes together (CPU and GPU hosts alike); the product default unless set.
 RUNNER_BATCH = os.environ.get("INFERATECH_BENCH_RUNNER_BATCH")
+# Runners of one model at once on a CPU host; the product default (cores / threads) unless set.
+RUNNER_CPU_PER_MODEL = os.environ.get("INFERATECH_BENCH_RUNNER_CPU_PER_MODEL")
 
 
 @dataclass
@@ -166,6 +168,7 @@ def bench_stack(data_dir: Path) -> Iterator[BenchStack]:
         rate_limit_tpm=10**12,
         rate_limit_concurrency=10**6,
         **({"runner_threads": int(RUNNER_THREADS)} if RUNNER_THREADS else {}),
+        **({"runner_cpu_per_model": int(RUNNER_CPU_PER_MODEL)} if RUNNER_CPU_PER_MODEL else {}),
         **(
             {"runner_batch": int(RUNNER_BATCH), "runner_gpu_batch": int(RUNNER_BATCH)}
             if RUNNER_BATCH

@@ -278,13 +278,67 @@ def test_gpu_runners_per_model_lets_a_model_have_more(
 def test_a_host_without_a_gpu_starts_a_second_runner_for_a_busy_model(
     make_pool: MakePool, gguf_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On CPUs, runners of one model run side by side on their own cores: no per-model cap."""
+    """On CPUs, runners of one model run side by side on their own cores, as many as the
+    cores hold (two here, whatever this host's core count)."""
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no nvidia-smi
-    pool = gpu_pool(make_pool)
+    pool = gpu_pool(make_pool, cpu_runners_per_model=2)
     got: list[tuple[bool, int]] = []
     with pool.acquire(A, gguf_dir, "gguf") as (first, _, _):
         _acquire_in_thread(pool, A, gguf_dir, got).join(30)
     assert len(got) == 1 and got[0][0] and got[0][1] != first.pid
+
+
+def test_a_cpu_host_caps_a_models_runners_at_what_its_cores_hold(
+    make_pool: MakePool, gguf_dir: Path
+) -> None:
+    """A third runner of one model on two cores' worth would only time-slice them: the
+    request waits for one of the model's runners; another model still starts its own."""
+    pool = make_pool(device="cpu", cpu_runners_per_model=2, max_runners=4)
+    got: list[tuple[bool, int]] = []
+    with (
+        pool.acquire(A, gguf_dir, "gguf") as (a1, _, _),
+        pool.acquire(A, gguf_dir, "gguf") as (a2, _, _),
+    ):
+        assert a1.pid != a2.pid
+        waiter = _acquire_in_thread(pool, A, gguf_dir, got)
+        time.sleep(0.5)
+        assert got == [] and pool.stats().runners == 2  # waiting, not starting a third
+        with pool.acquire(B, gguf_dir, "gguf") as (_, b_cold, _):
+            assert b_cold
+    waiter.join(30)
+    assert len(got) == 1 and got[0][0] is False and got[0][1] in (a1.pid, a2.pid)
+    assert pool.stats().cold_starts == 3
+
+
+def test_a_cpu_pools_cap_is_its_cores_over_the_runners_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("workers.pool.os.cpu_count", lambda: 16)
+    assert RunnerPool(threads=4).cpu_runners_per_model == 4
+    assert RunnerPool(threads=32).cpu_runners_per_model == 1  # at least one
+    assert RunnerPool(threads=4, cpu_runners_per_model=8).cpu_runners_per_model == 8
+    monkeypatch.setattr("workers.pool.os.cpu_count", lambda: None)
+    assert RunnerPool(threads=1).cpu_runners_per_model == 1
+
+
+def test_a_host_whose_nvidia_smi_fails_is_asked_once_not_at_every_wait(
+    make_pool: MakePool, fake_gpu: Path, gguf_dir: Path
+) -> None:
+    """No GPU answered at the first acquire: the runners are on CPUs, and neither cold
+    starts nor requests waiting for a busy model ask nvidia-smi again."""
+    (fake_gpu.parent / "fail").touch()
+    pool = gpu_pool(make_pool, cpu_runners_per_model=1)
+    got: list[tuple[bool, int]] = []
+    with pool.acquire(A, gguf_dir, "gguf"):
+        waiters = [_acquire_in_thread(pool, A, gguf_dir, got) for _ in range(3)]
+        time.sleep(0.3)
+        with pool.acquire(B, gguf_dir, "gguf"), pool.acquire(C, gguf_dir, "gguf"):
+            pass
+    for waiter in waiters:
+        waiter.join(30)
+    assert [cold for cold, _ in got] == [False] * 3
+    pool.fill_min_warm()
+    assert fake_gpu.read_text().count("--query-gpu") == 1
 
 
 def test_cpu_pool_ignores_the_gpu_and_its_runners_see_none(
