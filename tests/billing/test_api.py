@@ -82,7 +82,7 @@ def test_usage_groups_equal_the_ledger_and_carry_cost(api: Api) -> None:
         count=3,
         prompt=100,
         completion=400,
-        occurred_at=now - timedelta(days=1),
+        occurred_at=now - timedelta(days=2),
         key_id=who["key_id"],
     )
     make_usage(
@@ -92,7 +92,7 @@ def test_usage_groups_equal_the_ledger_and_carry_cost(api: Api) -> None:
         count=2,
         prompt=1000,
         completion=0,
-        occurred_at=now - timedelta(hours=1),
+        occurred_at=now,  # two UTC days apart whatever the time of day (1 h ago was not, at 00:09)
     )
     make_usage(settings, other["account"], other["model"], count=5)
 
