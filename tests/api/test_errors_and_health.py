@@ -2,12 +2,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
 from core.settings import get_settings
 from tests.conftest import make_settings
-from tests.utils.factories import auth, create_account
+from tests.utils.factories import auth, create_account, spy_threads
 from tests.utils.stack import StackInfo
 
 
@@ -33,6 +34,19 @@ def test_request_id_is_echoed_when_sane_and_replaced_when_not(client: TestClient
     assert ok.headers["x-request-id"] == "trace-123"
     evil = client.get("/healthz", headers={"X-Request-ID": "a b<script>" + "x" * 300})
     assert evil.headers["x-request-id"].startswith("req_")
+
+
+def test_healthz_answers_on_the_event_loop(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Liveness takes no worker thread: a pool filled by slow sync routes does not fail it."""
+    import fastapi.routing
+
+    threaded = spy_threads(monkeypatch, fastapi.routing)
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert threaded == []
+    client.get("/readyz")  # a sync route: the spy sees its hop
+    assert len(threaded) == 1
 
 
 def test_readyz_reports_every_dependency(client: TestClient) -> None:
