@@ -83,6 +83,27 @@ def test_inline_refuses_a_wrong_secret_and_a_revoked_key(
     assert threads == ["_start", "_start"]  # the revocation emptied the cache: the database
 
 
+def test_a_second_old_read_of_the_heartbeats_still_starts_inline(
+    client: TestClient, gguf_ready: dict[str, Any], threads: list[str]
+) -> None:
+    """Past `REFRESH_S` the read is served while a thread re-reads it: no request takes the
+    blocking path for it (one a second did, ~2 ms more)."""
+    from api.inference.routing import REFRESH_S
+
+    key = gguf_ready["key"]
+    assert infer(client, key, model_id=gguf_ready["id"]).status_code == 200
+    read_at = client.app.state.workers._read_at  # type: ignore[attr-defined]
+    time.sleep(REFRESH_S + 0.2)
+    body = {**BODY, "model_id": gguf_ready["id"]}
+    resp = client.post("/v1/infer", json=body, headers=auth(key))  # no fresh_directory
+    assert resp.status_code == 200, resp.text
+    assert threads == ["_start"]  # the grant's first read only
+    deadline = time.monotonic() + 5
+    while client.app.state.workers._read_at == read_at:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, "the heartbeats were never re-read"
+        time.sleep(0.05)
+
+
 def test_inline_admission_error_after_the_slot_frees_it(
     client: TestClient, gguf_ready: dict[str, Any], threads: list[str]
 ) -> None:

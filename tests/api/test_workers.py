@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.inference import serving
-from api.inference.routing import WorkerDirectory
+from api.inference.routing import REFRESH_S, STALE_S, WorkerDirectory
 from core.db import session_scope
 from core.events import read_heartbeats
 from core.queue import INFER_QUEUE
@@ -92,6 +92,46 @@ def test_warm_model_is_routed_to_its_worker_queue(
     assert routed.headers["x-cold-start"] == "false"
 
 
+def _held_names(directory: WorkerDirectory, timeout: float = 5) -> set[str]:
+    """The worker names `held` serves once a read is held (it starts one when none is)."""
+    deadline = time.monotonic() + timeout
+    while (held := directory.held()) is None:
+        assert time.monotonic() < deadline, "held() never served a read"
+        time.sleep(0.02)
+    return {b["name"] for b in held}
+
+
+def test_held_serves_an_old_read_while_a_thread_rereads_it(stack: StackInfo) -> None:
+    directory = WorkerDirectory(get_redis(stack.settings))
+    assert directory.held() is None  # nothing read yet: the blocking path (a read starts)
+    before = _held_names(directory)
+    _publish_old_worker(stack, "new@host")
+    try:
+        assert "new@host" not in _held_names(directory)  # a read under REFRESH_S is kept
+        directory._read_at -= REFRESH_S + 0.1
+        assert _held_names(directory) == before  # the old read, served without waiting...
+        deadline = time.monotonic() + 5
+        while "new@host" not in _held_names(directory):  # ...while a thread re-reads it
+            assert time.monotonic() < deadline, "the heartbeats were never re-read"
+            time.sleep(0.02)
+        # Redis gone: the read is served up to STALE_S, then the caller takes the
+        # blocking path (which reports the outage); a failed re-read leaves the next to run.
+        directory._client = get_redis(
+            stack.settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+        )
+        directory._read_at -= REFRESH_S + 0.1
+        assert "new@host" in _held_names(directory)
+        directory._read_at -= STALE_S
+        assert directory.held() is None
+        deadline = time.monotonic() + 5
+        while directory._rereading:
+            assert time.monotonic() < deadline, "a failed re-read never finished"
+            time.sleep(0.02)
+        assert directory.held() is None
+    finally:
+        _forget_worker(stack, "new@host")
+
+
 def test_stale_heartbeat_is_never_routed_to(stack: StackInfo) -> None:
     import json
 
@@ -164,7 +204,10 @@ def test_with_an_older_worker_up_the_api_writes_the_job_row_itself(
     _publish_old_worker(stack, "old@rolling")
     sa.event.listen(engine, "before_cursor_execute", record)
     try:
-        time.sleep(1.1)  # the API re-reads heartbeats once a second
+        # The API re-reads heartbeats once a second, the first request past it served the
+        # older read while a thread re-reads: read them as that thread would have by now.
+        time.sleep(1.1)
+        client.app.state.workers.workers()  # type: ignore[attr-defined]
         resp = client.post("/v1/infer", json=body, headers=auth(gguf_ready["key"]))
     finally:
         sa.event.remove(engine, "before_cursor_execute", record)
