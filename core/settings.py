@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.cpus import usable_cpus
 
 GiB = 1024**3
 MiB = 1024**2
@@ -70,8 +71,9 @@ class Settings(BaseSettings):
     runner_idle_ttl_s: int = 300
     runner_max: int = 4
     runner_memory_budget_bytes: int = 16 * GiB
-    # Engine threads per runner: the cores shared out among the runners a worker may hold.
-    runner_threads: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 1) // 4))
+    # Engine threads per runner: the CPUs this process may use (affinity, cgroup quota; see
+    # `core.cpus`) shared out among the runners a worker may hold.
+    runner_threads: int = Field(default_factory=lambda: max(1, usable_cpus() // 4))
     runner_device: str = "auto"
     # CUDA hosts: the share of the GPUs' memory that runners may fill before the least
     # recently used idle one is torn down for a cold start (0: no GPU budget).

@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 
+from core.cpus import usable_cpus
 from core.queue import CARRIED_JOBS, HEARTBEAT_INDEX, HEARTBEAT_PREFIX, direct_queue
 from workers.gpu import GpuMemory, read_gpu_memory
 from workers.pool import RunnerPool
@@ -34,7 +35,7 @@ def hardware() -> dict[str, Any]:
             gpus = [line.strip() for line in out.stdout.splitlines() if line.strip()]
         except (OSError, subprocess.SubprocessError):
             gpus = []
-    return {"cpus": os.cpu_count() or 1, "gpus": gpus}
+    return {"cpus": usable_cpus(), "gpus": gpus}
 
 
 # What this worker understands beyond the oldest task format; the API uses a feature only once

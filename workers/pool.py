@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from core.cpus import usable_cpus
 from workers.gpu import GpuMemory, read_gpu_memory
 from workers.runner.process import Runner, RunnerSetupFailed, RunnerState
 from workers.runner.sandbox import SandboxConfig
@@ -66,12 +66,13 @@ class PoolConfig:
     # an H100 with a tiny GGUF at concurrency 4: 1,100 tokens/s from four runners, 4,860
     # from one.
     gpu_runners_per_model: int = 1
-    # On a CPU host, runners of one model at once; None: as many as the cores hold at `threads`
-    # engine threads each (at least one). More only time-slice the same cores. Measured on a
-    # 2-vCPU host (tiny GGUF, one thread per runner, 64 tokens, two A/B pairs): two runners
-    # served as many tokens/s as four at concurrency 4 and 16, within the host's noise
-    # (4,140-5,030 against 4,310-5,260), with one cold start per burst instead of three and
-    # 1-2 ms less runner CPU per request at concurrency 4 (12.6-13.1 against 14.2-14.5 ms).
+    # On a CPU host, runners of one model at once; None: as many as the usable CPUs
+    # (`core.cpus`) hold at `threads` engine threads each (at least one). More only
+    # time-slice the same cores. Measured on a 2-vCPU host (tiny GGUF, one thread per
+    # runner, 64 tokens, two A/B pairs): two runners served as many tokens/s as four at
+    # concurrency 4 and 16, within the host's noise (4,140-5,030 against 4,310-5,260), with
+    # one cold start per burst instead of three and 1-2 ms less runner CPU per request at
+    # concurrency 4 (12.6-13.1 against 14.2-14.5 ms).
     cpu_runners_per_model: int | None = None
     # Requests one runner decodes together where its engine batches (GGUF): `batch` on CPU
     # hosts, `gpu_batch` on GPU hosts. Other formats take one request at a time. Off (1) on
@@ -142,8 +143,8 @@ class RunnerPool:
         self._refilling = threading.Event()
         # Whether this host's runners use a GPU (nvidia-smi answers); None: not asked yet.
         self._on_gpu: bool | None = False if self.config.device == "cpu" else None
-        # Read once: `os.cpu_count` reads a sysfs file, and `_capped` runs at every wait.
-        cores = (os.cpu_count() or 1) // max(1, self.config.threads)
+        # Read once (files under /proc and /sys), not at every wait in `_capped`.
+        cores = usable_cpus() // max(1, self.config.threads)
         self.cpu_runners_per_model = self.config.cpu_runners_per_model or max(1, cores)
 
     @contextmanager

@@ -313,12 +313,10 @@ def test_a_cpu_host_caps_a_models_runners_at_what_its_cores_hold(
 def test_a_cpu_pools_cap_is_its_cores_over_the_runners_threads(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("workers.pool.os.cpu_count", lambda: 16)
+    monkeypatch.setattr("workers.pool.usable_cpus", lambda: 16)
     assert RunnerPool(threads=4).cpu_runners_per_model == 4
     assert RunnerPool(threads=32).cpu_runners_per_model == 1  # at least one
     assert RunnerPool(threads=4, cpu_runners_per_model=8).cpu_runners_per_model == 8
-    monkeypatch.setattr("workers.pool.os.cpu_count", lambda: None)
-    assert RunnerPool(threads=1).cpu_runners_per_model == 1
 
 
 def test_a_host_whose_nvidia_smi_fails_is_asked_once_not_at_every_wait(
