@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import socket
+import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
@@ -14,10 +17,14 @@ import kombu.transport as kombu_transport
 import redis
 from celery import Celery
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils import json as kombu_json
 
 from core.logs import REQUEST_ID, REQUEST_ID_HEADER
 from core.settings import Settings
 from core.tables import Job, construct
+
+log = logging.getLogger("inferatech.queue")
 
 VALIDATE_QUEUE = "validate"
 VALIDATE_TASK = "inferatech.validate_model"
@@ -81,6 +88,64 @@ def broker_url(redis_url: str) -> str:
     return redis_url
 
 
+class _QoS(kombu_redis.QoS):
+    """Kombu's Redis QoS, with a delivered message's unacked entry written off the path.
+
+    kombu writes the entry (the copy a dead worker's message is restored from) before it
+    hands the message to Celery: a Redis round trip, and the entry's JSON, between every
+    BRPOP and its task. A thread of the channel writes it instead; the ack, a reject and the
+    restore at shutdown wait for that write first, so an entry is never removed before it
+    is written nor missed by a restore. A message is popped before its entry exists in
+    kombu too (BRPOP, then the write); a worker that dies in that window loses it, and the
+    window grows by the hand-off to the thread.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kombu-unacked")
+        self._writes: dict[str, Future[None]] = {}
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        delivery = message.delivery_info
+        entry = (message._raw, delivery["exchange"], delivery["routing_key"])
+        self._writes[delivery_tag] = self._writer.submit(
+            self._write, delivery_tag, entry, time.time()
+        )
+        # kombu's in-memory record, without the write `kombu_redis.QoS.append` makes
+        virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]
+
+    def _write(self, delivery_tag: str, entry: tuple[Any, str, str], at: float) -> None:
+        """What kombu's `append` writes: the index `restore_visible` scans, and the copy."""
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: at})
+            copy = kombu_json.dumps(list(entry))  # type: ignore[no-untyped-call]
+            pipe.hset(self.unacked_key, delivery_tag, copy)
+            pipe.execute()
+
+    def _written(self, delivery_tag: str | None = None) -> None:
+        """Wait for the entry of `delivery_tag` (of every delivery: None) to be written."""
+        tags = list(self._writes) if delivery_tag is None else [delivery_tag]
+        for tag in tags:
+            if (write := self._writes.pop(tag, None)) is None:
+                continue
+            try:
+                write.result()
+            except Exception:  # kombu's own write would have failed the consumer instead
+                log.warning("delivery %s was not recorded as unacked", tag, exc_info=True)
+
+    def ack(self, delivery_tag: str) -> None:
+        self._written(delivery_tag)
+        super().ack(delivery_tag)  # type: ignore[no-untyped-call]
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        self._written(delivery_tag)
+        super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
+
+    def restore_unacked(self, client: Any = None) -> Any:
+        self._written()
+        return super().restore_unacked(client)  # type: ignore[no-untyped-call]
+
+
 class _Channel(kombu_redis.Channel):
     """Kombu's Redis channel, with one client per connection pool instead of one per call.
 
@@ -90,6 +155,7 @@ class _Channel(kombu_redis.Channel):
     share between threads (each command takes a connection from the pool).
     """
 
+    QoS = _QoS
     _shared: tuple[Any, Any] | None = None  # (pool, client)
 
     def _create_client(self, asynchronous: bool = False) -> Any:

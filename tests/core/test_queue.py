@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
+import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +150,7 @@ def test_the_broker_channel_keeps_one_client_for_its_bookkeeping(
             message = queue.get(timeout=5)
             channel = queue.channel
             tag = message.delivery_tag
-            assert client.hexists(channel.unacked_key, tag)  # recorded as unacked
+            _until(lambda: client.hexists(channel.unacked_key, tag))  # recorded as unacked
             first = channel._create_client()
             assert channel._create_client() is first
             message.ack()
@@ -158,6 +161,101 @@ def test_the_broker_channel_keeps_one_client_for_its_bookkeeping(
     finally:
         if scheme != "redis":
             client.shutdown()  # type: ignore[union-attr]
+
+
+def _until(check: Any, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "never happened"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def held_writes(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Unacked entries are written only once the returned event is set."""
+    from core.queue import _QoS
+
+    release = threading.Event()
+    real = _QoS._write
+
+    def held(self: Any, *args: Any) -> None:
+        assert release.wait(10), "the test never released the write"
+        real(self, *args)
+
+    monkeypatch.setattr(_QoS, "_write", held)
+    return release
+
+
+@contextmanager
+def _consume_one(url: str, queue_name: str, tmp_path: Path) -> Iterator[tuple[Any, Any, Any]]:
+    """A private queue, one message put on it and taken (not acked), and its channel."""
+    celery = make_celery(make_settings(tmp_path, redis_url=url))
+    with celery.connection_for_write() as conn:
+        queue = conn.SimpleQueue(queue_name)
+        queue.put({"n": 1})
+        yield queue, queue.get(timeout=5), queue.channel
+
+
+def _url(broker: redis.Redis[bytes]) -> str:
+    kw = broker.connection_pool.connection_kwargs
+    return f"redis://{kw['host']}:{kw['port']}/{kw.get('db', 0)}"
+
+
+def test_a_delivery_reaches_its_consumer_before_its_unacked_entry_is_written(
+    broker: redis.Redis[bytes], queue_name: str, tmp_path: Path, held_writes: threading.Event
+) -> None:
+    """The write is off the consumer's path; an ack waits for it, so the entry it removes
+    is never written after it (a late entry would be redelivered after the visibility
+    timeout)."""
+    with _consume_one(_url(broker), queue_name, tmp_path) as (queue, message, channel):
+        tag = message.delivery_tag
+        assert message.payload == {"n": 1}
+        assert not broker.hexists(channel.unacked_key, tag)  # handed over, not yet written
+        acked = threading.Thread(target=message.ack)
+        acked.start()
+        acked.join(0.3)
+        assert acked.is_alive()  # the ack waits for the write...
+        held_writes.set()
+        acked.join(10)
+        assert not acked.is_alive()
+        assert not broker.hexists(channel.unacked_key, tag)  # ...then removes it
+        assert broker.zscore(channel.unacked_index_key, tag) is None
+        queue.close()
+
+
+def test_a_restore_at_shutdown_waits_for_the_unacked_write(
+    broker: redis.Redis[bytes], queue_name: str, tmp_path: Path, held_writes: threading.Event
+) -> None:
+    """A worker stopping with a message taken and not acked puts it back on its queue, even
+    when the message's entry was still being written."""
+    with _consume_one(_url(broker), queue_name, tmp_path) as (queue, message, channel):
+        restored = threading.Thread(target=channel.qos.restore_unacked)
+        restored.start()
+        restored.join(0.3)
+        assert restored.is_alive()  # waits for the write
+        held_writes.set()
+        restored.join(10)
+        assert not restored.is_alive()
+        assert not broker.hexists(channel.unacked_key, message.delivery_tag)
+        again = queue.get(timeout=5)
+        assert again.payload == {"n": 1}
+        again.ack()
+        queue.close()
+
+
+def test_a_failed_unacked_write_does_not_fail_the_ack(
+    broker: redis.Redis[bytes], queue_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.queue import _QoS
+
+    def broken(self: Any, *args: Any) -> None:
+        raise redis.ConnectionError("gone")
+
+    monkeypatch.setattr(_QoS, "_write", broken)
+    with _consume_one(_url(broker), queue_name, tmp_path) as (queue, message, channel):
+        message.ack()  # logged, not raised: the task already ran
+        assert not broker.hexists(channel.unacked_key, message.delivery_tag)
+        queue.close()
 
 
 def test_a_closing_channel_with_its_pools_gone_hands_out_its_last_client(
