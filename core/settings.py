@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     # CUDA hosts: runners of one model at once (more time-slice the GPU: on an H100, four
     # runners of one GGUF served a quarter of the tokens one runner did at concurrency 4).
     runner_gpu_per_model: int = Field(default=1, ge=1, le=64)
-    # CPU hosts: runners of one model at once; unset, as many as the cores hold at
+    # CPU hosts: runners of one model at once; unset, as many as the usable CPUs hold at
     # `runner_threads` each (more only time-slice the same cores; see `PoolConfig`).
     runner_cpu_per_model: int | None = Field(default=None, ge=1, le=64)
     # Requests one GGUF runner decodes together (continuous batching, one llama.cpp context

@@ -7,7 +7,8 @@ the TTL are torn down by a reaper thread, except the `min_warm` ones.
 On a GPU host a model gets one runner (`gpu_runners_per_model`): its other requests wait
 for it, or join its batch where batching is on (`gpu_batch` sequences decoded together),
 since a second runner would only time-slice the same GPU. On a CPU host a model gets as many
-runners as the cores hold at `threads` each (`cpu_runners_per_model`), for the same reason.
+runners as its usable CPUs hold at `threads` each (`cpu_runners_per_model`), for the same
+reason.
 """
 
 from __future__ import annotations
@@ -359,8 +360,8 @@ class RunnerPool:
         return sum(s.runner.rss_bytes() for s in self._slots if s.runner is not None)
 
     def _capped(self, key: str) -> bool:
-        """The model has as many runners (started or starting) as the GPU, or the cores,
-        should hold: another request of it waits for one of them."""
+        """The model has as many runners (started or starting) as the GPU, or the usable
+        CPUs, should hold: another request of it waits for one of them."""
         if self._on_gpu:
             return self._live(key) >= self.config.gpu_runners_per_model
         return self._live(key) >= self.cpu_runners_per_model

@@ -204,8 +204,8 @@ def test_with_an_older_worker_up_the_api_writes_the_job_row_itself(
     _publish_old_worker(stack, "old@rolling")
     sa.event.listen(engine, "before_cursor_execute", record)
     try:
-        # The API re-reads heartbeats once a second, the first request past it served the
-        # older read while a thread re-reads: read them as that thread would have by now.
+        # The API re-reads heartbeats once a second, in a thread, serving the older read
+        # meanwhile: read them now, as that thread would have by the time of a request.
         time.sleep(1.1)
         client.app.state.workers.workers()  # type: ignore[attr-defined]
         resp = client.post("/v1/infer", json=body, headers=auth(gguf_ready["key"]))

@@ -40,7 +40,7 @@ IDLE_TTL_S = 2
 RUNNER_THREADS = os.environ.get("INFERATECH_BENCH_RUNNER_THREADS")
 # Requests a GGUF runner decodes together (CPU and GPU hosts alike); the product default unless set.
 RUNNER_BATCH = os.environ.get("INFERATECH_BENCH_RUNNER_BATCH")
-# Runners of one model at once on a CPU host; the product default (cores / threads) unless set.
+# Runners of one model at once on a CPU host; the product default (usable CPUs / threads) unless set.
 RUNNER_CPU_PER_MODEL = os.environ.get("INFERATECH_BENCH_RUNNER_CPU_PER_MODEL")
 
 
