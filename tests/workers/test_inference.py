@@ -316,6 +316,111 @@ def test_a_streamed_jobs_status_waits_for_its_first_token(
     reader.close()
 
 
+def _stream_of(ex: inference.Executor, job_id: str) -> list[dict[str, Any]]:
+    return [json.loads(f[b"e"]) for _, f in ex.redis.xrange(events.stream_key(job_id))]
+
+
+@contextmanager
+def live_publisher(ex: inference.Executor, job_id: str) -> Iterator[inference.TokenPublisher]:
+    """A live publisher whose thread is ended whatever the test found (else exit waits on it)."""
+    publisher = inference.TokenPublisher(ex, job_id)
+    try:
+        yield publisher
+    finally:
+        publisher.close()
+
+
+@pytest.fixture
+def publishes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]]]:
+    """Each `publish_many` a publisher makes: the thread that made it and the event types."""
+    made: list[tuple[str, list[str]]] = []
+    real = events.publish_many
+
+    def spy(client: Any, job_id: str, batch: list[dict[str, Any]]) -> None:
+        made.append((threading.current_thread().name, [e["type"] for e in batch]))
+        real(client, job_id, batch)
+
+    monkeypatch.setattr(events, "publish_many", spy)
+    return made
+
+
+def test_a_live_first_token_goes_out_with_the_status_from_the_thread_that_put_it(
+    executor: inference.Executor,
+    publishes: list[tuple[str, list[str]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No hand-off to the publisher's thread before the first token (it waited for the GIL
+    behind the thread taking the runner's tokens); later tokens are the thread's, in order."""
+    monkeypatch.setattr(inference, "STATUS_HOLD_S", 10.0)
+    job_id = new_id("job")
+    with live_publisher(executor, job_id) as publisher:
+        publisher.put({"type": "status", "status": "running"})
+        time.sleep(0.1)  # the publisher's thread is up and waiting
+        assert publishes == []  # held for the first token
+        publisher.put({"type": "token", "text": "a", "index": 0})
+        assert publishes == [(threading.current_thread().name, ["status", "token"])]
+        for i in range(1, 4):
+            publisher.put({"type": "token", "text": "b", "index": i})
+        assert publisher.close() == []
+    assert all(thread != threading.current_thread().name for thread, _ in publishes[1:])
+    stream = _stream_of(executor, job_id)
+    assert [e["type"] for e in stream] == ["status"] + ["token"] * 4
+    assert [e["index"] for e in stream[1:]] == [0, 1, 2, 3]
+
+
+def test_a_slow_prefill_gets_its_status_alone_once_the_hold_runs_out(
+    executor: inference.Executor,
+    publishes: list[tuple[str, list[str]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Nothing wakes the publisher's thread when the status is held: it looks again in time,
+    so a prefill longer than the hold still has its headers sent at once."""
+    monkeypatch.setattr(inference, "STATUS_HOLD_S", 0.2)
+    job_id = new_id("job")
+    with live_publisher(executor, job_id) as publisher:
+        time.sleep(0.05)  # the thread waits before the status is put, as while a runner starts
+        publisher.put({"type": "status", "status": "running"})
+        deadline = time.monotonic() + 5
+        while not publishes:
+            assert time.monotonic() < deadline, "the held status never went out"
+            time.sleep(0.01)
+        assert [e["type"] for e in _stream_of(executor, job_id)] == ["status"]
+        publisher.put({"type": "token", "text": "a", "index": 0})  # after it: the thread's
+    assert [kinds for _, kinds in publishes] == [["status"], ["token"]]
+    assert publishes[1][0] != threading.current_thread().name
+    assert [e["type"] for e in _stream_of(executor, job_id)] == ["status", "token"]
+
+
+def test_a_held_status_goes_out_when_the_job_ends_without_tokens(
+    executor: inference.Executor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(inference, "STATUS_HOLD_S", 10.0)
+    job_id = new_id("job")
+    with live_publisher(executor, job_id) as publisher:
+        publisher.put({"type": "status", "status": "running"})
+        started = time.monotonic()
+        publisher.close()
+        assert time.monotonic() - started < 5  # it did not wait out the hold
+    assert [e["type"] for e in _stream_of(executor, job_id)] == ["status"]
+
+
+def test_a_first_token_that_cannot_be_published_loses_the_event_not_the_job(
+    executor: inference.Executor,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def down(*_: Any) -> None:
+        raise redis.ConnectionError("Redis is restarting")
+
+    monkeypatch.setattr(inference, "STATUS_HOLD_S", 10.0)
+    with live_publisher(executor, new_id("job")) as publisher:
+        publisher.put({"type": "status", "status": "running"})
+        monkeypatch.setattr(events, "publish_many", down)
+        with caplog.at_level(logging.WARNING, logger="inferatech.inference"):
+            publisher.put({"type": "token", "text": "a", "index": 0})  # does not raise
+    assert "could not publish 2 token events" in caplog.text
+
+
 def test_finish_touches_model_and_key_at_most_once_a_minute(
     stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
 ) -> None:
