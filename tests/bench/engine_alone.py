@@ -77,7 +77,11 @@ def run_batched(engine: Any, spec: dict[str, Any]) -> list[EngineRun]:
 
 
 def main(spec: dict[str, Any]) -> list[EngineRun]:
-    """`runs` generations, then more until `min_seconds` have passed (`batch` > 1: together)."""
+    """`runs` generations, then more until `min_seconds` have passed (`batch` > 1: together).
+
+    `gap_ms`: idle this long before each timed generation, as a runner idles between two
+    requests at concurrency 1 (the engine is slower after a pause: caches and clocks).
+    """
     from workers.engines.loader import load_engine
 
     engine: Any = load_engine(
@@ -90,7 +94,10 @@ def main(spec: dict[str, Any]) -> list[EngineRun]:
         for _ in range(WARMUP):
             run_engine(engine, spec["prompt"], spec["max_tokens"])
         t0 = time.perf_counter()
-        runs = [run_engine(engine, spec["prompt"], spec["max_tokens"]) for _ in range(spec["runs"])]
+        runs = []
+        for _ in range(spec["runs"]):
+            time.sleep(spec.get("gap_ms", 0.0) / 1000)
+            runs.append(run_engine(engine, spec["prompt"], spec["max_tokens"]))
         while time.perf_counter() - t0 < spec["min_seconds"]:
             runs.append(run_engine(engine, spec["prompt"], spec["max_tokens"]))
         return runs
