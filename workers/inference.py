@@ -541,7 +541,7 @@ class TokenPublisher:
         elif (status := self._take_status()) is not None:
             # The first token, sent here rather than handed to the publisher's thread: that
             # hand-off waited for the GIL behind this thread, which takes the next tokens
-            # (~0.8 ms of the time to first token on a 2-vCPU host).
+            # (~1 ms of the time to first token on a 2-vCPU host).
             self._publish([status, event])
         else:
             self._queue.put(event)

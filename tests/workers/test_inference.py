@@ -316,10 +316,6 @@ def test_a_streamed_jobs_status_waits_for_its_first_token(
     reader.close()
 
 
-def _stream_of(ex: inference.Executor, job_id: str) -> list[dict[str, Any]]:
-    return [json.loads(f[b"e"]) for _, f in ex.redis.xrange(events.stream_key(job_id))]
-
-
 @contextmanager
 def live_publisher(ex: inference.Executor, job_id: str) -> Iterator[inference.TokenPublisher]:
     """A live publisher whose thread is ended whatever the test found (else exit waits on it)."""
@@ -363,7 +359,7 @@ def test_a_live_first_token_goes_out_with_the_status_from_the_thread_that_put_it
             publisher.put({"type": "token", "text": "b", "index": i})
         assert publisher.close() == []
     assert all(thread != threading.current_thread().name for thread, _ in publishes[1:])
-    stream = _stream_of(executor, job_id)
+    stream = stream_events(executor, job_id)
     assert [e["type"] for e in stream] == ["status"] + ["token"] * 4
     assert [e["index"] for e in stream[1:]] == [0, 1, 2, 3]
 
@@ -384,11 +380,11 @@ def test_a_slow_prefill_gets_its_status_alone_once_the_hold_runs_out(
         while not publishes:
             assert time.monotonic() < deadline, "the held status never went out"
             time.sleep(0.01)
-        assert [e["type"] for e in _stream_of(executor, job_id)] == ["status"]
+        assert [e["type"] for e in stream_events(executor, job_id)] == ["status"]
         publisher.put({"type": "token", "text": "a", "index": 0})  # after it: the thread's
     assert [kinds for _, kinds in publishes] == [["status"], ["token"]]
     assert publishes[1][0] != threading.current_thread().name
-    assert [e["type"] for e in _stream_of(executor, job_id)] == ["status", "token"]
+    assert [e["type"] for e in stream_events(executor, job_id)] == ["status", "token"]
 
 
 def test_a_held_status_goes_out_when_the_job_ends_without_tokens(
@@ -401,7 +397,7 @@ def test_a_held_status_goes_out_when_the_job_ends_without_tokens(
         started = time.monotonic()
         publisher.close()
         assert time.monotonic() - started < 5  # it did not wait out the hold
-    assert [e["type"] for e in _stream_of(executor, job_id)] == ["status"]
+    assert [e["type"] for e in stream_events(executor, job_id)] == ["status"]
 
 
 def test_a_first_token_that_cannot_be_published_loses_the_event_not_the_job(
