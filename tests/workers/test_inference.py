@@ -509,6 +509,106 @@ def test_carried_job_redelivered_after_its_worker_died_is_taken_over(
     assert job.attempts == 2 and len(usage_rows(stack, job_id)) == 1
 
 
+def test_a_streamed_carried_job_starts_beside_its_insert_and_publishes_after_it(
+    stack: StackInfo,
+    gguf_ready: dict[str, Any],
+    executor: inference.Executor,
+    monkeypatch: pytest.MonkeyPatch,
+    publishes: list[tuple[str, list[str]]],
+) -> None:
+    """The row's INSERT (slowed here) runs beside the job's start: the first token is made
+    before it went in, and nothing reaches the stream until it did (the job's id is in the
+    first event a client sees, and a GET for it must find the row)."""
+    message = carried(stack, gguf_ready)
+    job_id = message["id"]
+    inserted: list[float] = []
+    real = jobs.claim_fresh
+
+    def slow_insert(settings: Any, job: Job) -> jobs.Claim | None:
+        time.sleep(0.5)
+        claim = real(settings, job)
+        inserted.append(time.time())
+        return claim
+
+    monkeypatch.setattr(jobs, "claim_fresh", slow_insert)
+    first_seen: list[bool] = []
+    spied = events.publish_many
+
+    def row_then_publish(client: Any, jid: str, batch: list[dict[str, Any]]) -> None:
+        with session_scope(stack.settings) as s:
+            first_seen.append(s.get(Job, jid) is not None)
+        spied(client, jid, batch)
+
+    monkeypatch.setattr(events, "publish_many", row_then_publish)
+    tokens_at: list[float] = []
+    put = inference.TokenPublisher.put
+
+    def timed_put(self: inference.TokenPublisher, event: dict[str, Any]) -> None:
+        if event["type"] == "token":
+            tokens_at.append(time.time())
+        put(self, event)
+
+    monkeypatch.setattr(inference.TokenPublisher, "put", timed_put)
+    assert inference.run_job(job_id, executor, 600, carried=message) == "succeeded"
+    assert first_seen and all(first_seen)  # every publish found the row
+    assert tokens_at[0] < inserted[0]  # generated while the INSERT was on its way
+    job = job_row(stack, job_id)
+    assert job.attempts == 1 and len(usage_rows(stack, job_id)) == 1
+    every = stream_events(executor, job_id)
+    assert [e["type"] for e in every[:2]] == ["status", "token"] and every[-1]["type"] == "done"
+
+
+def test_a_streamed_carried_job_whose_row_is_there_runs_once_and_its_early_run_is_unseen(
+    stack: StackInfo,
+    gguf_ready: dict[str, Any],
+    executor: inference.Executor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A redelivered copy whose first copy wrote the row and died before publishing: the run
+    begun beside the INSERT is stopped at its first token, unpublished, and the job is
+    taken over and run again, once on the stream and once in the usage."""
+    message = carried(stack, gguf_ready)
+    job_id = message["id"]
+    assert jobs.claim(stack.settings, job_id, job_of_message(message)).ctx is not None
+    runs: list[Any] = []
+    real = inference._execute
+    monkeypatch.setattr(inference, "_execute", lambda *a, **k: runs.append(a) or real(*a, **k))
+    assert inference.run_job(job_id, executor, 600, carried=message) == "succeeded"
+    assert len(runs) == 2  # the early run, thrown away, and the claimed one
+    every = [e for entry in stream_events(executor, job_id) for e in events.expand(entry)]
+    assert [e["type"] for e in every].count("status") == 1
+    tokens = [e for e in every if e["type"] == "token"]
+    job = job_row(stack, job_id)
+    assert [e["index"] for e in tokens] == list(range(len(tokens))) and every[-1]["type"] == "done"
+    assert "".join(e["text"] for e in tokens) == job.result["completion"]  # type: ignore[index]
+    assert job.attempts == 2 and len(usage_rows(stack, job_id)) == 1
+
+
+def test_a_streamed_carried_job_whose_insert_fails_publishes_no_token_and_answers_503(
+    stack: StackInfo,
+    gguf_ready: dict[str, Any],
+    executor: inference.Executor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The model's rows are readable (cached) but the INSERT fails: the early run's tokens
+    never reach the stream; the caller gets SERVICE_UNAVAILABLE, and there is no row."""
+    from sqlalchemy.exc import OperationalError
+
+    message = carried(stack, gguf_ready)
+    job_id = message["id"]
+
+    def insert_fails(settings: Any, job: Job) -> jobs.Claim | None:
+        raise OperationalError("INSERT", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(jobs, "claim_fresh", insert_fails)
+    assert inference.run_job(job_id, executor, 600, carried=message) == "failed"
+    every = stream_events(executor, job_id)
+    assert [e["type"] for e in every] == ["done"], every
+    assert every[0]["error"]["code"] == "SERVICE_UNAVAILABLE"
+    with session_scope(stack.settings) as s:
+        assert s.get(Job, job_id) is None
+
+
 @contextmanager
 def job_writes(stack: StackInfo) -> Iterator[list[str]]:
     """The statements that write the job table inside the block (INSERT, UPDATE), as sent."""
