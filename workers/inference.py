@@ -202,28 +202,19 @@ def run_job(
     lock_s = (timeout_s or ex.settings.max_execution_timeout_s) + 30
     lock = JobLock(ex, job_id, lock_s)  # asked for here, its reply read after any INSERT
     now = utcnow()
-    expired = job is not None and job.expires_at is not None and now > job.expires_at
     # A job only its caller waits for is run before it has a row: `finish` writes it once,
     # ended. Any other carried job's row is inserted while the lock's reply is on its way.
-    unsaved = job is not None and not live and not expired
+    unsaved = job is not None and not live and not (job.expires_at and now > job.expires_at)
     fresh: jobs.Claim | Exception | None = None
     tried = job is not None and not unsaved  # `claim` need not try the INSERT again
-    # A streamed job's INSERT (~1 ms) runs on a helper thread beside its start (the lock's
-    # reply, the runner, the prompt's prefill); its first event waits for it (`ClaimGate`).
-    early = tried and live and not expired
-    gate = ClaimGate(ex.settings, job_of_message(carried)) if early and carried else None
     try:
-        if tried and gate is None:
+        if tried:
             assert job is not None
             fresh = jobs.claim_fresh(ex.settings, job)
     except Exception as exc:
         fresh = exc
     finally:
         lock.settle()
-    if gate is not None and (lock.cancelled or not lock.held or lock.ended):
-        # Not run ahead: cancelled, another copy runs it, or one began (its stream exists)
-        # and the database decides. As if it had been inserted in line.
-        fresh, gate = gate.outcome(), None
     if unsaved and lock.ended:  # events on its stream: a copy ended it (or began to)
         unsaved = False  # so the database says what happened, as for any other job
     elif unsaved and lock.held and not lock.cancelled:
@@ -251,18 +242,6 @@ def run_job(
     if not lock.held:
         return "busy"
     try:
-        if gate is not None:
-            assert job is not None
-            try:
-                ahead: jobs.Claim | None = jobs.claim_ahead(ex.settings, job)
-            except Exception:  # the model's rows could not be read: the INSERT's claim says
-                ahead = None
-            if ahead is not None:
-                try:
-                    return _run_claimed(ex, ahead, lock, now, live, gate)
-                except ClaimLost:  # a row was there (a redelivered message), or no INSERT
-                    pass
-            fresh = gate.outcome()
         try:
             if isinstance(fresh, Exception):
                 raise fresh
@@ -274,101 +253,45 @@ def run_job(
             log.exception("could not claim job %s", job_id)
             _end_unrecorded(ex, job, database_down=isinstance(exc, OperationalError))
             return JobStatus.FAILED.value
-        return _run_claimed(ex, claim, lock, now, live)
+        ctx = claim.ctx
+        if ctx is None:
+            return "skipped"
+        if claim.expired:
+            expired = Terminal(
+                JobStatus.TIMED_OUT,
+                error_code="TIMEOUT",
+                error_message="the job's TTL expired before it ran",
+            )
+            return _end(ex, ctx, expired, lock=lock)
+        try:
+            queue_ms = _ms(ctx.job.created_at, now)
+            end, publisher = _execute(ex, ctx, queue_ms=queue_ms, live=live)
+        except Exception:
+            # Never leave a client waiting on a job that cannot end: fail it, then re-raise.
+            log.exception("job %s crashed in the worker", job_id)
+            _end(
+                ex,
+                ctx,
+                Terminal(
+                    JobStatus.FAILED,
+                    error_code="INTERNAL_ERROR",
+                    error_message="the worker failed; quote the job id",
+                ),
+                lock=lock,
+            )
+            raise
+        try:
+            return _end(ex, ctx, end, publisher, lock=lock)
+        except Exception as exc:
+            if not ctx.unsaved:
+                raise
+            # Ran, but nothing recorded it: like a claim that failed, the caller is answered
+            # and what it holds is freed; its tokens are not billed, and not delivered.
+            log.exception("could not record job %s", job_id)
+            _end_unrecorded(ex, ctx.job, database_down=isinstance(exc, OperationalError))
+            return JobStatus.FAILED.value
     finally:
         lock.release()
-
-
-def _run_claimed(
-    ex: Executor,
-    claim: jobs.Claim,
-    lock: JobLock,
-    now: datetime,
-    live: bool,
-    gate: ClaimGate | None = None,
-) -> str:
-    """Run a claimed job under its lock and record its end. With a `gate` (claimed ahead of
-    its INSERT), ClaimLost says the INSERT did not claim it: nothing was published or
-    recorded, and the caller claims it again."""
-    ctx = claim.ctx
-    if ctx is None:
-        return "skipped"
-    if claim.expired:
-        expired = Terminal(
-            JobStatus.TIMED_OUT,
-            error_code="TIMEOUT",
-            error_message="the job's TTL expired before it ran",
-        )
-        return _end(ex, ctx, expired, lock=lock)
-    try:
-        queue_ms = _ms(ctx.job.created_at, now)
-        end, publisher = _execute(ex, ctx, queue_ms=queue_ms, live=live, gate=gate)
-    except ClaimLost:
-        raise
-    except Exception:
-        if gate is not None:
-            gate.check()  # not claimed: this run is thrown away, its failure with it
-        # Never leave a client waiting on a job that cannot end: fail it, then re-raise.
-        log.exception("job %s crashed in the worker", ctx.job.id)
-        _end(
-            ex,
-            ctx,
-            Terminal(
-                JobStatus.FAILED,
-                error_code="INTERNAL_ERROR",
-                error_message="the worker failed; quote the job id",
-            ),
-            lock=lock,
-        )
-        raise
-    if gate is not None and not gate.passed():  # it ended before it published anything
-        publisher.close()  # drops what it holds: the gate is shut
-        raise ClaimLost(ctx.job.id)
-    try:
-        return _end(ex, ctx, end, publisher, lock=lock)
-    except Exception as exc:
-        if not ctx.unsaved:
-            raise
-        # Ran, but nothing recorded it: like a claim that failed, the caller is answered
-        # and what it holds is freed; its tokens are not billed, and not delivered.
-        log.exception("could not record job %s", ctx.job.id)
-        _end_unrecorded(ex, ctx.job, database_down=isinstance(exc, OperationalError))
-        return JobStatus.FAILED.value
-
-
-class ClaimLost(Exception):
-    """A job claimed ahead of its row's INSERT was not claimed by it (a row was there, or
-    the INSERT failed): its run is thrown away unseen and the job is claimed again."""
-
-
-class ClaimGate:
-    """A carried, streamed job's `claim_fresh` (its row's INSERT), on a helper thread while
-    the job starts. Its publisher sends nothing, and its end is not recorded, until the
-    INSERT went in (`passed`); the row then exists before the job's id reaches anyone."""
-
-    def __init__(self, settings: Settings, carried: Job) -> None:
-        # Its own copy of the job: the INSERT's claim sets fields of the one it is given.
-        self._claim = _job_threads.submit(jobs.claim_fresh, settings, carried)
-        self._passed: bool | None = None
-
-    def outcome(self) -> jobs.Claim | Exception | None:
-        """What `claim_fresh` returned (or raised), waiting for it."""
-        try:
-            return self._claim.result()
-        except Exception as exc:
-            return exc
-
-    def passed(self) -> bool:
-        """Whether the INSERT claimed the job (a fresh row, within its TTL), waiting for it."""
-        if self._passed is None:
-            fresh = self.outcome()
-            ok = isinstance(fresh, jobs.Claim) and fresh.ctx is not None and not fresh.expired
-            self._passed = ok
-        return self._passed
-
-    def check(self) -> None:
-        if not self.passed():
-            raise ClaimLost("the job's row was not inserted by this claim")
 
 
 class JobLock:
@@ -452,19 +375,14 @@ class JobLock:
 
 
 def _execute(
-    ex: Executor,
-    ctx: JobContext,
-    *,
-    queue_ms: float,
-    live: bool = True,
-    gate: ClaimGate | None = None,
+    ex: Executor, ctx: JobContext, *, queue_ms: float, live: bool = True
 ) -> tuple[Terminal, TokenPublisher]:
     """The run's terminal state, and its publisher still flushing (`_end` joins it)."""
     job = ctx.job
     timings: dict[str, Any] = {"queue_ms": queue_ms}
     started = time.perf_counter()
     texts: list[str] = []  # pieces streamed so far: usage of a job whose runner died mid-way
-    publisher = TokenPublisher(ex, job.id, live=live, gate=gate)
+    publisher = TokenPublisher(ex, job.id, live=live)
     try:
         return _run(ex, ctx, publisher, timings, started, texts), publisher
     except BaseException:
@@ -601,13 +519,8 @@ class TokenPublisher:
     and go out with the terminal event in one round trip, so no per-token traffic at all.
     """
 
-    def __init__(
-        self, ex: Executor, job_id: str, *, live: bool = True, gate: ClaimGate | None = None
-    ) -> None:
+    def __init__(self, ex: Executor, job_id: str, *, live: bool = True) -> None:
         self._ex, self._job_id, self.live = ex, job_id, live
-        # Shut until the job's row is in (`ClaimGate`); `lost` once it stayed shut: what
-        # was put is dropped, and `put` raises ClaimLost to stop the run.
-        self._gate, self.lost = gate, False
         self._held: list[dict[str, Any]] = []
         self._queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
         self._flushing: Future[None] | None = None
@@ -620,8 +533,6 @@ class TokenPublisher:
             self._flushing = _job_threads.submit(self._run)
 
     def put(self, event: dict[str, Any]) -> None:
-        if self.lost:
-            raise ClaimLost(self._job_id)
         if not self.live:
             self._held.append(event)
         elif event.get("type") == "status":
@@ -632,8 +543,6 @@ class TokenPublisher:
             # hand-off waited for the GIL behind this thread, which takes the next tokens
             # (~1 ms of the time to first token on a 2-vCPU host).
             self._publish([status, event])
-            if self.lost:
-                raise ClaimLost(self._job_id)
         else:
             self._queue.put(event)
 
@@ -687,11 +596,6 @@ class TokenPublisher:
             return status
 
     def _publish(self, ready: list[dict[str, Any]]) -> None:
-        if (gate := self._gate) is not None:
-            if not gate.passed():  # waits for the row's INSERT: no event before the row
-                self.lost = True
-                return
-            self._gate = None
         try:
             events.publish_many(self._ex.redis, self._job_id, ready)
         except Exception:  # a Redis blip loses stream events, never the job

@@ -208,18 +208,10 @@ def claim_unsaved(settings: Settings, carried: Job) -> Claim:
     it before the answer names it), taken under its run lock, not past its TTL, and with no
     stream yet (a redelivered copy of an ended job finds its events: `JobLock.ended`).
     """
-    claim = claim_ahead(settings, carried)
-    assert claim.ctx is not None
-    claim.ctx.unsaved = True
-    return claim
-
-
-def claim_ahead(settings: Settings, carried: Job) -> Claim:
-    """A carried job taken before its row is known to be written: a streamed job's
-    `claim_fresh` runs beside its start (`inference.ClaimGate`), under its run lock, and
-    nothing of the run is published or recorded until that INSERT went in."""
     carried.status, carried.started_at, carried.attempts = JobStatus.RUNNING, utcnow(), 1
-    return Claim(_context(settings, carried))
+    ctx = _context(settings, carried)
+    ctx.unsaved = True
+    return Claim(ctx)
 
 
 def unclaim(settings: Settings, job_id: str) -> None:
