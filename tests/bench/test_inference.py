@@ -185,16 +185,14 @@ def _show_breakdown(
     total = [r.total_ms for r in replies]
     runner_engine = [x["engine_ms"] for x in t]
     engine_p50 = statistics.median(b.total_ms for b in base)
+    paused_p50 = statistics.median(b.total_ms for b in paused)
     queue, run = [x["queue_ms"] for x in t], [x["run_ms"] for x in t]
     rest = [c - q - r for c, q, r in zip(total, queue, run)]
     rows = [
         part("client end-to-end", total),
         part("engine alone, plain process (baseline)", [b.total_ms for b in base]),
         part("engine alone, idle as between requests", [b.total_ms for b in paused]),
-        part(
-            "  client - that engine alone",
-            [c - statistics.median(b.total_ms for b in paused) for c in total],
-        ),
+        part("  client - that engine alone", [c - paused_p50 for c in total]),
         part("engine_ms in the runner", runner_engine),
         part("  runner engine - engine alone", [e - engine_p50 for e in runner_engine]),
         # The layer against the engine's time in the same request: free of the baseline's
