@@ -6,7 +6,8 @@ engine the real loader returns: `slow` sleeps between tokens,
 os._exit after two tokens, `ignore_cancel` never stops, `raise_in_generate` raises a bare
 RuntimeError, `print_in_setup` writes junk to stdout from Python and from C before loading,
 `bad_vector` answers an Embed with strings for numbers, `short_vectors` with one vector less,
-`non_text_token` generates a number where a token's text belongs. The `batch_` modes keep
+`non_text_token` generates a number where a token's text belongs, `babble` writes an event
+line that never ends. The `batch_` modes keep
 the engine's batcher: `batch_exit` calls os._exit at the third decode step, `batch_stray_tag`
 writes a request's tokens under a tag no request has from the third step on, `batch_slow`
 sleeps before every step.
@@ -23,6 +24,7 @@ from typing import Any
 
 from workers.engines.base import Embeddings, Engine, GenerateRequest, GenerationResult
 from workers.runner import child
+from workers.runner.protocol import MAX_LINE
 
 MODE = sys.argv[1] if len(sys.argv) > 1 else "slow"
 
@@ -54,6 +56,9 @@ class Faulty:
     ) -> Generator[str, None, GenerationResult]:
         if MODE == "raise_in_generate":
             raise RuntimeError("boom in generate")
+        if MODE == "babble":  # more than a line may hold, no newline, then silence
+            WRITER[0].write(b"x" * (MAX_LINE + 100_000))
+            time.sleep(600)
         n = 0
         check = (lambda: False) if MODE == "ignore_cancel" else cancelled
         while True:
@@ -111,8 +116,16 @@ def _load(setup: Any) -> Engine:
     return Faulty(_real_load(setup))
 
 
+def _reserve() -> child.EventWriter:
+    WRITER.append(_real_reserve())
+    return WRITER[0]
+
+
 _real_load = child.load
 child.load = _load
+WRITER: list[child.EventWriter] = []
+_real_reserve = child.reserve_stdout
+child.reserve_stdout = _reserve
 
 if __name__ == "__main__":
     code = child.main()

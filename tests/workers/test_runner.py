@@ -169,6 +169,20 @@ def test_os_exit_mid_generation_is_fatal(make_runner: MakeRunner, gguf_dir: Path
     assert len(tokens) == 2 and runner.state is RunnerState.DEFUNCT
 
 
+def test_a_child_whose_event_line_never_ends_is_fatal_at_once(
+    make_runner: MakeRunner, gguf_dir: Path
+) -> None:
+    """The parent stops reading a line at the protocol's limit: it neither waits for the
+    newline nor keeps buffering what the child writes."""
+    runner = make_runner(gguf_dir, mode="babble")
+    runner.start()
+    began = time.monotonic()
+    with pytest.raises(RunnerFatal, match="too long"):
+        runner.generate(greedy("hi", 5), "t", lambda t: None, timeout=30)
+    assert time.monotonic() - began < 10
+    assert runner.state is RunnerState.DEFUNCT and gone(runner.pid or 0)
+
+
 def test_cancel_mid_generation_returns_cancelled_promptly(
     make_runner: MakeRunner, gguf_dir: Path
 ) -> None:

@@ -18,12 +18,11 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import BinaryIO
 
 from workers.engines.base import Engine
 from workers.engines.llama_batch import DecodeFailed, LlamaBatcher, Sequence
 from workers.runner.child import EventWriter, Server, TokenSink, _failed, generate_request
-from workers.runner.protocol import Done, Embed, Generate, Request
+from workers.runner.protocol import Done, Embed, Generate, Lines, Request
 
 
 @dataclass(eq=False)
@@ -38,7 +37,7 @@ class BatchServer(Server):
     """`Server` whose generations share the batcher's steps."""
 
     def __init__(
-        self, batcher: LlamaBatcher, engine: Engine, out: EventWriter, stdin: BinaryIO
+        self, batcher: LlamaBatcher, engine: Engine, out: EventWriter, stdin: Lines
     ) -> None:
         super().__init__(engine, out, stdin)
         self.batcher = batcher

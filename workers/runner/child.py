@@ -17,7 +17,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import BinaryIO, NoReturn
+from typing import NoReturn
 
 from workers.engines.base import (
     ChatMessage,
@@ -33,6 +33,7 @@ from workers.runner.protocol import (
     Embedding,
     Event,
     Generate,
+    Lines,
     ProtocolError,
     Ready,
     Request,
@@ -46,6 +47,8 @@ from workers.runner.protocol import (
 )
 
 MAX_DETAIL = 2000
+# How often a running generation looks at stdin for a Cancel (at its next token after this).
+STDIN_POLL_S = 0.002
 
 
 class EventWriter:
@@ -117,7 +120,7 @@ def set_process_name(name: bytes) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
 
 
-def preload_while_waiting(stdin: BinaryIO) -> None:
+def preload_while_waiting(stdin: int) -> None:
     """A spare runner (spawned before any request) imports its engines while it waits.
 
     A runner started for a request finds its Setup already on stdin and skips this; a spare
@@ -161,27 +164,43 @@ def load(setup: Setup) -> Engine:
 
 
 class Server:
-    """Serves one request at a time; a reader thread takes Cancel/Shutdown meanwhile."""
+    """Serves one request at a time, read from stdin by the same thread.
+
+    Idle, it waits on stdin; while a request runs, the engine's cancel check (between two
+    tokens) takes whatever the parent sent meanwhile: a Cancel, Shutdown, or the end of
+    stdin. No reader thread stands between a Generate and its run.
+    """
 
     parallel = 1
 
-    def __init__(self, engine: Engine, out: EventWriter, stdin: BinaryIO) -> None:
+    def __init__(self, engine: Engine, out: EventWriter, stdin: Lines) -> None:
         self.engine = engine
         self.out = out
         self.stdin = stdin
         self.requests: queue.Queue[Request | None] = queue.Queue()
         self.cancelled: set[str] = set()
         self.stopping = threading.Event()
+        self._stdin_lock = threading.Lock()  # an engine may check for cancels off this thread
+        self._next_poll = 0.0
+
+    def take(self, line: bytes) -> Request | None:
+        """One line from the parent: a request is returned, a Cancel or Shutdown noted."""
+        event = decode(line)
+        if isinstance(event, Generate | Embed):
+            return event
+        if isinstance(event, Cancel):
+            self.cancelled.add(event.tag)  # set.add is atomic under the GIL
+        elif isinstance(event, Shutdown):
+            self.stopping.set()
+        return None
 
     def read_loop(self) -> None:
+        """A reader thread's loop (`BatchServer`): requests are queued for the serving loop."""
         try:
             for line in self.stdin:
-                event = decode(line)
-                if isinstance(event, Generate | Embed):
-                    self.requests.put(event)
-                elif isinstance(event, Cancel):
-                    self.cancelled.add(event.tag)  # set.add is atomic under the GIL
-                elif isinstance(event, Shutdown):
+                if (request := self.take(line)) is not None:
+                    self.requests.put(request)
+                elif self.stopping.is_set():
                     break
         except (ProtocolError, OSError) as exc:
             print(f"runner: bad input, stopping: {exc}", file=sys.stderr)
@@ -190,11 +209,44 @@ class Server:
         self.requests.put(None)
 
     def serve(self) -> None:
-        threading.Thread(target=self.read_loop, name="runner-stdin", daemon=True).start()
-        while (request := self.requests.get()) is not None:
+        while (request := self._next_request()) is not None:
             done = self.embed(request) if isinstance(request, Embed) else self.run(request)
             self.out.send(done)
             self.cancelled.discard(request.tag)
+
+    def _next_request(self) -> Request | None:
+        """The next request (one sent during the last is queued), or None at Shutdown/EOF."""
+        with contextlib.suppress(queue.Empty):
+            return self.requests.get_nowait()
+        while not self.stopping.is_set():
+            try:
+                with self._stdin_lock:
+                    line = self.stdin.next_line()
+                if line is None:
+                    break
+                if (request := self.take(line)) is not None:
+                    return request
+            except (ProtocolError, OSError) as exc:
+                print(f"runner: bad input, stopping: {exc}", file=sys.stderr)
+                break
+        self.stopping.set()  # EOF counts as Shutdown: the parent is gone or done with us
+        return None
+
+    def _poll_stdin(self) -> None:
+        """Take what the parent sent while a request runs, without waiting for more."""
+        if not self._stdin_lock.acquire(blocking=False):
+            return  # another thread is reading it right now
+        try:
+            while (line := self.stdin.next_line(timeout=0)) is not None:
+                if (request := self.take(line)) is not None:
+                    self.requests.put(request)  # the parent sends one at a time; kept anyway
+            if self.stdin.eof:
+                self.stopping.set()
+        except (ProtocolError, OSError) as exc:
+            print(f"runner: bad input, stopping: {exc}", file=sys.stderr)
+            self.stopping.set()
+        finally:
+            self._stdin_lock.release()
 
     def embed(self, e: Embed) -> Done:
         """Every vector, then Done with the input tokens (nothing is sent on failure)."""
@@ -217,7 +269,7 @@ class Server:
         sink = TokenSink(self.out, g.tag, g.coalesce_ms)
         try:
             request = generate_request(g)
-            stream = self.engine.generate(request, lambda: self._is_cancelled(g.tag))
+            stream = self.engine.generate(request, lambda: self._cancel_sent(g.tag))
             while True:
                 try:
                     piece = next(stream)
@@ -236,6 +288,13 @@ class Server:
             completion_tokens=result.completion_tokens,
             engine_ms=(time.perf_counter() - started) * 1000,
         )
+
+    def _cancel_sent(self, tag: str) -> bool:
+        now = time.monotonic()
+        if now >= self._next_poll:  # a select() per token costs the engine ~10 us each
+            self._next_poll = now + STDIN_POLL_S
+            self._poll_stdin()
+        return self._is_cancelled(tag)
 
     def _is_cancelled(self, tag: str) -> bool:
         return tag in self.cancelled or self.stopping.is_set()
@@ -277,13 +336,13 @@ def _messages(raw: list[dict[str, str]] | None) -> tuple[ChatMessage, ...] | Non
 
 def main() -> int:
     out = reserve_stdout()
-    stdin = sys.stdin.buffer
-    preload_while_waiting(stdin)
+    stdin = Lines(sys.stdin.fileno())
+    preload_while_waiting(sys.stdin.fileno())
     try:
         if os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
             # torch.load would ignore weights_only=True: never load a model like that
             raise RuntimeError("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set; refusing to load")
-        setup = decode(stdin.readline())
+        setup = decode(stdin.next_line() or b"")
         set_process_name(RUNNER_NAME)
         if not isinstance(setup, Setup):
             raise ProtocolError(f"expected Setup, got {type(setup).__name__}")
@@ -309,7 +368,7 @@ def main() -> int:
     return 0
 
 
-def serving(engine: Engine, parallel: int, out: EventWriter, stdin: BinaryIO) -> Server:
+def serving(engine: Engine, parallel: int, out: EventWriter, stdin: Lines) -> Server:
     """A batching server where the engine batches and more than one request was asked for."""
     make_batcher = getattr(engine, "batcher", None)
     if parallel <= 1 or make_batcher is None:

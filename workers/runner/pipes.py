@@ -6,6 +6,7 @@ import collections
 import contextlib
 import dataclasses
 import queue
+import select
 import subprocess
 import threading
 import time
@@ -18,6 +19,7 @@ from workers.runner.protocol import (
     Embedding,
     Event,
     Generate,
+    Lines,
     ProtocolError,
     Token,
     Tokens,
@@ -39,29 +41,35 @@ class _Eof:
 
 
 class ChildPipes:
-    """A reader thread per output stream; events are queued, stderr kept in a ring buffer.
+    """The child's events, and its stderr kept in a ring buffer by a reader thread.
 
-    After `route_by_tag` (a runner that takes several requests at once), each request's
-    events go to its own queue, opened with `open_route`: the reader thread hands every
-    event straight to the request that waits for it, with no thread in between. An event
-    for no open request, and the end of the stream, reach every open request.
+    A runner that takes one request at a time has its events read by the thread that waits
+    for them (`next_event`), straight from the pipe: no thread hop between the child's
+    write and the request's consumer. After `route_by_tag` (a runner that takes several
+    requests at once) a reader thread takes over: each request's events go to its own
+    queue, opened with `open_route`, and the reader hands every event straight to the
+    request that waits for it. An event for no open request, and the end of the stream,
+    reach every open request.
     """
 
     def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdin and proc.stdout and proc.stderr
         self._proc = proc
+        self._lines = Lines(proc.stdout.fileno())
+        self._read_lock = threading.Lock()  # one reader of `_lines` at a time
+        self._closed = False
         self._events: queue.Queue[Event | _Eof | ProtocolError] = queue.Queue()
         self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
         self._write_lock = threading.Lock()
         self._routes: dict[str, queue.Queue[Event | _Eof | ProtocolError]] | None = None
         self._route_lock = threading.Lock()
-        self._ended: _Eof | ProtocolError | None = None  # what every later route gets at once
+        self._ended: _Eof | ProtocolError | None = None  # what every later reader gets at once
         self._readers = [
-            threading.Thread(target=fn, args=(stream,), daemon=True, name="runner-io")
-            for fn, stream in ((self._read_events, proc.stdout), (self._read_stderr, proc.stderr))
+            threading.Thread(
+                target=self._read_stderr, args=(proc.stderr,), daemon=True, name="runner-io"
+            )
         ]
-        for t in self._readers:
-            t.start()
+        self._readers[0].start()
 
     def send(self, event: Event) -> None:
         stdin = self._proc.stdin
@@ -74,9 +82,13 @@ class ChildPipes:
             raise PipeClosed(f"runner stdin closed: {exc}") from exc
 
     def route_by_tag(self) -> None:
-        """From now on, events carrying a tag go to that tag's route."""
+        """From now on a reader thread reads the events; those carrying a tag go to that
+        tag's route."""
         with self._route_lock:
             self._routes = {}
+        reader = threading.Thread(target=self._read_events, daemon=True, name="runner-io")
+        self._readers.append(reader)
+        reader.start()
 
     def open_route(self, tag: str) -> None:
         with self._route_lock:
@@ -93,7 +105,9 @@ class ChildPipes:
     def next_event(self, timeout: float, tag: str | None = None) -> Event | None:
         """The next event (of `tag`'s route, if given), or None if none came within
         `timeout`; PipeClosed at EOF."""
-        events = self._events if tag is None or self._routes is None else self._routes[tag]
+        if self._routes is None:
+            return self._read_event(timeout)
+        events = self._events if tag is None else self._routes[tag]
         try:
             item = events.get(timeout=max(0.0, timeout))
         except queue.Empty:
@@ -105,38 +119,75 @@ class ChildPipes:
             raise PipeClosed(str(item))
         return item
 
+    def _read_event(self, timeout: float) -> Event | None:
+        """The next event, read from the pipe by this thread (no reader thread yet)."""
+        with self._read_lock:
+            if self._ended is None:
+                if self._closed:
+                    self._ended = _Eof()
+                else:
+                    try:
+                        line = self._lines.next_line(max(0.0, timeout))
+                        if line is not None:
+                            return decode(line)
+                        if not self._lines.eof:
+                            return None
+                        self._ended = _Eof()
+                    except ProtocolError as exc:
+                        self._ended = exc
+                    except (OSError, ValueError):
+                        self._ended = _Eof()
+            ended = self._ended
+        if isinstance(ended, ProtocolError):
+            raise PipeClosed(str(ended))
+        raise PipeClosed("runner closed its stdout")
+
     def pending(self) -> int:
-        return self._events.qsize()
+        """Events the child wrote that nobody has taken yet (read or not from the pipe)."""
+        with self._read_lock:
+            waiting = 0 if self._closed else len(select.select([self._lines.fd], [], [], 0)[0])
+            return self._events.qsize() + self._lines.buffered() + waiting
 
     def tail(self, lines: int = 20) -> str:
         # A dead child's last words may still be in flight: let the reader drain them first.
         if self._proc.poll() is not None:
-            self._readers[1].join(timeout=0.5)
+            self._readers[0].join(timeout=0.5)
         return "\n".join(list(self._stderr)[-lines:])
 
     def close(self) -> None:
         """Call after the child is dead: the readers then reach EOF and finish."""
-        streams = [self._proc.stdin]
-        for t, stream in zip(self._readers, (self._proc.stdout, self._proc.stderr), strict=True):
+        streams: list[IO[bytes] | None] = [self._proc.stdin]
+        for t in self._readers:
             t.join(timeout=2)
-            # A reader still blocked (a grandchild holds the pipe) owns the buffer's lock:
-            # closing under it would hang, so that stream is left to the daemon thread.
-            if not t.is_alive():
-                streams.append(stream)
+        # A reader still blocked (a grandchild holds the pipe) owns the stream: closing it
+        # under the reader would hang or hand its descriptor to the next file opened, so
+        # that stream is left to the daemon thread.
+        if not self._readers[0].is_alive():
+            streams.append(self._proc.stderr)
+        if self._read_lock.acquire(timeout=2):
+            try:
+                if len(self._readers) == 1 or not self._readers[1].is_alive():
+                    self._closed = True
+                    streams.append(self._proc.stdout)
+            finally:
+                self._read_lock.release()
         for stream in streams:
             if stream is not None:
                 with contextlib.suppress(OSError, ValueError):
                     stream.close()
 
-    def _read_events(self, stream: IO[bytes]) -> None:
+    def _read_events(self) -> None:
+        """A reader thread's loop (routed runners): every event to its request's route."""
         try:
-            for line in stream:
+            for line in self._lines:
                 try:
                     event = decode(line)
                 except ProtocolError as exc:
                     self._end(exc)
                     return
                 self._put(event)
+        except ProtocolError as exc:  # a line too long
+            self._end(exc)
         except (OSError, ValueError):
             pass
         finally:

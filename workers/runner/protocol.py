@@ -8,6 +8,10 @@ parent deserialise objects. Every request (Generate, Embed) carries a `tag`; exa
 from __future__ import annotations
 
 import json
+import os
+import select
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,6 +161,51 @@ MAX_LINE = 1 << 20
 
 class ProtocolError(Exception):
     """A line that is not a well-formed event: treat the child as dead."""
+
+
+class Lines:
+    """Events one line each, read straight from a pipe's file descriptor, no thread between.
+
+    `next_line` waits for a line: for ever (`timeout` None), or at most `timeout` seconds
+    (0: only a line already there), so a thread can look for one between two pieces of
+    work. None: nothing came in time, or the pipe ended (`eof`). A line longer than
+    `MAX_LINE` raises ProtocolError. Iterating yields lines until the pipe ends.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._buffer = bytearray()
+        self.eof = False
+
+    def buffered(self) -> int:
+        """Complete lines read from the pipe and not yet taken."""
+        return self._buffer.count(b"\n")
+
+    def __iter__(self) -> Iterator[bytes]:
+        while (line := self.next_line()) is not None:
+            yield line
+
+    def next_line(self, timeout: float | None = None) -> bytes | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self._buffer[: end + 1])
+                del self._buffer[: end + 1]
+                return line
+            if len(self._buffer) > MAX_LINE:
+                raise ProtocolError("event line too long")
+            if self.eof:
+                return None
+            if deadline is not None:
+                left = max(0.0, deadline - time.monotonic())
+                if not select.select([self.fd], [], [], left)[0]:
+                    return None
+            chunk = os.read(self.fd, 1 << 16)
+            if not chunk:
+                self.eof = True
+                return None
+            self._buffer += chunk
 
 
 def encode(event: Event) -> bytes:
