@@ -180,7 +180,6 @@ class Server:
         self.requests: queue.Queue[Request | None] = queue.Queue()
         self.cancelled: set[str] = set()
         self.stopping = threading.Event()
-        self._stdin_lock = threading.Lock()  # an engine may check for cancels off this thread
         self._next_poll = 0.0
 
     def take(self, line: bytes) -> Request | None:
@@ -220,8 +219,7 @@ class Server:
             return self.requests.get_nowait()
         while not self.stopping.is_set():
             try:
-                with self._stdin_lock:
-                    line = self.stdin.next_line()
+                line = self.stdin.next_line()
                 if line is None:
                     break
                 if (request := self.take(line)) is not None:
@@ -233,9 +231,8 @@ class Server:
         return None
 
     def _poll_stdin(self) -> None:
-        """Take what the parent sent while a request runs, without waiting for more."""
-        if not self._stdin_lock.acquire(blocking=False):
-            return  # another thread is reading it right now
+        """Take what the parent sent while a request runs, without waiting for more (on the
+        serving thread: the engine checks for a cancel between its own tokens)."""
         try:
             while (line := self.stdin.next_line(timeout=0)) is not None:
                 if (request := self.take(line)) is not None:
@@ -245,8 +242,6 @@ class Server:
         except (ProtocolError, OSError) as exc:
             print(f"runner: bad input, stopping: {exc}", file=sys.stderr)
             self.stopping.set()
-        finally:
-            self._stdin_lock.release()
 
     def embed(self, e: Embed) -> Done:
         """Every vector, then Done with the input tokens (nothing is sent on failure)."""

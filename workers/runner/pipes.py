@@ -122,22 +122,18 @@ class ChildPipes:
     def _read_event(self, timeout: float) -> Event | None:
         """The next event, read from the pipe by this thread (no reader thread yet)."""
         with self._read_lock:
-            if self._ended is None:
-                if self._closed:
-                    self._ended = _Eof()
-                else:
-                    try:
-                        line = self._lines.next_line(max(0.0, timeout))
-                        if line is not None:
-                            return decode(line)
-                        if not self._lines.eof:
-                            return None
-                        self._ended = _Eof()
-                    except ProtocolError as exc:
-                        self._ended = exc
-                    except (OSError, ValueError):
-                        self._ended = _Eof()
-            ended = self._ended
+            if self._ended is None and not self._closed:
+                try:
+                    line = self._lines.next_line(max(0.0, timeout))
+                    if line is not None:
+                        return decode(line)
+                    if not self._lines.eof:
+                        return None
+                except ProtocolError as exc:
+                    self._ended = exc
+                except (OSError, ValueError):
+                    pass
+            ended = self._ended = self._ended or _Eof()
         if isinstance(ended, ProtocolError):
             raise PipeClosed(str(ended))
         raise PipeClosed("runner closed its stdout")
