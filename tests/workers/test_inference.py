@@ -20,7 +20,7 @@ from core.db import session_scope
 from core.errors import job_error
 from core.ids import new_id
 from core.queue import carried_job, job_of_message
-from core.tables import Job, JobStatus, UsageEvent, utcnow
+from core.tables import Job, JobStatus, PushState, UsageEvent, utcnow
 from tests.utils.stack import StackInfo
 from tests.workers.conftest import fault_argv
 from workers import inference, jobs
@@ -520,6 +520,8 @@ def job_writes(stack: StackInfo) -> Iterator[list[str]]:
 
     def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         words = statement.split(None, 3)
+        if words[0] == "WITH":  # a CTE writes it first (PostgreSQL's one-statement finish)
+            words = statement.split("(", 1)[1].split(None, 3)
         if words[0] in ("INSERT", "UPDATE") and "job" in (words[2], words[1]):
             seen.append(words[0])
 
@@ -560,6 +562,94 @@ def test_unsaved_job_is_written_once_ended_and_has_no_row_while_it_runs(
     assert job.timings["run_ms"] > 0 and job.prompt_tokens > 0
     (usage,) = usage_rows(stack, job_id)
     assert usage.completion_tokens == job.completion_tokens > 0
+
+
+@contextmanager
+def writes_sent(stack: StackInfo) -> Iterator[list[str]]:
+    """Every statement sent inside the block that writes (INSERT or UPDATE), one line each."""
+    from sqlalchemy import event
+
+    from core.db import get_engine
+
+    seen: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "INSERT" in statement or "UPDATE" in statement:
+            seen.append(" ".join(statement.split()))
+
+    engine = get_engine(stack.settings)
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+@pytest.mark.parametrize("touches_due", [False, True])
+def test_unsaved_job_ends_with_its_usage_in_one_statement_on_postgres(
+    stack: StackInfo,
+    gguf_ready: dict[str, Any],
+    executor: inference.Executor,
+    monkeypatch: pytest.MonkeyPatch,
+    touches_due: bool,
+) -> None:
+    """On PostgreSQL the ended row and its usage event go in one statement (one round trip),
+    unless the model's and key's once-a-minute touches are due: then one transaction."""
+    from core.tables import Account
+
+    message = carried(stack, gguf_ready)
+    job_id, postgres = message["id"], stack.settings.effective_database_url.startswith("postgres")
+    customer = f"cus_{job_id[-8:]}"
+    with session_scope(stack.settings) as s:
+        account = s.get(Account, message["account_id"])
+        assert account is not None
+        account.stripe_customer_id = customer  # the event reads it in the same statement
+    monkeypatch.setattr(jobs, "_due", lambda name: touches_due)
+    with writes_sent(stack) as writes:
+        assert inference.run_job(job_id, executor, 600, live=False, carried=message) == "succeeded"
+    if postgres and not touches_due:
+        (statement,) = writes
+        assert statement.startswith("WITH ended_job AS (INSERT INTO job ")
+        assert "INSERT INTO usage_event " in statement
+    else:
+        tables = [w.split()[2 if w.startswith("INSERT") else 1] for w in writes]
+        touched = ["model", "api_key"] if touches_due else []
+        assert tables == ["job", "usage_event", *touched]
+    job = job_row(stack, job_id)
+    assert job.status is JobStatus.SUCCEEDED and job.finished_at is not None
+    (usage,) = usage_rows(stack, job_id)
+    assert (usage.account_id, usage.api_key_id, usage.model_id) == (
+        job.account_id,
+        job.api_key_id,
+        job.model_id,
+    )
+    assert (usage.prompt_tokens, usage.completion_tokens) == (
+        job.prompt_tokens,
+        job.completion_tokens,
+    )
+    assert usage.completion_tokens > 0 and usage.stripe_customer_id == customer
+    assert usage.push_state is PushState.PENDING and usage.attempts == 0
+
+
+def test_unsaved_job_one_statement_finish_with_a_duplicate_id_writes_no_usage_twice(
+    stack: StackInfo,
+    gguf_ready: dict[str, Any],
+    executor: inference.Executor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A copy ended the job already: the one-statement INSERT fails whole (no orphan usage
+    event), and the end is not recorded again."""
+    monkeypatch.setattr(jobs, "_due", lambda name: False)
+    message = carried(stack, gguf_ready)
+    job_id = message["id"]
+    assert inference.run_job(job_id, executor, 600, live=False, carried=message) == "succeeded"
+    ctx = jobs.load(stack.settings, job_id, job_of_message(message))
+    assert ctx is not None
+    ctx.unsaved = True  # as a second copy that ran it would see it
+    end = jobs.Terminal(JobStatus.SUCCEEDED, completion_tokens=3, prompt_tokens=2)
+    assert jobs.finish(stack.settings, ctx, end) is False
+    assert len(usage_rows(stack, job_id)) == 1
+    assert job_row(stack, job_id).completion_tokens != 3
 
 
 def test_unsaved_job_whose_row_another_copy_wrote_takes_it_over(
