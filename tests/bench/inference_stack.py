@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,15 @@ from core.tables import Job
 from tests.conftest import make_settings
 from tests.utils.factories import Content, create_account, upload_model
 from tests.utils.services import free_port
-from tests.utils.stack import ROOT, SYSTEM_REDIS, ApiProcess, Worker, start_api, start_worker
+from tests.utils.stack import (
+    ROOT,
+    SYSTEM_REDIS,
+    ApiProcess,
+    Worker,
+    postgres_database,
+    start_api,
+    start_worker,
+)
 
 # Database 15: `system_redis_url()` hands out 1-14 to test processes.
 BENCH_REDIS = f"{SYSTEM_REDIS}/15"
@@ -42,6 +50,9 @@ RUNNER_THREADS = os.environ.get("INFERATECH_BENCH_RUNNER_THREADS")
 RUNNER_BATCH = os.environ.get("INFERATECH_BENCH_RUNNER_BATCH")
 # Runners of one model at once on a CPU host; the product default (usable CPUs / threads) unless set.
 RUNNER_CPU_PER_MODEL = os.environ.get("INFERATECH_BENCH_RUNNER_CPU_PER_MODEL")
+# `postgres`: the platform on a fresh PostgreSQL database (dropped after), as a fleet runs it;
+# SQLite (the embedded default) unless set.
+DATABASE = os.environ.get("INFERATECH_BENCH_DATABASE", "sqlite")
 
 
 @dataclass
@@ -156,10 +167,23 @@ def _children(pid: int) -> list[int]:
 
 @contextmanager
 def bench_stack(data_dir: Path) -> Iterator[BenchStack]:
-    """The whole platform on SQLite, file storage and a Redis database of its own."""
+    """The whole platform on SQLite (or `DATABASE`), file storage and a Redis database of its
+    own."""
+    assert DATABASE in ("sqlite", "postgres"), f"INFERATECH_BENCH_DATABASE={DATABASE!r}"
+    with ExitStack() as stack:
+        database: dict[str, str] = {}
+        if DATABASE == "postgres":
+            name = f"inferatech_bench_{os.getpid()}"
+            database["database_url"] = stack.enter_context(postgres_database(name))
+        yield stack.enter_context(_bench_stack(data_dir, database))
+
+
+@contextmanager
+def _bench_stack(data_dir: Path, database: dict[str, str]) -> Iterator[BenchStack]:
     port = free_port()
     settings = make_settings(
         data_dir,
+        **database,
         redis_url=BENCH_REDIS,
         public_base_url=f"http://127.0.0.1:{port}",
         runner_idle_ttl_s=IDLE_TTL_S,

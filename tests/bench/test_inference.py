@@ -25,6 +25,7 @@ import pytest
 
 from tests.bench.engine_alone import EngineRun
 from tests.bench.inference_stack import (
+    DATABASE,
     BenchStack,
     Deployed,
     LeanClient,
@@ -124,7 +125,7 @@ def _line(cells: list[str], widths: list[int]) -> str:
 
 def show(title: str, header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"\n{title}  [host: {os.cpu_count()} CPUs, load average {load}]")
+    print(f"\n{title}  [host: {os.cpu_count()} CPUs, load average {load}; {DATABASE}]")
     widths = [max(len(h) + 2, 12) for h in header]
     widths[0] = max(len(str(r[0])) for r in [header, *rows]) + 2
     print(_line(list(header), widths))
