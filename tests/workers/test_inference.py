@@ -511,7 +511,22 @@ def test_carried_job_redelivered_after_its_worker_died_is_taken_over(
 
 @contextmanager
 def job_writes(stack: StackInfo) -> Iterator[list[str]]:
-    """The statements that write the job table inside the block (INSERT, UPDATE), as sent."""
+    """The statements that wrote the job table inside the block (INSERT, UPDATE), as sent;
+    the list is filled once the block ends."""
+    seen: list[str] = []
+    with writes_sent(stack) as sent:
+        yield seen
+    for statement in sent:
+        words = statement.split(None, 3)
+        if words[0] == "WITH":  # a CTE writes it first (PostgreSQL's one-statement finish)
+            words = statement.split("(", 1)[1].split(None, 3)
+        if words[0] in ("INSERT", "UPDATE") and "job" in (words[2], words[1]):
+            seen.append(words[0])
+
+
+@contextmanager
+def writes_sent(stack: StackInfo) -> Iterator[list[str]]:
+    """Every statement sent inside the block that writes (INSERT or UPDATE), one line each."""
     from sqlalchemy import event
 
     from core.db import get_engine
@@ -519,11 +534,8 @@ def job_writes(stack: StackInfo) -> Iterator[list[str]]:
     seen: list[str] = []
 
     def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        words = statement.split(None, 3)
-        if words[0] == "WITH":  # a CTE writes it first (PostgreSQL's one-statement finish)
-            words = statement.split("(", 1)[1].split(None, 3)
-        if words[0] in ("INSERT", "UPDATE") and "job" in (words[2], words[1]):
-            seen.append(words[0])
+        if "INSERT" in statement or "UPDATE" in statement:
+            seen.append(" ".join(statement.split()))
 
     engine = get_engine(stack.settings)
     event.listen(engine, "before_cursor_execute", record)
@@ -562,27 +574,6 @@ def test_unsaved_job_is_written_once_ended_and_has_no_row_while_it_runs(
     assert job.timings["run_ms"] > 0 and job.prompt_tokens > 0
     (usage,) = usage_rows(stack, job_id)
     assert usage.completion_tokens == job.completion_tokens > 0
-
-
-@contextmanager
-def writes_sent(stack: StackInfo) -> Iterator[list[str]]:
-    """Every statement sent inside the block that writes (INSERT or UPDATE), one line each."""
-    from sqlalchemy import event
-
-    from core.db import get_engine
-
-    seen: list[str] = []
-
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if "INSERT" in statement or "UPDATE" in statement:
-            seen.append(" ".join(statement.split()))
-
-    engine = get_engine(stack.settings)
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        yield seen
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
 
 
 @pytest.mark.parametrize("touches_due", [False, True])
