@@ -245,8 +245,9 @@ def finish(settings: Settings, ctx: JobContext, end: Terminal) -> bool:
         "timings": end.timings,
         "finished_at": now,
     }
-    usage, touches = _usage_of(job, end, now), _touches(job, now)
+    usage, touches = _usage_of(job, end, now), None
     if ctx.unsaved:
+        touches = _touches(job, now)  # due ones pick the transaction
         row = {name: getattr(job, name) for name in _JOB_COLUMNS}
         row.update({name: ended[name] for name in _ENDED_COLUMNS})
         try:
@@ -274,8 +275,8 @@ def finish(settings: Settings, ctx: JobContext, end: Terminal) -> bool:
     # statement building on the path of every request.
     with get_engine(settings).begin() as conn:
         if conn.execute(_FINISH_JOB, ended).rowcount != 1:
-            return False
-        _record_usage(conn, usage, touches)
+            return False  # taken only once a row is ended: an ignored end touches nothing
+        _record_usage(conn, usage, _touches(job, now) if touches is None else touches)
     return True
 
 

@@ -643,6 +643,20 @@ def test_unsaved_job_one_statement_finish_with_a_duplicate_id_writes_no_usage_tw
     assert job_row(stack, job_id).completion_tokens != 3
 
 
+def test_an_end_another_copy_recorded_takes_no_touch(
+    stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
+) -> None:
+    """An ignored end writes nothing, so it leaves the model's and key's touches due."""
+    job_id = make_job(stack, gguf_ready)
+    assert inference.run_job(job_id, executor) == "succeeded"
+    ctx = jobs.load(stack.settings, job_id)
+    assert ctx is not None
+    jobs._touched.clear()
+    end = jobs.Terminal(JobStatus.SUCCEEDED, completion_tokens=3, prompt_tokens=2)
+    assert jobs.finish(stack.settings, ctx, end) is False
+    assert jobs._touched == {}
+
+
 def test_unsaved_job_whose_row_another_copy_wrote_takes_it_over(
     stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
 ) -> None:
