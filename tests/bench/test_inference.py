@@ -283,6 +283,7 @@ class Level:
     max_runners: int
     differ: int  # completions other than the engine alone's (batched decoding only)
     cpu_ms: dict[str, float]  # CPU per request, by process (API, infer worker, runners)
+    replies: list[Reply]
 
     @property
     def tps(self) -> float:
@@ -349,7 +350,25 @@ def _level(
     tokens = sum(r.completion_tokens for r in out)
     p50 = pct([r.total_ms for r in out], 50)
     colds = sum(r.cold for r in out)
-    return Level(concurrency, len(out), tokens, seconds, p50, colds, max(seen), differ, cpu)
+    return Level(concurrency, len(out), tokens, seconds, p50, colds, max(seen), differ, cpu, out)
+
+
+def _show_fixed_cost(stack: BenchStack, c1: Level, runs: list[EngineRun]) -> None:
+    """Where c=1's time per request goes beyond the engine alone's: the engine running slower
+    inside the runner (its own `engine_ms`) or the layer around it (client - `engine_ms`)."""
+    timings = stack.timings([r.job_id for r in c1.replies])
+    same = [(r.total_ms, timings[r.job_id]["engine_ms"]) for r in c1.replies if r.job_id in timings]
+    alone = [r.total_ms for r in runs]
+    gap = [c - e for c, e in same]
+    rows = [
+        ("client end-to-end", pct([c for c, _ in same], 50), statistics.fmean(c for c, _ in same)),
+        ("engine alone, one call", pct(alone, 50), statistics.fmean(alone)),
+        ("engine_ms in the runner", pct([e for _, e in same], 50), statistics.fmean(e for _, e in same)),
+        ("  runner engine - engine alone", pct([e for _, e in same], 50) - pct(alone, 50),
+         statistics.fmean(e for _, e in same) - statistics.fmean(alone)),
+        ("client - runner engine_ms (the layer)", pct(gap, 50), statistics.fmean(gap)),
+    ]  # fmt: skip
+    show("c=1 per request: engine against layer (ms)", ("part", "p50", "mean"), rows)
 
 
 def _runner_batch(stack: BenchStack) -> int:
@@ -420,6 +439,7 @@ def test_bench_throughput(infer_stack: BenchStack, name: str) -> None:
     cpu_header = ("level", "api ms/req", "worker ms/req", "runners ms/req", "api cores", "worker cores", "runner cores")  # fmt: skip
     show("CPU per request by process (ms) and cores busy during the level", cpu_header, cpu_rows)
     per_request = levels[0].seconds / levels[0].requests * 1000 - 1000 * TPUT_TOKENS / engine_tps
+    _show_fixed_cost(infer_stack, levels[0], runs)
     print(
         "Baseline: the same engine in a plain process, calls one after another (one runner serves"
     )
