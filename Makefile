@@ -26,8 +26,11 @@ lint: $(VENV)/.installed
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
 
+# Two processes: most tests wait on a worker, a runner or a service, so two fill the two
+# cores of a small host (19.5 → ~N min); each takes one stack configuration (tests/conftest.py).
+TEST_JOBS ?= 2
 pytest: $(VENV)/.installed
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_JOBS) --dist loadgroup --durations=15
 
 test: lint typecheck pytest
 

@@ -45,6 +45,19 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
     return Settings(**values)  # type: ignore[arg-type]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist (`make test` runs two processes), every test of one `stack` configuration
+    goes to the same process, which then starts that stack once. Left to itself, xdist hands
+    out tests so that a process switches between the two and restarts a stack (10-16 s) at
+    each switch."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "stack" in callspec.params:
+            item.add_marker(pytest.mark.xdist_group(f"stack-{callspec.params['stack']}"))
+
+
 @pytest.fixture(autouse=True)
 def _no_ambient_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Tests never see an operator's INFERATECH_* environment."""

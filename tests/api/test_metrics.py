@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,19 @@ def _infer(client: TestClient, model: dict[str, Any], prompt: str = "Hello there
     return client.post("/v1/infer", json=body, headers=auth(model["key"]))
 
 
-def _settled(client: TestClient, stack: StackInfo, timeout: float = 60) -> Samples:
-    """A scrape taken once no job is queued or running anywhere (earlier tests' jobs ended)."""
+def _settled(
+    client: TestClient,
+    stack: StackInfo,
+    timeout: float = 60,
+    until: Callable[[Samples], bool] = lambda _: True,
+) -> Samples:
+    """A scrape taken once no job is queued or running anywhere (earlier tests' jobs ended)
+    and `until` holds for it.
+
+    A job's metrics script runs after its answer; kombu writes its task's `unacked` entry
+    from a thread of its own, which under load can come after the answer too, so an empty
+    `unacked` right after an answer does not prove the metrics are in: `until` waits for them.
+    """
     broker = get_redis(stack.settings)
     deadline = time.monotonic() + timeout
     while True:
@@ -46,7 +57,7 @@ def _settled(client: TestClient, stack: StackInfo, timeout: float = 60) -> Sampl
         )
         queued = sum(v for (n, _), v in samples.items() if n == "inferatech_queue_depth")
         taken = broker.hlen("unacked")  # kombu's tasks taken by a worker, not yet acknowledged
-        if busy == 0 and queued == 0 and taken == 0:
+        if busy == 0 and queued == 0 and taken == 0 and until(samples):
             return samples
         assert time.monotonic() < deadline, "the stack never went idle"
         time.sleep(0.2)
@@ -101,12 +112,21 @@ def test_worker_job_metrics_reach_the_api_scrape_exactly(
     before = _settled(client, stack)
     answers = [_infer(client, fresh_model) for _ in range(3)]
     assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
-    after = _settled(client, stack)  # a job's metrics follow its answer
+    model = fresh_model["id"]
+    jobs = "inferatech_jobs_total"
+
+    def ran(samples: Samples) -> float:
+        return value(samples, jobs, model=model, status="succeeded") - value(
+            before, jobs, model=model, status="succeeded"
+        )
+
+    # A job's metrics follow its answer; its counters and histograms are one script, so
+    # once the job count is in, every other series of the job is too.
+    after = _settled(client, stack, until=lambda samples: ran(samples) >= 3)
 
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    model = fresh_model["id"]
     prompt = sum(a.json()["prompt_tokens"] for a in answers)
     completion = sum(a.json()["completion_tokens"] for a in answers)
     assert completion >= 3  # every job produced a first token

@@ -49,12 +49,13 @@ def system_redis_url() -> str:
     workers would take each other's tasks. Each session claims one with SET NX and keeps the
     claim alive; flushing again later would drop kombu's bindings under a running worker.
     """
+    me = str(os.getpid())
     for db in range(1, 16):
         url = f"{SYSTEM_REDIS}/{db}"
         client = redis.Redis.from_url(url, socket_connect_timeout=3)
-        if client.set(CLAIM_KEY, os.getpid(), nx=True, ex=CLAIM_TTL_S) or _claim_is_stale(client):
-            client.flushdb()
-            client.set(CLAIM_KEY, os.getpid(), ex=CLAIM_TTL_S)
+        if client.set(CLAIM_KEY, me, nx=True, ex=CLAIM_TTL_S) or _take_stale_claim(client, me):
+            # Atomic, so no other session finds the database unclaimed between the two.
+            client.pipeline(transaction=True).flushdb().set(CLAIM_KEY, me, ex=CLAIM_TTL_S).execute()
             return url
     raise RuntimeError("every database of the system Redis is claimed by a live test session")
 
@@ -63,14 +64,26 @@ CLAIM_KEY = "inferatech:test-session"
 CLAIM_TTL_S = 3 * 3600
 
 
-def _claim_is_stale(client: redis.Redis) -> bool:  # type: ignore[type-arg]
+# Compare-and-set: two sessions that both found the same dead owner (pytest-xdist starts its
+# processes together) cannot both take its database.
+_TAKE_CLAIM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
+def _take_stale_claim(client: redis.Redis, me: str) -> bool:  # type: ignore[type-arg]
+    """Take the database's claim if its owner is a process that no longer runs."""
     owner = client.get(CLAIM_KEY)
-    if owner is None:
-        return True
+    if owner is None:  # expired since the SET NX: claim it the same way
+        return bool(client.set(CLAIM_KEY, me, nx=True, ex=CLAIM_TTL_S))
     try:
         os.kill(int(owner), 0)
     except (ValueError, ProcessLookupError):
-        return True
+        return bool(client.eval(_TAKE_CLAIM, 1, CLAIM_KEY, owner, me, CLAIM_TTL_S))
     except PermissionError:
         return False
     return False
