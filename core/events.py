@@ -27,6 +27,11 @@ def cancel_key(job_id: str) -> str:
     return f"cancel:{job_id}"
 
 
+def cancel_channel(client: redis.Redis | aioredis.Redis) -> str:  # type: ignore[type-arg]
+    """Where cancels are announced (Redis pub/sub spans databases, so the channel names one)."""
+    return f"cancels:{client.connection_pool.connection_kwargs.get('db', 0)}"
+
+
 def publish(client: redis.Redis, job_id: str, event: dict[str, Any]) -> None:  # type: ignore[type-arg]
     key = stream_key(job_id)
     pipe = client.pipeline(transaction=False)
@@ -86,7 +91,23 @@ def expand(event: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def request_cancel(client: redis.Redis, job_id: str, ttl_s: int = STREAM_TTL_S) -> None:  # type: ignore[type-arg]
-    client.set(cancel_key(job_id), b"1", ex=ttl_s)
+    """Flag the job to stop and tell the workers at once (one round trip).
+
+    The flag is the record (a worker polls it now and then, and checks it before starting);
+    the announcement wakes the worker running the job within a round trip.
+    """
+    pipe = client.pipeline(transaction=False)
+    pipe.set(cancel_key(job_id), b"1", ex=ttl_s)
+    pipe.publish(cancel_channel(client), job_id)
+    pipe.execute()
+
+
+async def arequest_cancel(aredis: aioredis.Redis, job_id: str) -> None:  # type: ignore[type-arg]
+    """`request_cancel` from the API's event loop."""
+    async with aredis.pipeline(transaction=False) as pipe:
+        pipe.set(cancel_key(job_id), b"1", ex=STREAM_TTL_S)
+        pipe.publish(cancel_channel(aredis), job_id)
+        await pipe.execute()
 
 
 def cancel_many(client: redis.Redis, ended: list[str], running: list[str]) -> None:  # type: ignore[type-arg]
@@ -103,6 +124,8 @@ def cancel_many(client: redis.Redis, ended: list[str], running: list[str]) -> No
     for job_id in ended:
         pipe.xadd(stream_key(job_id), payload, maxlen=STREAM_MAXLEN)
         pipe.expire(stream_key(job_id), STREAM_TTL_S)
+    for job_id in running:
+        pipe.publish(cancel_channel(client), job_id)
     pipe.execute()
 
 

@@ -128,7 +128,7 @@ async def _sse(
         # or the runner would never hear of it and the slot would wait for the job to end.
         with anyio.CancelScope(shield=True):
             if not finished:  # the client went away: stop generating; usage is still recorded
-                await aredis.set(events.cancel_key(job.id), b"1", ex=events.STREAM_TTL_S)  # type: ignore[attr-defined]
+                await events.arequest_cancel(aredis, job.id)  # type: ignore[arg-type]
             if outcome.done is None:  # else the worker freed the slot before it answered
                 await limits.release(aredis, job.api_key_id, job.id)  # type: ignore[arg-type]
 

@@ -440,4 +440,4 @@ async def relay(
         finished = True
     finally:
         if not finished:
-            await aredis.set(events.cancel_key(job.id), b"1", ex=events.STREAM_TTL_S)
+            await events.arequest_cancel(aredis, job.id)

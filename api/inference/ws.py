@@ -169,7 +169,7 @@ class _Connection:
 
 async def _request_cancel(aredis: Any, job_id: str) -> None:
     with contextlib.suppress(Exception):  # Redis down: the job ends at its own timeout
-        await aredis.set(events.cancel_key(job_id), b"1", ex=events.STREAM_TTL_S)
+        await events.arequest_cancel(aredis, job_id)
 
 
 def _complete(msg_id: str, job: Job, outcome: Outcome, started: float) -> dict[str, Any]:

@@ -167,16 +167,17 @@ def test_run_job_cancel_while_running_records_partial_usage(
 def test_one_cancel_watcher_polls_every_running_job_and_sets_only_the_cancelled(
     executor: inference.Executor,
 ) -> None:
-    watcher = inference.CancelWatcher(executor.redis, interval_s=0.02)
+    watcher = inference.CancelWatcher(executor.redis, poll_s=0.02)
     ids = [new_id("job") for _ in range(5)]
     flags = {job_id: watcher.watch(job_id) for job_id in ids}
-    events.request_cancel(executor.redis, ids[2])
+    # The flag alone, never announced (a cancel sent while the channel was down): polled
+    executor.redis.set(events.cancel_key(ids[2]), b"1", ex=60)
     assert flags[ids[2]].wait(5)
     watcher.poll()  # and once more by hand: the others stay unset
     assert [job_id for job_id in ids if flags[job_id].is_set()] == [ids[2]]
 
     watcher.forget(ids[3])  # an ended job is no longer asked about
-    events.request_cancel(executor.redis, ids[3])
+    executor.redis.set(events.cancel_key(ids[3]), b"1", ex=60)
     time.sleep(0.1)  # five polls
     assert not flags[ids[3]].is_set()
     for job_id in ids:
@@ -185,16 +186,70 @@ def test_one_cancel_watcher_polls_every_running_job_and_sets_only_the_cancelled(
 
     late = new_id("job")  # and wakes for a new job
     flag = watcher.watch(late)
-    events.request_cancel(executor.redis, late)
+    executor.redis.set(events.cancel_key(late), b"1", ex=60)
     assert flag.wait(5)
     watcher.forget(late)
+
+
+def test_an_announced_cancel_reaches_its_job_without_a_poll(
+    executor: inference.Executor,
+) -> None:
+    watcher = inference.CancelWatcher(executor.redis, poll_s=3600)  # never polls here
+    ids = [new_id("job") for _ in range(3)]
+    flags = {job_id: watcher.watch(job_id) for job_id in ids}
+    try:
+        # Subscribed once a cancel of an unknown job is heard (every worker hears them all)
+        stranger = new_id("job")
+        deadline = time.monotonic() + 10
+        while stranger not in watcher._heard and time.monotonic() < deadline:
+            events.request_cancel(executor.redis, stranger)
+            time.sleep(0.02)
+        assert stranger in watcher._heard
+
+        events.request_cancel(executor.redis, ids[1])
+        assert flags[ids[1]].wait(5)
+        events.cancel_many(executor.redis, [], [ids[0]])  # the batch path announces too
+        assert flags[ids[0]].wait(5)
+        assert not flags[ids[2]].is_set()
+
+        # Cancelled between the job's start (its flag read) and `watch`: the cancel heard
+        # while no one watched it still counts
+        early = new_id("job")
+        events.request_cancel(executor.redis, early)
+        deadline = time.monotonic() + 5
+        while early not in watcher._heard and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert watcher.watch(early).is_set()
+        watcher.forget(early)
+    finally:
+        for job_id in ids:
+            watcher.forget(job_id)
+
+
+def test_cancels_are_announced_on_the_databases_own_channel(stack: StackInfo) -> None:
+    client = redis.Redis.from_url(stack.settings.redis_url)
+    db = client.connection_pool.connection_kwargs.get("db", 0)
+    assert events.cancel_channel(client) == f"cancels:{db}"
+    listener = client.pubsub(ignore_subscribe_messages=True)
+    listener.subscribe(f"cancels:{db}")
+    try:
+        job_id = new_id("job")
+        events.request_cancel(client, job_id)
+        message = None
+        deadline = time.monotonic() + 5
+        while message is None and time.monotonic() < deadline:
+            message = listener.get_message(timeout=0.5)
+        assert message is not None and message["data"] == job_id.encode()
+        assert client.exists(events.cancel_key(job_id))  # and the flag is the record
+    finally:
+        listener.close()
 
 
 def test_a_cancel_watcher_survives_redis_errors(
     stack: StackInfo, caplog: pytest.LogCaptureFixture
 ) -> None:
     dead = redis.Redis(port=1, socket_connect_timeout=0.2)  # nothing listens there
-    watcher = inference.CancelWatcher(dead, interval_s=0.01)
+    watcher = inference.CancelWatcher(dead, poll_s=0.01)
     job_id = new_id("job")
     flag = watcher.watch(job_id)
     try:
@@ -203,7 +258,7 @@ def test_a_cancel_watcher_survives_redis_errors(
             time.sleep(0.2)  # the thread fails ~20 times meanwhile
             assert not flag.is_set()
             live = redis.Redis.from_url(stack.settings.redis_url)
-            watcher._client = live  # Redis is back: the same thread sees the next flag
+            watcher._client = live  # Redis is back: the same thread sees the next cancel
             events.request_cancel(live, job_id)
             assert flag.wait(5)
         said = [r.getMessage() for r in caplog.records if r.name == "inferatech.inference"]
