@@ -72,6 +72,7 @@ class CancelWatcher:
         self._busy = threading.Event()  # set while a job is registered
         self._thread: threading.Thread | None = None
         self._failing = False
+        self._closed = False
 
     def watch(self, job_id: str) -> threading.Event:
         """The event set once the job is cancelled; `forget` it when the job ends."""
@@ -92,6 +93,12 @@ class CancelWatcher:
     def forget(self, job_id: str) -> None:
         with self._lock:
             self._jobs.pop(job_id, None)
+
+    def close(self) -> None:
+        """Stop listening (the thread ends within `IDLE_LISTEN_S`, closing its connection)."""
+        with self._lock:
+            self._closed = True
+            self._busy.set()  # wakes a sleeping thread to see it
 
     def heard(self, job_id: str) -> None:
         """A cancel announced on the channel."""
@@ -132,14 +139,16 @@ class CancelWatcher:
     def _loop(self) -> None:
         channel: Any = None  # the subscription, None while down
         next_poll: float | None = None  # None while no job is registered
-        while True:
+        while not self._closed:
             with self._lock:
-                if not self._jobs:
+                if not self._jobs and not self._closed:
                     self._busy.clear()  # `watch` sets it after registering: nothing is lost
             if not self._busy.is_set():
                 next_poll = None
                 if channel is None:
                     self._busy.wait()
+                    if self._closed:
+                        break
             if self._busy.is_set() and next_poll is None:
                 next_poll = time.monotonic() + self._poll_s  # a job shorter is never polled
             try:
@@ -147,7 +156,9 @@ class CancelWatcher:
                     channel = self._client.pubsub(ignore_subscribe_messages=True)
                     channel.subscribe(events.cancel_channel(self._client))
                     self._recovered()
-                wait_s = IDLE_LISTEN_S if next_poll is None else next_poll - time.monotonic()
+                wait_s = IDLE_LISTEN_S
+                if next_poll is not None:
+                    wait_s = min(next_poll - time.monotonic(), wait_s)
                 message = channel.get_message(timeout=max(wait_s, 0.0))
                 while message is not None:
                     data = message["data"]
@@ -165,6 +176,9 @@ class CancelWatcher:
             if next_poll is not None and time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + self._poll_s
                 self.poll()
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                channel.close()
 
 
 class Executor:
@@ -192,6 +206,11 @@ class Executor:
         )
         self.pool.start_reaper()
         self.cancels = CancelWatcher(self.redis)
+
+    def close(self) -> None:
+        """Tear down the runners and stop the cancel listener (tests; a worker just exits)."""
+        self.cancels.close()
+        self.pool.close()
 
     def cached_files(self, rows: list[ModelFile]) -> list[CachedFile]:
         return [

@@ -395,7 +395,7 @@ def test_disconnected_stream_frees_its_slot_and_is_debited(
             assert after.status_code == 202, after.text
             cancel_all(client, key["key"], [after])
     finally:
-        ex.pool.close()
+        ex.close()
 
 
 def _key_of_job(settings: Settings, job_id: str) -> str | None:

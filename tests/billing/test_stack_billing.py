@@ -202,7 +202,7 @@ def test_job_cancelled_mid_generation_is_billed_for_the_partial_tokens(
         events.request_cancel(ex.redis, job_id)
         run.join(60)
     finally:
-        ex.pool.close()
+        ex.close()
 
     job = ended_job(stack.settings, job_id)
 

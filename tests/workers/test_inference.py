@@ -44,7 +44,7 @@ def executor(stack: StackInfo) -> Iterator[inference.Executor]:
     try:
         yield ex
     finally:
-        ex.pool.close()
+        ex.close()
 
 
 def faulty(ex: inference.Executor, mode: str) -> None:
@@ -144,9 +144,16 @@ def test_run_job_with_runner_crash_fails_and_worker_goes_on(
     assert inference.run_job(make_job(stack, gguf_ready), executor) == "succeeded"
 
 
+@pytest.mark.parametrize("way", ["announced", "flag_only"])
 def test_run_job_cancel_while_running_records_partial_usage(
-    stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
+    stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor, way: str
 ) -> None:
+    # Each way alone must stop it: the announcement with polls an hour apart, the flag (as
+    # left by a cancel announced while the listener reconnected) with no announcement
+    executor.cancels.close()
+    executor.cancels = inference.CancelWatcher(
+        executor.redis, poll_s=3600 if way == "announced" else 0.05
+    )
     faulty(executor, "slow_endless")  # 50 ms a token until cancelled: plenty of time
     job_id = make_job(stack, gguf_ready, params={"max_tokens": 200})
     outcome: list[str] = []
@@ -156,7 +163,10 @@ def test_run_job_cancel_while_running_records_partial_usage(
     while executor.redis.xlen(events.stream_key(job_id)) < 3 and time.monotonic() < deadline:
         time.sleep(0.02)
     seen_before_cancel = executor.redis.xlen(events.stream_key(job_id))
-    events.request_cancel(executor.redis, job_id)
+    if way == "announced":
+        events.request_cancel(executor.redis, job_id)
+    else:
+        executor.redis.set(events.cancel_key(job_id), b"1", ex=60)
     thread.join(30)
     job = job_row(stack, job_id)
     assert outcome == ["cancelled"], (seen_before_cancel, job.timings, job.completion_tokens)
@@ -224,6 +234,10 @@ def test_an_announced_cancel_reaches_its_job_without_a_poll(
     finally:
         for job_id in ids:
             watcher.forget(job_id)
+        watcher.close()
+    assert watcher._thread is not None
+    watcher._thread.join(inference.IDLE_LISTEN_S + 5)
+    assert not watcher._thread.is_alive()  # closed: its thread and connection are gone
 
 
 def test_cancels_are_announced_on_the_databases_own_channel(stack: StackInfo) -> None:
@@ -757,7 +771,7 @@ def test_unsaved_job_with_the_database_down_at_its_end_answers_503(
         assert kinds == ["done"]  # its completion is not delivered
         assert ex.redis.zscore(limits.concurrency_key(key_id), job_id) is None
     finally:
-        ex.pool.close()
+        ex.close()
     with session_scope(stack.settings) as s:
         assert s.get(Job, job_id) is None
     assert usage_rows(stack, job_id) == []
@@ -874,4 +888,4 @@ def test_carried_job_with_the_database_down_answers_503_and_frees_its_slot(
         assert client.zscore(limits.concurrency_key(key_id), job_id) is None
         assert client.get(sessions.lock_key("ses_down")) is None
     finally:
-        ex.pool.close()
+        ex.close()
