@@ -72,7 +72,7 @@ def test_bench_usage_write_cost_per_job(settings: Settings) -> None:
             with session_scope(settings) as s:
                 s.add(job)
             t0 = time.perf_counter()
-            ok = finish(settings, JobContext(job, model, [], "cus_test1"), ends[label])
+            ok = finish(settings, JobContext(job, model, []), ends[label])
             timings[label].append((time.perf_counter() - t0) * 1000)
             assert ok
     with_ms = statistics.median(timings["with usage"])

@@ -448,3 +448,67 @@ def test_bench_throughput(infer_stack: BenchStack, name: str) -> None:
     print("vs batched: cost against the engine alone decoding min(c, batch) sequences at once.")
     print(f"Fixed cost per request at c=1: {per_request:.1f} ms; for a generation the engine takes")
     print(f"1 s over, that is a {per_request / (1000 + per_request) * 100:.1f} % throughput cost.")
+
+
+# --- 4. cancel ---------------------------------------------------------------------------
+
+CANCEL_TRIALS, CANCEL_AFTER, CANCEL_MAX_TOKENS = 20, 8, 160
+
+
+def _cancel_streamed(stack: BenchStack, model: Deployed) -> tuple[float, int, str]:
+    """A job followed over SSE, cancelled after `CANCEL_AFTER` tokens: (ms from sending the
+    cancel to the stream's end, tokens that arrived after it was sent, final status)."""
+    headers = {"Authorization": f"Bearer {model.key}"}
+    body = infer_body(model, PROMPT, CANCEL_MAX_TOKENS)
+    resp = stack.http.post("/v1/jobs", json=body, headers=headers)
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["id"]
+    seen, after, sent = 0, 0, 0.0
+    with stack.http.stream("GET", f"/v1/jobs/{job_id}/stream", headers=headers) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            event = json.loads(line[5:])
+            if "token" in event:
+                seen += 1
+                after += sent > 0
+                if seen == CANCEL_AFTER:
+                    sent = time.perf_counter()
+                    threading.Thread(
+                        target=lambda: stack.http.post(f"/v1/jobs/{job_id}/cancel", headers=headers)
+                    ).start()
+            elif event.get("done"):
+                break
+    ended_ms = (time.perf_counter() - sent) * 1000
+    status = stack.http.get(f"/v1/jobs/{job_id}", headers=headers).json()["status"]
+    return ended_ms, after, status
+
+
+@pytest.mark.bench
+def test_bench_cancel(infer_stack: BenchStack) -> None:
+    """How soon a running job stops once cancelled, against the engine's time per token.
+
+    The worker hears a cancel on a Redis channel and tells the runner, which stops after the
+    token in progress; the job's end then goes through the usual ending (its usage recorded).
+    """
+    model = infer_stack.models[SMALL]
+    base = engine_alone(infer_stack, SMALL, TPUT_TOKENS, 5)
+    per_token = statistics.median(b.total_ms / b.tokens for b in base)
+    _cancel_streamed(infer_stack, model)  # warm
+    trials = [_cancel_streamed(infer_stack, model) for _ in range(CANCEL_TRIALS)]
+    assert all(status == "cancelled" for _, _, status in trials), trials
+    ended = [t[0] for t in trials]
+    after = [float(t[1]) for t in trials]
+    floor = api_floor(infer_stack.http, model, infer_body(model, PROMPT, 1), 10)
+    rows = [
+        ("cancel sent -> stream's end (ms)", pct(ended, 50), pct(ended, 95), max(ended)),
+        ("tokens received after the cancel was sent", pct(after, 50), pct(after, 95), max(after)),
+        ("engine alone, ms per token (baseline)", per_token, "-", "-"),
+        ("Redis PING round trip (ms)", pct(floor["redis"], 50), pct(floor["redis"], 95), "-"),
+        ("POST /v1/jobs, httpx (ms)", pct(floor["create"], 50), pct(floor["create"], 95), "-"),
+    ]
+    title = f"Cancel: {SMALL}, SSE follower, cancel after {CANCEL_AFTER} tokens, "
+    title += f"{CANCEL_TRIALS} jobs"
+    show(title, ("metric", "p50", "p95", "max"), rows)
+    print("The cancel travels: POST (API) -> Redis flag + channel -> worker -> runner, which")
+    print("stops after the token in progress; the end is the job's ending pipeline and XREAD.")

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 from sqlmodel import select
 
 from core import events
@@ -244,6 +245,10 @@ def test_cancels_are_announced_on_the_databases_own_channel(stack: StackInfo) ->
     client = redis.Redis.from_url(stack.settings.redis_url)
     db = client.connection_pool.connection_kwargs.get("db", 0)
     assert events.cancel_channel(client) == f"cancels:{db}"
+    # The API announces from its async client: the same channel for the same URL
+    assert (
+        events.cancel_channel(aioredis.Redis.from_url(stack.settings.redis_url)) == f"cancels:{db}"
+    )
     listener = client.pubsub(ignore_subscribe_messages=True)
     listener.subscribe(f"cancels:{db}")
     try:
