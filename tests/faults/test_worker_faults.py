@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import signal
 import subprocess
 import time
@@ -183,3 +185,42 @@ def test_redis_restart_gives_503_then_recovers(mini: MiniStack, gguf_model: Path
         assert down.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
         mini.redis.start()  # same port; the queues are empty, the stack must reconnect
         _served_again(client, body, ready["key"])
+
+
+def test_the_cancel_listener_hears_cancels_again_after_a_redis_restart(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from core import events
+    from core.ids import new_id
+    from workers.inference import CancelWatcher
+
+    server = RedisServer(free_port())
+    server.start()
+    client = redis.Redis(port=server.port, socket_connect_timeout=0.5)
+    watcher = CancelWatcher(client, poll_s=3600)  # only the channel can deliver here
+
+    def announced_until_heard(job_id: str) -> bool:
+        flag = watcher.watch(job_id)
+        deadline = time.monotonic() + 30
+        while not flag.is_set() and time.monotonic() < deadline:
+            with contextlib.suppress(redis.ConnectionError):  # not back yet
+                client.publish(events.cancel_channel(client), job_id)  # no flag: channel only
+            flag.wait(0.1)
+        watcher.forget(job_id)
+        return flag.is_set()
+
+    try:
+        assert announced_until_heard(new_id("job"))
+        watcher.watch(running := new_id("job"))  # a job is running through the outage
+        with caplog.at_level(logging.INFO, logger="inferatech.inference"):
+            server.stop()
+            time.sleep(6)  # longer than redis-py's own reconnect retries (~3 s)
+            server.start()  # same port, an empty Redis: the subscription is gone with it
+            assert announced_until_heard(new_id("job"))
+            watcher.forget(running)
+        said = [r.getMessage() for r in caplog.records if r.name == "inferatech.inference"]
+        assert said[:1] == ["cancel checks failing for 1 running jobs"], said  # it met the outage
+        assert "cancel checks work again" in said
+    finally:
+        watcher.close()
+        server.stop()
