@@ -29,6 +29,7 @@ from workers.conversion import served, served_sha256
 from workers.engines.base import ChatMessage, GenerateRequest, SamplingParams
 from workers.jobs import JobContext, Terminal
 from workers.pool import RunnerPool
+from workers.runner.pipes import WakingEvent
 from workers.runner.process import RunnerFatal, RunnerSetupFailed, RunnerTimeout
 from workers.runner.protocol import Done, Token
 from workers.weight_cache import CachedFile, WeightCache
@@ -66,7 +67,7 @@ class CancelWatcher:
 
     def __init__(self, client: redis.Redis, poll_s: float = CANCEL_POLL_S) -> None:  # type: ignore[type-arg]
         self._client, self._poll_s = client, poll_s
-        self._jobs: dict[str, threading.Event] = {}
+        self._jobs: dict[str, WakingEvent] = {}
         self._heard: dict[str, None] = {}  # the latest RECENT_CANCELS cancels, oldest first
         self._lock = threading.Lock()
         self._busy = threading.Event()  # set while a job is registered
@@ -74,9 +75,9 @@ class CancelWatcher:
         self._failing = False
         self._closed = False
 
-    def watch(self, job_id: str) -> threading.Event:
+    def watch(self, job_id: str) -> WakingEvent:
         """The event set once the job is cancelled; `forget` it when the job ends."""
-        event = threading.Event()
+        event = WakingEvent()  # the runner's waiting reader wakes for it
         with self._lock:
             self._jobs[job_id] = event
             if job_id in self._heard:

@@ -7,7 +7,8 @@ os._exit after two tokens, `ignore_cancel` never stops, `raise_in_generate` rais
 RuntimeError, `print_in_setup` writes junk to stdout from Python and from C before loading,
 `bad_vector` answers an Embed with strings for numbers, `short_vectors` with one vector less,
 `non_text_token` generates a number where a token's text belongs, `babble` writes an event
-line that never ends. The `batch_` modes keep
+line that never ends, `silent_until_cancelled` sends no token until cancelled (a long
+prefill). The `batch_` modes keep
 the engine's batcher: `batch_exit` calls os._exit at the third decode step, `batch_stray_tag`
 writes a request's tokens under a tag no request has from the third step on, `batch_slow`
 sleeps before every step.
@@ -59,6 +60,11 @@ class Faulty:
         if MODE == "babble":  # more than a line may hold, no newline, then silence
             WRITER[0].write(b"x" * (MAX_LINE + 100_000))
             time.sleep(600)
+        if MODE == "silent_until_cancelled":  # a long prefill: no token, stops when cancelled
+            deadline = time.monotonic() + 120
+            while not cancelled() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return GenerationResult("cancelled", 1, 0)
         n = 0
         check = (lambda: False) if MODE == "ignore_cancel" else cancelled
         while True:

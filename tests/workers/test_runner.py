@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from hypothesis.stateful import (
 from tests.workers.conftest import gone
 from workers.engines.base import GenerateRequest, SamplingParams
 from workers.runner import process
+from workers.runner.pipes import ChildPipes, WakingEvent
 from workers.runner.process import (
     InvalidState,
     Runner,
@@ -198,6 +201,65 @@ def test_cancel_mid_generation_returns_cancelled_promptly(
     assert runner.state is RunnerState.READY
     done, _ = collect(runner, greedy("hi", 2))
     assert done.finish_reason == "length"
+
+
+def test_a_waking_cancel_reaches_a_silent_runner_without_waiting_for_the_poll(
+    make_runner: MakeRunner, gguf_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The waiting thread would look at a plain Event only every 30 s here
+    monkeypatch.setattr(process, "_POLL_S", 30.0)
+    runner = make_runner(gguf_dir, mode="silent_until_cancelled")
+    runner.start()
+    cancel = WakingEvent()
+    threading.Timer(0.3, cancel.set).start()
+    began = time.monotonic()
+    done, tokens = collect(runner, greedy("hi", 50), cancel_event=cancel)
+    assert done.finish_reason == "cancelled" and not done.error and tokens == []
+    assert time.monotonic() - began < 20  # woken, not polled
+    assert runner.state is RunnerState.READY and runner.inflight == 0
+    cancel.set()  # set again after the request: nobody listens any more, nothing happens
+    assert runner.state is RunnerState.READY
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_child_pipes_wake_returns_a_waiting_reader_at_once(routed: bool) -> None:
+    code = "import time; time.sleep(60)"  # a child that says nothing
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    pipes = ChildPipes(proc)
+    tag = "a" if routed else None
+    if routed:
+        pipes.route_by_tag()
+        pipes.open_route("a")
+    try:
+        got: list[object] = []
+        reader = threading.Thread(target=lambda: got.append(pipes.next_event(30, tag)))
+        began = time.monotonic()
+        reader.start()
+        time.sleep(0.2)
+        pipes.wake(tag)
+        reader.join(20)
+        assert not reader.is_alive() and got == [None]  # woken: no event, no error
+        assert time.monotonic() - began < 20
+        assert pipes.next_event(0.05, tag) is None  # the wake-up was used up: a plain wait
+    finally:
+        proc.kill()
+        proc.wait()
+        pipes.close()
+    pipes.wake(tag)  # after close: nothing to wake, no error
+
+
+def test_waking_event_tells_its_listeners_until_they_leave() -> None:
+    event = WakingEvent()
+    heard: list[str] = []
+    leave = event.subscribe(lambda: heard.append("a"))
+    event.set()
+    assert heard == ["a"] and event.is_set()
+    leave()
+    event.set()
+    assert heard == ["a"]
+    event.subscribe(lambda: heard.append("late"))  # already set: told at once
+    assert heard == ["a", "late"]
 
 
 def test_timeout_cancels_and_reports_timeout(make_runner: MakeRunner, gguf_dir: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import os
 import queue
 import select
 import subprocess
@@ -40,6 +41,47 @@ class _Eof:
     """Marks the end of the child's stdout in the event queue."""
 
 
+class _Wake:
+    """Put in a route's queue: its waiting reader returns at once, to look at its cancel."""
+
+
+_WAKE = _Wake()
+
+
+class WakingEvent(threading.Event):
+    """A cancel: an Event that also tells its listeners when it is set.
+
+    The thread waiting for a runner's next event subscribes, so a cancel wakes it at once
+    (a prefill or a coalesced batch can keep the runner silent for a while), rather than
+    being seen at its next timed wait.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._listeners: list[Callable[[], None]] = []
+        self._listeners_lock = threading.Lock()
+
+    def set(self) -> None:
+        super().set()
+        with self._listeners_lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener()
+
+    def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener` when set (now, if it already is); returns the unsubscribe."""
+        with self._listeners_lock:
+            self._listeners.append(listener)
+        if self.is_set():
+            listener()
+
+        def unsubscribe() -> None:
+            with self._listeners_lock, contextlib.suppress(ValueError):
+                self._listeners.remove(listener)
+
+        return unsubscribe
+
+
 class ChildPipes:
     """The child's events, and its stderr kept in a ring buffer by a reader thread.
 
@@ -55,13 +97,17 @@ class ChildPipes:
     def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdin and proc.stdout and proc.stderr
         self._proc = proc
-        self._lines = Lines(proc.stdout.fileno())
+        self._wake_r, self._wake_w = os.pipe()  # `wake` for a thread reading `_lines`
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._wake_lock = threading.Lock()  # `close` shuts the wake pipe under it
+        self._lines = Lines(proc.stdout.fileno(), self._wake_r)
         self._read_lock = threading.Lock()  # one reader of `_lines` at a time
         self._closed = False
-        self._events: queue.Queue[Event | _Eof | ProtocolError] = queue.Queue()
+        self._events: queue.Queue[Event | _Eof | _Wake | ProtocolError] = queue.Queue()
         self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
         self._write_lock = threading.Lock()
-        self._routes: dict[str, queue.Queue[Event | _Eof | ProtocolError]] | None = None
+        self._routes: dict[str, queue.Queue[Event | _Eof | _Wake | ProtocolError]] | None = None
         self._route_lock = threading.Lock()
         self._ended: _Eof | ProtocolError | None = None  # what every later reader gets at once
         self._readers = [
@@ -102,6 +148,19 @@ class ChildPipes:
             if self._routes is not None:
                 self._routes.pop(tag, None)
 
+    def wake(self, tag: str | None = None) -> None:
+        """Make a waiting `next_event` (of `tag`'s route, if routed) return None now."""
+        with self._route_lock:
+            routes = self._routes
+            route = routes.get(tag) if routes is not None and tag is not None else None
+        if route is not None:
+            route.put(_WAKE)
+        elif routes is None:
+            with self._wake_lock:
+                if self._wake_w >= 0:
+                    with contextlib.suppress(BlockingIOError):  # already full of wake-ups
+                        os.write(self._wake_w, b"w")
+
     def next_event(self, timeout: float, tag: str | None = None) -> Event | None:
         """The next event (of `tag`'s route, if given), or None if none came within
         `timeout`; PipeClosed at EOF."""
@@ -111,6 +170,8 @@ class ChildPipes:
         try:
             item = events.get(timeout=max(0.0, timeout))
         except queue.Empty:
+            return None
+        if isinstance(item, _Wake):
             return None
         if isinstance(item, _Eof):
             events.put(item)  # stays visible to any later reader
@@ -171,6 +232,12 @@ class ChildPipes:
             if stream is not None:
                 with contextlib.suppress(OSError, ValueError):
                     stream.close()
+        if self._closed:  # no reader selects on the wake pipe any more
+            with self._wake_lock:
+                for fd in (self._wake_r, self._wake_w):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                self._wake_r = self._wake_w = -1
 
     def _read_events(self) -> None:
         """A reader thread's loop (routed runners): every event to its request's route."""

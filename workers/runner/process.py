@@ -16,11 +16,12 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
 from workers.engines.base import GenerateRequest
-from workers.runner.pipes import ChildPipes, Exchange, PipeClosed, generate_event
+from workers.runner.pipes import ChildPipes, Exchange, PipeClosed, WakingEvent, generate_event
 from workers.runner.protocol import (
     Cancel,
     Done,
@@ -39,7 +40,7 @@ from workers.runner.sandbox import Sandbox, SandboxConfig, runner_argv
 log = logging.getLogger("inferatech.runner")
 CANCEL_GRACE_S = 5.0
 STOP_GRACE_S = 3.0
-_POLL_S = 0.05  # how often a waiting generate() looks at its cancel_event
+_POLL_S = 0.05  # how often a waiting generate() looks at its deadline (and a plain cancel Event)
 
 
 class RunnerState(enum.Enum):
@@ -275,17 +276,24 @@ class Runner:
             if self.inflight >= self.capacity:
                 self.state = RunnerState.BUSY
             routed = self.capacity > 1
+        unsubscribe: Callable[[], None] | None = None
         try:
+            pipes = self._pipes
             if routed:
-                assert self._pipes is not None
-                self._pipes.open_route(exchange.tag)
+                assert pipes is not None
+                pipes.open_route(exchange.tag)
+            route = exchange.tag if routed else None
+            if isinstance(exchange.cancel_event, WakingEvent) and pipes is not None:
+                unsubscribe = exchange.cancel_event.subscribe(partial(pipes.wake, route))
             self._send(event)
-            done = self._serve(exchange, exchange.tag if routed else None)
+            done = self._serve(exchange, route)
         except BaseException:
             # Fatal, or we stopped listening mid-request: the child's state is unknown.
             self._kill_and_clean()
             raise
         finally:
+            if unsubscribe is not None:
+                unsubscribe()
             self.last_used = time.monotonic()
             if routed and self._pipes is not None:
                 self._pipes.close_route(exchange.tag)

@@ -7,6 +7,7 @@ parent deserialise objects. Every request (Generate, Embed) carries a `tag`; exa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -172,8 +173,10 @@ class Lines:
     `MAX_LINE` raises ProtocolError. Iterating yields lines until the pipe ends.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, wake_fd: int | None = None) -> None:
         self.fd = fd
+        # Readable when another thread wants a timed `next_line` to return early (None)
+        self.wake_fd = wake_fd
         self._buffer = bytearray()
         self.eof = False
 
@@ -199,7 +202,12 @@ class Lines:
                 return None
             if deadline is not None:
                 left = max(0.0, deadline - time.monotonic())
-                if not select.select([self.fd], [], [], left)[0]:
+                fds = [self.fd] if self.wake_fd is None else [self.fd, self.wake_fd]
+                ready = select.select(fds, [], [], left)[0]
+                if self.wake_fd in ready:
+                    with contextlib.suppress(BlockingIOError):  # another reader took them
+                        os.read(self.wake_fd, 1 << 10)  # every wake-up so far, at once
+                if self.fd not in ready:
                     return None
             chunk = os.read(self.fd, 1 << 16)
             if not chunk:
