@@ -464,6 +464,12 @@ def _cancel_streamed(stack: BenchStack, model: Deployed) -> tuple[float, int, st
     assert resp.status_code == 202, resp.text
     job_id = resp.json()["id"]
     seen, after, sent = 0, 0, 0.0
+    answers: list[int] = []
+    cancel = threading.Thread(  # sent from beside the stream, which goes on being read
+        target=lambda: answers.append(
+            stack.http.post(f"/v1/jobs/{job_id}/cancel", headers=headers).status_code
+        )
+    )
     with stack.http.stream("GET", f"/v1/jobs/{job_id}/stream", headers=headers) as r:
         for line in r.iter_lines():
             if not line.startswith("data:"):
@@ -474,12 +480,12 @@ def _cancel_streamed(stack: BenchStack, model: Deployed) -> tuple[float, int, st
                 after += sent > 0
                 if seen == CANCEL_AFTER:
                     sent = time.perf_counter()
-                    threading.Thread(
-                        target=lambda: stack.http.post(f"/v1/jobs/{job_id}/cancel", headers=headers)
-                    ).start()
+                    cancel.start()
             elif event.get("done"):
                 break
     ended_ms = (time.perf_counter() - sent) * 1000
+    cancel.join(30)
+    assert answers == [200], answers
     status = stack.http.get(f"/v1/jobs/{job_id}", headers=headers).json()["status"]
     return ended_ms, after, status
 

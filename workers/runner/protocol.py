@@ -177,6 +177,7 @@ class Lines:
         self.fd = fd
         # Readable when another thread wants a timed `next_line` to return early (None)
         self.wake_fd = wake_fd
+        self._waited = [fd] if wake_fd is None else [fd, wake_fd]
         self._buffer = bytearray()
         self.eof = False
 
@@ -202,8 +203,7 @@ class Lines:
                 return None
             if deadline is not None:
                 left = max(0.0, deadline - time.monotonic())
-                fds = [self.fd] if self.wake_fd is None else [self.fd, self.wake_fd]
-                ready = select.select(fds, [], [], left)[0]
+                ready = select.select(self._waited, [], [], left)[0]
                 if self.wake_fd in ready:
                     with contextlib.suppress(BlockingIOError):  # another reader took them
                         os.read(self.wake_fd, 1 << 10)  # every wake-up so far, at once
