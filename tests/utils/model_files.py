@@ -8,6 +8,7 @@ compared token for token.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import warnings
 from pathlib import Path
@@ -299,13 +300,14 @@ class _OnnxLlama(torch.nn.Module):
         cache = DynamicCache()
         for i in range(self.n_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
+        params = inspect.signature(self.model.forward).parameters
+        name = "cache" if "cache" in params else "past_key_values"  # renamed in 5.24
         out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            past_key_values=cache,
-            use_cache=True,
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **{name: cache}
         )
-        present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        returned = getattr(out, "cache", None)
+        returned = out.past_key_values if returned is None else returned
+        present = [t for layer in returned.layers for t in (layer.keys, layer.values)]
         return (out.logits, *present)
 
 

@@ -16,38 +16,61 @@ from workers.engines.base import (
     GenerateRequest,
     GenerationResult,
 )
-from workers.engines.loop import check_context, stream_tokens
+from workers.engines.loop import PREFILL_CHUNK, check_context, prefill, stream_tokens
 from workers.engines.sampling import Sampler
 from workers.engines.tokens import HFTokens
 
 
 class _Stepper:
-    """One forward pass per call, reusing the KV cache; returns the sampled token."""
+    """One forward pass per call, reusing the KV cache; returns the sampled token.
+
+    `feed` runs a chunk of the prompt into the cache first (a long prompt's prefill); the
+    first call takes the rest of the prompt.
+    """
 
     def __init__(self, engine: HFEngine, prompt_ids: list[int], sampler: Sampler) -> None:
         self._model = engine.model
         self._extra = engine.forward_extra
+        self._cache_arg = engine.cache_arg
         self._device = engine.device
-        self._pending = torch.tensor([prompt_ids], device=self._device)
+        self._prompt = prompt_ids
+        self._fed = 0  # prompt tokens already in the cache
+        self._pending: torch.Tensor | None = None
         self._past: Any = None
         self._sampler = sampler
 
-    def __call__(self) -> int:
+    def feed(self, low: int, high: int) -> None:
+        """Prompt positions `[low, high)` into the cache (`low` is where the last feed ended)."""
         with torch.inference_mode():
-            out = self._model(
-                input_ids=self._pending,
-                past_key_values=self._past,
-                use_cache=True,
-                **self._extra,
-            )
-            self._past = out.past_key_values
+            out = self._forward(torch.tensor([self._prompt[low:high]], device=self._device))
+        self._past = _cache_of(out)
+        self._fed = high
+
+    def __call__(self) -> int:
+        if self._pending is None:
+            self._pending = torch.tensor([self._prompt[self._fed :]], device=self._device)
+        with torch.inference_mode():
+            out = self._forward(self._pending)
+            self._past = _cache_of(out)
             token = self._sampler(out.logits[0, -1])
         self._pending = torch.tensor([[token]], device=self._device)
         return token
 
+    def _forward(self, input_ids: torch.Tensor) -> Any:
+        cache = {self._cache_arg: self._past}
+        return self._model(input_ids=input_ids, use_cache=True, **cache, **self._extra)
+
+
+def _cache_of(out: Any) -> Any:
+    """The KV cache a forward pass returned (`past_key_values` before transformers 5.24)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
 
 class HFEngine:
     """A causal LM run by transformers with a hand-written token loop."""
+
+    prefill_chunk = PREFILL_CHUNK
 
     def __init__(self, model: Any, tokens: HFTokens, device: str, context_cap: int) -> None:
         self.model = model
@@ -58,6 +81,8 @@ class HFEngine:
         # Only the last position's logits are needed; skip the rest where the model allows.
         params = inspect.signature(model.forward).parameters
         self.forward_extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        # transformers 5.24 renamed the cache argument (the old name warns until 5.40).
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def count_prompt_tokens(self, request: GenerateRequest) -> int:
         count = len(self.tokens.encode(request))
@@ -70,6 +95,8 @@ class HFEngine:
         ids = self.tokens.encode(request)
         room = check_context(len(ids), self.context_length)
         step = _Stepper(self, ids, Sampler(request.params, self.device))
+        if not prefill(step.feed, 0, len(ids), self.prefill_chunk, cancelled):
+            return GenerationResult("cancelled", len(ids), 0)
         return (
             yield from stream_tokens(
                 step,

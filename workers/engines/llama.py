@@ -20,7 +20,7 @@ from workers.engines.base import (
     resolve_seed,
 )
 from workers.engines.chat import ChatTemplate, prompt_text
-from workers.engines.loop import check_context, stream_tokens
+from workers.engines.loop import check_context, prefill, stream_tokens
 
 if TYPE_CHECKING:
     from workers.engines.llama_batch import LlamaBatcher
@@ -186,6 +186,8 @@ class LlamaEngine:
             # than a whole prompt: logits move in the last bits and a seeded sample drifts.
             # A seed promises the same output, so its prompt is evaluated whole.
             self.llm.reset()
+        if not self._prefill(ids, cancelled):
+            return GenerationResult("cancelled", len(ids), 0)
         tokens = self.llm.generate(ids, **sampler_options(params))
         try:
             return (
@@ -201,6 +203,36 @@ class LlamaEngine:
             )
         finally:
             tokens.close()
+
+    def _prefill(self, ids: list[int], cancelled: Callable[[], bool]) -> bool:
+        """Evaluate a prompt longer than one batch batch by batch, looking for a cancel
+        between them (`Llama.generate` evaluates it in one call); False once cancelled.
+
+        The batches start where `generate` would (after the cached prefix it reuses) and
+        have its `n_batch` size, and the last one is left to `generate`, which then finds
+        the rest cached: the decode calls are the ones `generate` alone makes, so are the
+        logits. Recurrent models cannot drop a cache's tail, so they are left to `generate`.
+        """
+        llm = self.llm
+        if len(ids) <= llm.n_batch:
+            return True  # one batch whatever is cached: nothing to split
+        if getattr(llm, "_is_recurrent", False) or getattr(llm, "_is_hybrid", False):
+            return True
+        start = 0
+        if llm.n_tokens > 0:
+            cached = llm._input_ids
+            while start < min(len(cached), len(ids)) and cached[start] == ids[start]:
+                start += 1
+            start = min(start, len(ids) - 1)  # generate replays at least the last token
+        if len(ids) - start <= llm.n_batch:
+            return True
+        if start == 0 or not llm._ctx.kv_cache_seq_rm(-1, start, -1):
+            llm.reset()
+            start = 0
+        llm.n_tokens = start
+        return prefill(
+            lambda low, high: llm.eval(ids[low:high]), start, len(ids), llm.n_batch, cancelled
+        )
 
     def _encode(self, request: GenerateRequest) -> list[int]:
         text = prompt_text(self.chat, request)

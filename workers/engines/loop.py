@@ -33,6 +33,31 @@ def check_context(prompt_tokens: int, context_length: int) -> int:
     return context_length - prompt_tokens
 
 
+# Prompt tokens one forward pass takes before a cancel is looked at again: a long prompt is
+# fed in chunks rather than in one call that a cancel cannot interrupt.
+PREFILL_CHUNK = 512
+
+
+def prefill(
+    feed: Callable[[int, int], None],
+    start: int,
+    end: int,
+    chunk: int,
+    cancelled: Callable[[], bool],
+) -> bool:
+    """Feed prompt positions `[start, end)` in chunks of `chunk`, all but the last one, which
+    the first sampling step evaluates with its logits; look at `cancelled()` before each.
+
+    A prompt that fits in one chunk feeds nothing here (it stays a single forward pass).
+    Returns False once cancelled: what was fed stays fed (a cache may keep it).
+    """
+    for low in range(start, end - chunk, chunk):
+        if cancelled():
+            return False
+        feed(low, low + chunk)
+    return True
+
+
 def stream_tokens(
     next_token: Callable[[], int],
     *,

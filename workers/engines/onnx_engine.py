@@ -17,7 +17,7 @@ from workers.engines.base import (
     GenerationResult,
     UnsupportedForModel,
 )
-from workers.engines.loop import check_context, stream_tokens
+from workers.engines.loop import PREFILL_CHUNK, check_context, prefill, stream_tokens
 from workers.engines.sampling import Sampler
 from workers.engines.tokens import HFTokens
 
@@ -47,7 +47,10 @@ class _Graph:
 
 
 class _Stepper:
-    """One session run per call; feeds only the new token when the graph keeps a cache."""
+    """One session run per call; feeds only the new token when the graph keeps a cache.
+
+    With a cache, `feed` runs a chunk of the prompt into it first (a long prompt's prefill).
+    """
 
     def __init__(self, engine: OnnxEngine, prompt_ids: list[int], sampler: Sampler) -> None:
         self._session = engine.session
@@ -57,16 +60,16 @@ class _Stepper:
         self._done = 0  # tokens already inside the past key values
         self._sampler = sampler
 
+    def feed(self, low: int, high: int) -> None:
+        """Prompt positions `[low, high)` into the cache (`low` is where the last feed ended)."""
+        presents = self._run(low, high, self._graph.present_names)
+        self._past = dict(zip(self._graph.past_names, presents, strict=True))
+        self._done = high
+
     def __call__(self) -> int:
         graph = self._graph
         start = self._done if graph.past_names else 0
-        new = np.asarray([self._ids[start:]], dtype=np.int64)
-        feeds: dict[str, np.ndarray] = {"input_ids": new, **self._past}
-        if graph.has_mask:
-            feeds["attention_mask"] = np.ones((1, len(self._ids)), dtype=np.int64)
-        if graph.has_positions:
-            feeds["position_ids"] = np.arange(start, len(self._ids), dtype=np.int64)[None]
-        outputs = self._session.run(graph.outputs, feeds)
+        outputs = self._run(start, len(self._ids), graph.outputs)
         if graph.past_names:
             self._past = dict(zip(graph.past_names, outputs[1:], strict=True))
             self._done = len(self._ids)
@@ -74,9 +77,21 @@ class _Stepper:
         self._ids.append(token)
         return token
 
+    def _run(self, start: int, stop: int, names: list[str]) -> list[Any]:
+        graph = self._graph
+        new = np.asarray([self._ids[start:stop]], dtype=np.int64)
+        feeds: dict[str, np.ndarray] = {"input_ids": new, **self._past}
+        if graph.has_mask:
+            feeds["attention_mask"] = np.ones((1, stop), dtype=np.int64)
+        if graph.has_positions:
+            feeds["position_ids"] = np.arange(start, stop, dtype=np.int64)[None]
+        return list(self._session.run(names, feeds))
+
 
 class OnnxEngine:
     """A decoder-only ONNX export run by onnxruntime."""
+
+    prefill_chunk = PREFILL_CHUNK
 
     def __init__(self, session: Any, config: dict[str, Any], tokens: HFTokens, cap: int) -> None:
         self.session = session
@@ -99,9 +114,14 @@ class OnnxEngine:
     ) -> Generator[str, None, GenerationResult]:
         ids = self.tokens.encode(request)
         room = check_context(len(ids), self.context_length)
+        step = _Stepper(self, ids, Sampler(request.params))
+        # Without a cache every step runs the whole sequence: there is no prefill to split.
+        chunked = bool(self.graph.past_names)
+        if chunked and not prefill(step.feed, 0, len(ids), self.prefill_chunk, cancelled):
+            return GenerationResult("cancelled", len(ids), 0)
         return (
             yield from stream_tokens(
-                _Stepper(self, ids, Sampler(request.params)),
+                step,
                 decoder=self.tokens.decoder(ids),
                 is_eos=self.tokens.eos_ids.__contains__,
                 params=request.params,
