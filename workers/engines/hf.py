@@ -16,7 +16,7 @@ from workers.engines.base import (
     GenerateRequest,
     GenerationResult,
 )
-from workers.engines.loop import PREFILL_CHUNK, check_context, prefill, stream_tokens
+from workers.engines.loop import check_context, prefill, prefill_chunk, stream_tokens
 from workers.engines.sampling import Sampler
 from workers.engines.tokens import HFTokens
 
@@ -70,12 +70,11 @@ def _cache_of(out: Any) -> Any:
 class HFEngine:
     """A causal LM run by transformers with a hand-written token loop."""
 
-    prefill_chunk = PREFILL_CHUNK
-
     def __init__(self, model: Any, tokens: HFTokens, device: str, context_cap: int) -> None:
         self.model = model
         self.tokens = tokens
         self.device = device
+        self.prefill_chunk = prefill_chunk(device)
         self.context_length = min(_model_context(model.config), context_cap)
         self.has_chat_template = tokens.chat is not None
         # Only the last position's logits are needed; skip the rest where the model allows.

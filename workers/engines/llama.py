@@ -20,7 +20,7 @@ from workers.engines.base import (
     resolve_seed,
 )
 from workers.engines.chat import ChatTemplate, prompt_text
-from workers.engines.loop import check_context, prefill, stream_tokens
+from workers.engines.loop import check_context, prefill, prefill_chunk, stream_tokens
 
 if TYPE_CHECKING:
     from workers.engines.llama_batch import LlamaBatcher
@@ -315,12 +315,13 @@ def load_gguf(path: Path, device: str, threads: int, context_cap: int) -> LlamaE
         "n_threads": threads,
         "n_threads_batch": threads,
         "n_gpu_layers": layers,
+        "n_batch": prefill_chunk(used),  # also the most a cancel waits for during a prefill
         "verbose": False,
     }
 
     def load(**extra: Any) -> Any:
         try:
-            return llama_cpp.Llama(**options, **extra)
+            return llama_cpp.Llama(**(options | extra))
         except (ValueError, RuntimeError, OSError) as exc:
             # Name the file, not where the host keeps it.
             detail = (_log_tail() or str(exc)).replace(str(path), path.name)

@@ -17,7 +17,7 @@ from workers.engines.base import (
     GenerationResult,
     UnsupportedForModel,
 )
-from workers.engines.loop import PREFILL_CHUNK, check_context, prefill, stream_tokens
+from workers.engines.loop import check_context, prefill, prefill_chunk, stream_tokens
 from workers.engines.sampling import Sampler
 from workers.engines.tokens import HFTokens
 
@@ -91,13 +91,12 @@ class _Stepper:
 class OnnxEngine:
     """A decoder-only ONNX export run by onnxruntime."""
 
-    prefill_chunk = PREFILL_CHUNK
-
     def __init__(self, session: Any, config: dict[str, Any], tokens: HFTokens, cap: int) -> None:
         self.session = session
         self.graph = _Graph(session, config)
         self.tokens = tokens
         self.device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.prefill_chunk = prefill_chunk(self.device)
         context = config.get("max_position_embeddings")
         if not isinstance(context, int) or context <= 0:
             raise EngineError("config.json does not give max_position_embeddings")

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from tests.workers.engines.conftest import get_engine, run
-from workers.engines.base import GenerateRequest
+from workers.engines.base import Engine, GenerateRequest
 from workers.engines.llama import LlamaEngine, sampler_options
-from workers.engines.loop import prefill
+from workers.engines.loop import CPU_PREFILL_CHUNK, prefill, prefill_chunk
 
 LONG = "The quick brown fox jumps over the lazy dog while the cat sleeps. " * 4
 N_BATCH = 16
@@ -47,6 +47,12 @@ def test_prefill_looks_for_a_cancel_before_each_chunk() -> None:
     calls: list[tuple[int, int]] = []
     assert not prefill(lambda lo, hi: calls.append((lo, hi)), 0, 200, 32, cancel_at(3))
     assert calls == [(0, 32), (32, 64)]
+
+
+def test_engines_on_a_cpu_take_a_prompt_128_tokens_at_a_time(engine: Engine) -> None:
+    chunk = engine.llm.n_batch if isinstance(engine, LlamaEngine) else engine.prefill_chunk  # type: ignore[attr-defined]
+    assert chunk == CPU_PREFILL_CHUNK == 128
+    assert prefill_chunk("cuda") == 512
 
 
 # GGUF: llama.cpp's own batches ----------------------------------------------------------
