@@ -8,9 +8,11 @@ has imported torch cannot also load a CUDA build of llama.cpp (the two crash tog
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,18 @@ def run_engine(engine: Any, prompt: str, max_tokens: int) -> EngineRun:
         pieces.append(piece)
     total = (time.perf_counter() - t0) * 1000
     return EngineRun("".join(pieces), result.completion_tokens, total, ttft)
+
+
+def _prompts(spec: dict[str, Any]) -> Iterator[str]:
+    """The spec's prompt each time; with `distinct`, numbered at its start, so that no run
+    finds its prompt in the engine's cache (each pays the whole prefill)."""
+    for i in itertools.count():
+        yield numbered(spec["prompt"], i) if spec.get("distinct") else spec["prompt"]
+
+
+def numbered(prompt: str, i: int) -> str:
+    """A prompt that shares nothing cached with the same prompt numbered otherwise."""
+    return f"Story number {i}. {prompt}"
 
 
 def run_batched(engine: Any, spec: dict[str, Any]) -> list[EngineRun]:
@@ -91,16 +105,17 @@ def main(spec: dict[str, Any]) -> list[EngineRun]:
         if spec.get("batch", 1) > 1:
             run_engine(engine, spec["prompt"], spec["max_tokens"])  # warm
             return run_batched(engine, spec)
+        prompts = _prompts(spec)
         for _ in range(WARMUP):
-            run_engine(engine, spec["prompt"], spec["max_tokens"])
+            run_engine(engine, next(prompts), spec["max_tokens"])
         t0 = time.perf_counter()
         runs = []
         for _ in range(spec["runs"]):
             if spec.get("gap_ms"):  # the back-to-back baseline makes no call between runs
                 time.sleep(spec["gap_ms"] / 1000)
-            runs.append(run_engine(engine, spec["prompt"], spec["max_tokens"]))
+            runs.append(run_engine(engine, next(prompts), spec["max_tokens"]))
         while time.perf_counter() - t0 < spec["min_seconds"]:
-            runs.append(run_engine(engine, spec["prompt"], spec["max_tokens"]))
+            runs.append(run_engine(engine, next(prompts), spec["max_tokens"]))
         return runs
     finally:
         close = getattr(engine, "close", None)

@@ -19,11 +19,12 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.bench.engine_alone import EngineRun
+from tests.bench.engine_alone import EngineRun, numbered
 from tests.bench.inference_stack import (
     DATABASE,
     BenchStack,
@@ -99,6 +100,8 @@ def engine_alone(
     min_seconds: float = 0.0,
     batch: int = 1,
     gap_ms: float = 0.0,
+    prompt: str = PROMPT,
+    distinct: bool = False,
 ) -> list[EngineRun]:
     """The same file in a plain process (`engine_alone`), with the runner's device and threads."""
     spec = {
@@ -106,7 +109,8 @@ def engine_alone(
         "fmt": "gguf",
         "device": stack.settings.runner_device,
         "threads": stack.settings.runner_threads,
-        "prompt": PROMPT,
+        "prompt": prompt,
+        "distinct": distinct,
         "max_tokens": max_tokens,
         "runs": runs,
         "min_seconds": min_seconds,
@@ -518,3 +522,106 @@ def test_bench_cancel(infer_stack: BenchStack) -> None:
     show(title, ("metric", "p50", "p95", "max"), rows)
     print("The cancel travels: POST (API) -> Redis flag + channel -> worker -> runner, which")
     print("stops after the token in progress; the end is the job's ending pipeline and XREAD.")
+
+
+# --- 5. cancel during a long prompt's prefill ----------------------------------------------
+
+PREFILL_TRIALS, PREFILL_TOKENS, PREFILL_CANCEL_S = 6, 1700, 0.3
+
+
+def _long_prompt(tokens: int) -> str:
+    """Prose of about `tokens` tokens in the bench models' vocabulary."""
+    from tests.utils.model_files import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    sentence = "The old sailor told the children a long story about the sea and the stars. "
+    per = len(tokenizer(sentence, add_special_tokens=False).input_ids)
+    return sentence * (tokens // per)
+
+
+def _cancel_prefill(
+    stack: BenchStack, model: Deployed, prompt: str
+) -> tuple[float, dict[str, Any]]:
+    """A job cancelled `PREFILL_CANCEL_S` after it started running (its prompt still being
+    evaluated): (ms from sending the cancel to the stream's end, the job as GET reads it)."""
+    import redis
+
+    from core.events import stream_key
+
+    headers = {"Authorization": f"Bearer {model.key}"}
+    resp = stack.http.post("/v1/jobs", json=infer_body(model, prompt, 16), headers=headers)
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["id"]
+    sent: list[float] = []
+    answers: list[int] = []
+
+    def cancel_once_running() -> None:
+        client = redis.Redis.from_url(stack.settings.redis_url)
+        last = "0"
+        while not sent:
+            for _, entries in client.xread({stream_key(job_id): last}, block=30_000) or ():
+                for entry_id, fields in entries:
+                    last = entry_id
+                    if json.loads(fields[b"e"]).get("status") == "running":
+                        time.sleep(PREFILL_CANCEL_S)
+                        sent.append(time.perf_counter())
+                        cancel = stack.http.post(f"/v1/jobs/{job_id}/cancel", headers=headers)
+                        answers.append(cancel.status_code)
+        client.close()
+
+    canceller = threading.Thread(target=cancel_once_running)
+    canceller.start()
+    with stack.http.stream("GET", f"/v1/jobs/{job_id}/stream", headers=headers) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:") and json.loads(line[5:]).get("done"):
+                break
+    ended = time.perf_counter()
+    canceller.join(30)
+    assert answers == [200], answers
+    job = stack.http.get(f"/v1/jobs/{job_id}", headers=headers).json()
+    return (ended - sent[0]) * 1000, job
+
+
+@pytest.mark.bench
+def test_bench_cancel_prefill(infer_stack: BenchStack, tmp_path: Path) -> None:
+    """How soon a job stops when cancelled while its long prompt is evaluated, against the
+    engine alone's whole prefill of that prompt and one chunk of it.
+
+    The runner evaluates a prompt in chunks (128 tokens on a CPU) and looks for a cancel
+    between them; as one call, the prefill ran to its end whatever was cancelled.
+    """
+    from tests.utils.model_files import BENCH_SHAPE, make_gguf
+    from workers.engines.loop import CPU_PREFILL_CHUNK
+
+    shape = (*BENCH_SHAPE, ("max_position_embeddings", 2048))
+    path = make_gguf(tmp_path / "long.gguf", quant="q8_0", shape=shape)
+    model = infer_stack.deploy("gguf-28m-2k", path, {"long.gguf": path})
+    prompt = _long_prompt(PREFILL_TOKENS)
+    base = engine_alone(infer_stack, "gguf-28m-2k", 1, 4, prompt=prompt, distinct=True)
+    prefill_ms = statistics.median(b.ttft_ms for b in base)
+    headers = {"Authorization": f"Bearer {model.key}"}
+    body = infer_body(model, numbered(prompt, -1), 1)
+    warm = infer_stack.http.post("/v1/infer", json=body, headers=headers).json()  # cold start
+    body = infer_body(model, numbered(prompt, -2), 1)
+    t0 = time.perf_counter()
+    assert infer_stack.http.post("/v1/infer", json=body, headers=headers).status_code == 200
+    uncancelled_ms = (time.perf_counter() - t0) * 1000
+    trials = [
+        _cancel_prefill(infer_stack, model, numbered(prompt, i)) for i in range(PREFILL_TRIALS)
+    ]
+    assert all(job["status"] == "cancelled" for _, job in trials), [j for _, j in trials]
+    prompt_tokens = warm["prompt_tokens"]
+    chunk_ms = prefill_ms * CPU_PREFILL_CHUNK / prompt_tokens
+    ended = [t[0] for t in trials]
+    left_ms = prefill_ms - 1000 * PREFILL_CANCEL_S
+    rows = [
+        ("cancel sent -> stream's end (ms)", pct(ended, 50), pct(ended, 95), max(ended)),
+        ("engine alone: the whole prefill (ms, baseline)", prefill_ms, "-", "-"),
+        ("engine alone: one chunk of the prefill (ms)", chunk_ms, "-", "-"),
+        ("one call: the prefill left at the cancel (ms)", left_ms, "-", "-"),
+        ("platform: the same job uncancelled, 1 token (ms)", uncancelled_ms, "-", "-"),
+    ]
+    title = f"Cancel during a prefill: a 28 M Q8_0 GGUF, {prompt_tokens}-token prompt, "
+    title += f"cancelled {PREFILL_CANCEL_S * 1000:.0f} ms after it started running, "
+    title += f"{PREFILL_TRIALS} jobs"
+    show(title, ("metric", "p50", "p95", "max"), rows)
