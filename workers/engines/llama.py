@@ -220,10 +220,7 @@ class LlamaEngine:
             return True
         start = 0
         if llm.n_tokens > 0:
-            cached = llm._input_ids
-            while start < min(len(cached), len(ids)) and cached[start] == ids[start]:
-                start += 1
-            start = min(start, len(ids) - 1)  # generate replays at least the last token
+            start = min(_common_prefix(llm._input_ids, ids), len(ids) - 1)  # as generate does
         if len(ids) - start <= llm.n_batch:
             return True
         if start == 0 or not llm._ctx.kv_cache_seq_rm(-1, start, -1):
@@ -263,6 +260,15 @@ class LlamaEngine:
         if token < 0:
             return ""
         return self._token_bytes(token, special=True).decode("utf-8", "replace")
+
+
+def _common_prefix(cached: Any, ids: list[int]) -> int:
+    """Leading tokens `cached` (llama-cpp-python's array of evaluated ids) shares with `ids`."""
+    import numpy as np
+
+    n = min(len(cached), len(ids))
+    same = np.asarray(cached[:n]) == np.asarray(ids[:n], dtype=np.asarray(cached).dtype)
+    return n if bool(same.all()) else int(same.argmin())
 
 
 def sampler_options(params: SamplingParams) -> dict[str, Any]:

@@ -8,11 +8,12 @@ from itertools import count, islice
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.workers.engines.conftest import get_engine, run
 from workers.engines.base import Engine, GenerateRequest
-from workers.engines.llama import LlamaEngine, sampler_options
+from workers.engines.llama import LlamaEngine, _common_prefix, sampler_options
 from workers.engines.loop import CPU_PREFILL_CHUNK, prefill, prefill_chunk
 
 LONG = "The quick brown fox jumps over the lazy dog while the cat sleeps. " * 4
@@ -56,6 +57,22 @@ def test_engines_on_a_cpu_take_a_prompt_128_tokens_at_a_time(engine: Engine) -> 
 
 
 # GGUF: llama.cpp's own batches ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cached", "ids", "common"),
+    [
+        ([1, 2, 3], [1, 2, 3, 4], 3),
+        ([1, 2, 3, 4], [1, 2], 2),
+        ([1, 5, 3], [1, 2, 3], 1),
+        ([7], [1, 2], 0),
+        ([], [1], 0),
+    ],
+)
+def test_common_prefix_of_the_cache_and_a_prompt(
+    cached: list[int], ids: list[int], common: int
+) -> None:
+    assert _common_prefix(np.asarray(cached, dtype=np.intc), ids) == common
 
 
 def _llama(path: Path) -> Any:
