@@ -533,8 +533,14 @@ def _embed(
     job = ctx.job
     remaining = job.execution_timeout_s - (time.perf_counter() - started)
     try:
-        vectors, done = runner.embed(job.params["input"], job.id, timeout=max(remaining, 1.0))
+        vectors, done = runner.embed(
+            job.params["input"],
+            job.id,
+            timeout=max(remaining, 1.0),
+            cancel_event=ex.cancels.watch(job.id),
+        )
     finally:
+        ex.cancels.forget(job.id)
         publisher.end()
     timings["run_ms"] = round((time.perf_counter() - started) * 1000 - timings["cold_start_ms"], 3)
     end = _terminal_of(done, timings, "")

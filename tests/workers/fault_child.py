@@ -6,6 +6,7 @@ engine the real loader returns: `slow` sleeps between tokens,
 os._exit after two tokens, `ignore_cancel` never stops, `raise_in_generate` raises a bare
 RuntimeError, `print_in_setup` writes junk to stdout from Python and from C before loading,
 `bad_vector` answers an Embed with strings for numbers, `short_vectors` with one vector less,
+`slow_embed` embeds one text at a time, 50 ms each (a cancel is looked for before each),
 `non_text_token` generates a number where a token's text belongs, `babble` writes an event
 line that never ends, `silent_until_cancelled` sends no token until cancelled (a long
 prefill). The `batch_` modes keep
@@ -23,7 +24,7 @@ import time
 from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
-from workers.engines.base import Embeddings, Engine, GenerateRequest, GenerationResult
+from workers.engines.base import Embeddings, Engine, GenerateRequest, GenerationResult, never
 from workers.runner import child
 from workers.runner.protocol import MAX_LINE
 
@@ -44,8 +45,15 @@ class Faulty:
             return lambda parallel: FaultyBatcher(self.inner.batcher(parallel))  # type: ignore[attr-defined]
         raise AttributeError(name)
 
-    def embed(self, texts: Sequence[str]) -> Embeddings:
-        real = self.inner.embed(texts)
+    def embed(self, texts: Sequence[str], cancelled: Callable[[], bool] = never) -> Embeddings:
+        if MODE == "slow_embed":  # one text at a time, 50 ms each
+            parts = []
+            for text in texts:
+                time.sleep(0.05)
+                parts.append(self.inner.embed([text], cancelled))
+            vectors = [v for part in parts for v in part.vectors]
+            return Embeddings(vectors, sum(part.prompt_tokens for part in parts))
+        real = self.inner.embed(texts, cancelled)
         if MODE == "bad_vector":
             return Embeddings([["x"] * len(v) for v in real.vectors], real.prompt_tokens)  # type: ignore[misc]
         if MODE == "short_vectors":

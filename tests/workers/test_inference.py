@@ -20,7 +20,7 @@ from core import events
 from core.db import session_scope
 from core.errors import job_error
 from core.ids import new_id
-from core.queue import carried_job, job_of_message
+from core.queue import EMBED_OP, carried_job, job_of_message
 from core.tables import Job, JobStatus, PushState, UsageEvent, utcnow
 from tests.utils.stack import StackInfo
 from tests.workers.conftest import fault_argv
@@ -173,6 +173,26 @@ def test_run_job_cancel_while_running_records_partial_usage(
     assert outcome == ["cancelled"], (seen_before_cancel, job.timings, job.completion_tokens)
     (usage,) = usage_rows(stack, job_id)
     assert 1 <= usage.completion_tokens < 200
+
+
+def test_run_job_cancel_while_embedding_ends_cancelled_and_keeps_the_runner(
+    stack: StackInfo, gguf_ready: dict[str, Any], executor: inference.Executor
+) -> None:
+    faulty(executor, "slow_embed")  # 50 ms a text, a cancel looked for before each
+    job_id = make_job(stack, gguf_ready, params={"op": EMBED_OP, "input": ["text"] * 200})
+    outcome: list[str] = []
+    thread = threading.Thread(target=lambda: outcome.append(inference.run_job(job_id, executor)))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not executor.redis.xlen(events.stream_key(job_id)) and time.monotonic() < deadline:
+        time.sleep(0.02)  # its running status: the runner is embedding
+    events.request_cancel(executor.redis, job_id)
+    thread.join(30)
+    job = job_row(stack, job_id)
+    assert outcome == ["cancelled"], job.error_message
+    assert (job.error_code, job.prompt_tokens) == ("JOB_CANCELLED", 0)
+    assert usage_rows(stack, job_id) == []  # nothing was returned, nothing is billed
+    assert executor.pool.stats().runners == 1  # stopped between texts, not killed
 
 
 def test_one_cancel_watcher_polls_every_running_job_and_sets_only_the_cancelled(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,3 +66,22 @@ def test_embed_from_a_lying_child_is_fatal(
     with pytest.raises(RunnerFatal):
         runner.embed(["one", "two"], "e-3")
     assert runner.state is RunnerState.DEFUNCT
+
+
+@pytest.mark.parametrize(("fmt", "parallel"), [("transformers", 1), ("gguf", 2)])
+def test_a_cancelled_embedding_stops_between_engine_calls_and_the_runner_stays_warm(
+    make_runner: MakeRunner, request: pytest.FixtureRequest, fmt: str, parallel: int
+) -> None:
+    """A Cancel is looked for between texts (transformers) or llama.cpp's batches (GGUF, here
+    with the batch server, whose reader thread takes the Cancel)."""
+    bundle = request.getfixturevalue("gguf_dir" if fmt == "gguf" else "transformers_bundle")
+    runner = make_runner(bundle, fmt, parallel=parallel)
+    runner.start()
+    texts = [f"Text {i}: " + "the quick brown fox jumps over the lazy dog " * 7 for i in range(60)]
+    asked = threading.Event()
+    asked.set()  # the Cancel goes right after the Embed
+    vectors, done = runner.embed(texts, "e-4", cancel_event=asked)
+    assert (done.error, done.code, vectors) == (True, "JOB_CANCELLED", [])
+    assert runner.state is RunnerState.READY
+    vectors, done = runner.embed(["still warm"], "e-5")
+    assert not done.error and len(vectors) == 1

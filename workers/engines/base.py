@@ -87,6 +87,20 @@ class ChatTemplateMissing(EngineError):
         super().__init__("this model has no chat template; send a prompt instead of messages")
 
 
+class Cancelled(EngineError):
+    """The request was cancelled before the engine finished it; nothing is returned."""
+
+    code = "JOB_CANCELLED"
+
+    def __init__(self) -> None:
+        super().__init__("cancelled while running")
+
+
+def never() -> bool:
+    """A cancel check for a request nobody can cancel."""
+    return False
+
+
 class UnsupportedForModel(EngineError):
     """The operation exists, but not for this model's format."""
 
@@ -125,6 +139,9 @@ class Engine(Protocol):
         """
         ...
 
-    def embed(self, texts: Sequence[str]) -> Embeddings:
-        """One unit-length vector per text (raises UnsupportedForModel where impossible)."""
+    def embed(self, texts: Sequence[str], cancelled: Callable[[], bool] = never) -> Embeddings:
+        """One unit-length vector per text (raises UnsupportedForModel where impossible).
+
+        Looks at `cancelled()` between its engine calls and raises Cancelled once it is true.
+        """
         ...

@@ -10,11 +10,13 @@ from typing import Any
 import torch
 
 from workers.engines.base import (
+    Cancelled,
     ContextLengthExceeded,
     Embeddings,
     EngineError,
     GenerateRequest,
     GenerationResult,
+    never,
 )
 from workers.engines.loop import check_context, prefill, prefill_chunk, stream_tokens
 from workers.engines.sampling import Sampler
@@ -108,13 +110,15 @@ class HFEngine:
             )
         )
 
-    def embed(self, texts: Sequence[str]) -> Embeddings:
+    def embed(self, texts: Sequence[str], cancelled: Callable[[], bool] = never) -> Embeddings:
         """Mean of the last hidden state over each text's tokens, scaled to unit length."""
         vectors, total = [], 0
         for text in texts:
             ids = self.tokens.encode_text(text)
             if len(ids) > self.context_length:
                 raise ContextLengthExceeded(len(ids), self.context_length)
+            if cancelled():
+                raise Cancelled()
             with torch.inference_mode():
                 out = self.model(
                     input_ids=torch.tensor([ids], device=self.device),

@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workers.engines.base import (
+    Cancelled,
     ContextLengthExceeded,
     Embeddings,
     EngineError,
     GenerateRequest,
     GenerationResult,
     SamplingParams,
+    never,
     resolve_seed,
 )
 from workers.engines.chat import ChatTemplate, prompt_text
@@ -150,17 +152,23 @@ class LlamaEngine:
             self._embedder.close()
         self.llm.close()
 
-    def embed(self, texts: Sequence[str]) -> Embeddings:
+    def embed(self, texts: Sequence[str], cancelled: Callable[[], bool] = never) -> Embeddings:
         embedder = self._embedding_model()
         counts = [len(embedder.tokenize(t.encode(), add_bos=True, special=False)) for t in texts]
         for count in counts:
             if count > self.context_length:
                 raise ContextLengthExceeded(count, self.context_length)
-        try:
-            vectors = embedder.embed(list(texts), normalize=True, truncate=False)
-        except (ValueError, RuntimeError) as exc:
-            raise EngineError(f"llama.cpp could not embed: {_log_tail() or exc}") from exc
-        return Embeddings([[float(x) for x in v] for v in vectors], sum(counts))
+        vectors: list[list[float]] = []
+        limits = embedder.n_batch, embedder.context_params.n_seq_max
+        for low, high in embedding_batches(counts, *limits):
+            if cancelled():
+                raise Cancelled()
+            try:
+                batch = embedder.embed(list(texts[low:high]), normalize=True, truncate=False)
+            except (ValueError, RuntimeError) as exc:
+                raise EngineError(f"llama.cpp could not embed: {_log_tail() or exc}") from exc
+            vectors.extend([float(x) for x in v] for v in batch)
+        return Embeddings(vectors, sum(counts))
 
     def _embedding_model(self) -> Any:
         if self._embedder is None:
@@ -260,6 +268,23 @@ class LlamaEngine:
         if token < 0:
             return ""
         return self._token_bytes(token, special=True).decode("utf-8", "replace")
+
+
+def embedding_batches(counts: list[int], n_batch: int, n_seq_max: int) -> list[tuple[int, int]]:
+    """The texts (by their token counts) `Llama.embed` decodes together, as index ranges: it
+    closes a batch when the next text would overflow `n_batch` tokens or `n_seq_max`
+    sequences. Embedding range by range decodes the same batches, so the vectors are the
+    ones a single call gives, with a cancel check possible between them."""
+    batches: list[tuple[int, int]] = []
+    low, tokens = 0, 0
+    for i, count in enumerate(counts):
+        if i > low and (tokens + count > n_batch or i - low >= n_seq_max):
+            batches.append((low, i))
+            low, tokens = i, 0
+        tokens += count
+    if counts:
+        batches.append((low, len(counts)))
+    return batches
 
 
 def _common_prefix(cached: Any, ids: list[int]) -> int:

@@ -16,6 +16,7 @@ from workers.engines.base import (
     GenerateRequest,
     GenerationResult,
     UnsupportedForModel,
+    never,
 )
 from workers.engines.loop import check_context, prefill, prefill_chunk, stream_tokens
 from workers.engines.sampling import Sampler
@@ -130,7 +131,7 @@ class OnnxEngine:
             )
         )
 
-    def embed(self, texts: Sequence[str]) -> Embeddings:
+    def embed(self, texts: Sequence[str], cancelled: Callable[[], bool] = never) -> Embeddings:
         # An exported decoder graph gives logits, not hidden states, to pool.
         raise UnsupportedForModel("embeddings are not available for ONNX models")
 

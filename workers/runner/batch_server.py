@@ -17,6 +17,7 @@ import functools
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from workers.engines.base import Engine
@@ -43,6 +44,10 @@ class BatchServer(Server):
         self.batcher = batcher
         self.parallel = batcher.parallel
         self.backlog: collections.deque[Generate] = collections.deque()
+
+    def cancel_check(self, tag: str) -> Callable[[], bool]:
+        """The reader thread notes cancels: this thread must not read stdin itself."""
+        return functools.partial(self._is_cancelled, tag)
 
     def serve(self) -> None:
         threading.Thread(target=self.read_loop, name="runner-stdin", daemon=True).start()

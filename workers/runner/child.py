@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import queue
 import select
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -247,7 +249,7 @@ class Server:
         """Every vector, then Done with the input tokens (nothing is sent on failure)."""
         started = time.perf_counter()
         try:
-            result = self.engine.embed(e.inputs)
+            result = self.engine.embed(e.inputs, self.cancel_check(e.tag))
         except Exception as exc:
             return _failed(e.tag, exc, started)
         for index, vector in enumerate(result.vectors):
@@ -283,6 +285,10 @@ class Server:
             completion_tokens=result.completion_tokens,
             engine_ms=(time.perf_counter() - started) * 1000,
         )
+
+    def cancel_check(self, tag: str) -> Callable[[], bool]:
+        """What an engine call looks at for this request's cancel (this thread reads stdin)."""
+        return functools.partial(self._cancel_sent, tag)
 
     def _cancel_sent(self, tag: str) -> bool:
         now = time.monotonic()
