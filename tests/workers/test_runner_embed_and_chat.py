@@ -68,20 +68,24 @@ def test_embed_from_a_lying_child_is_fatal(
     assert runner.state is RunnerState.DEFUNCT
 
 
+@pytest.mark.parametrize("stop", ["cancel", "timeout"])
 @pytest.mark.parametrize(("fmt", "parallel"), [("transformers", 1), ("gguf", 2)])
-def test_a_cancelled_embedding_stops_between_engine_calls_and_the_runner_stays_warm(
-    make_runner: MakeRunner, request: pytest.FixtureRequest, fmt: str, parallel: int
+def test_a_stopped_embedding_ends_between_engine_calls_and_the_runner_stays_warm(
+    make_runner: MakeRunner, request: pytest.FixtureRequest, fmt: str, parallel: int, stop: str
 ) -> None:
-    """A Cancel is looked for between texts (transformers) or llama.cpp's batches (GGUF, here
-    with the batch server, whose reader thread takes the Cancel)."""
+    """A Cancel (asked for, or at the timeout) is looked for between texts (transformers) or
+    llama.cpp's batches (GGUF, here with the batch server, whose reader thread takes it)."""
     bundle = request.getfixturevalue("gguf_dir" if fmt == "gguf" else "transformers_bundle")
     runner = make_runner(bundle, fmt, parallel=parallel)
     runner.start()
-    texts = [f"Text {i}: " + "the quick brown fox jumps over the lazy dog " * 7 for i in range(60)]
+    texts = [f"Text {i}: " + "the quick brown fox jumps over the lazy dog " * 7 for i in range(300)]
     asked = threading.Event()
-    asked.set()  # the Cancel goes right after the Embed
-    vectors, done = runner.embed(texts, "e-4", cancel_event=asked)
-    assert (done.error, done.code, vectors) == (True, "JOB_CANCELLED", [])
+    if stop == "cancel":
+        asked.set()  # the Cancel goes right after the Embed
+    timeout = 0.1 if stop == "timeout" else None
+    vectors, done = runner.embed(texts, "e-4", timeout=timeout, cancel_event=asked)
+    code = "JOB_CANCELLED" if stop == "cancel" else "TIMEOUT"
+    assert (done.error, done.code, vectors) == (True, code, [])
     assert runner.state is RunnerState.READY
     vectors, done = runner.embed(["still warm"], "e-5")
     assert not done.error and len(vectors) == 1
