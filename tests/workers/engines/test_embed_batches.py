@@ -37,13 +37,14 @@ def test_embedding_batches_close_as_llama_cpp_closes_them(
     assert embedding_batches(counts, n_batch, n_seq_max) == batches
 
 
-def test_gguf_embeds_batch_by_batch_the_vectors_one_call_gives(
+@pytest.fixture
+def gguf_calls(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-) -> None:
+) -> tuple[LlamaEngine, Any, list[int]]:
+    """The GGUF engine, its embedding model, and the texts each of that model's calls took."""
     engine = get_engine(request, "gguf")
     assert isinstance(engine, LlamaEngine)
     embedder = engine._embedding_model()
-    whole = embedder.embed(LONG_TEXTS, normalize=True, truncate=False)  # llama-cpp-python alone
     calls: list[int] = []
     original = embedder.embed
 
@@ -52,6 +53,14 @@ def test_gguf_embeds_batch_by_batch_the_vectors_one_call_gives(
         return original(texts, **kwargs)
 
     monkeypatch.setattr(embedder, "embed", counting)
+    return engine, original, calls
+
+
+def test_gguf_embeds_batch_by_batch_the_vectors_one_call_gives(
+    gguf_calls: tuple[LlamaEngine, Any, list[int]],
+) -> None:
+    engine, embed_alone, calls = gguf_calls
+    whole = embed_alone(LONG_TEXTS, normalize=True, truncate=False)  # llama-cpp-python alone
 
     out = engine.embed(LONG_TEXTS)
 
@@ -60,16 +69,9 @@ def test_gguf_embeds_batch_by_batch_the_vectors_one_call_gives(
 
 
 def test_gguf_embedding_cancelled_between_batches(
-    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+    gguf_calls: tuple[LlamaEngine, Any, list[int]],
 ) -> None:
-    engine = get_engine(request, "gguf")
-    assert isinstance(engine, LlamaEngine)
-    embedder = engine._embedding_model()
-    calls: list[int] = []
-    original = embedder.embed
-    monkeypatch.setattr(
-        embedder, "embed", lambda texts, **kw: calls.append(len(texts)) or original(texts, **kw)
-    )
+    engine, _, calls = gguf_calls
 
     with pytest.raises(Cancelled) as info:
         engine.embed(LONG_TEXTS, cancel_at(2))
