@@ -213,7 +213,7 @@ class LlamaEngine:
             tokens.close()
 
     def _prefill(self, ids: list[int], cancelled: Callable[[], bool]) -> bool:
-        """Evaluate a prompt longer than one batch batch by batch, looking for a cancel
+        """Evaluate a prompt longer than one batch in batches, looking for a cancel
         between them (`Llama.generate` evaluates it in one call); False once cancelled.
 
         The batches start where `generate` would (after the cached prefix it reuses) and
