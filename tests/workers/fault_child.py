@@ -9,7 +9,8 @@ RuntimeError, `print_in_setup` writes junk to stdout from Python and from C befo
 `slow_embed` embeds one text at a time, 50 ms each (a cancel is looked for before each),
 `non_text_token` generates a number where a token's text belongs, `babble` writes an event
 line that never ends, `silent_until_cancelled` sends no token until cancelled (a long
-prefill). The `batch_` modes keep
+prefill), `busy_one_call` computes for 1.5 s without looking for a cancel (one long engine
+call), `stuck_one_call` waits 30 s without computing or looking. The `batch_` modes keep
 the engine's batcher: `batch_exit` calls os._exit at the third decode step, `batch_stray_tag`
 writes a request's tokens under a tag no request has from the third step on, `batch_slow`
 sleeps before every step.
@@ -73,6 +74,12 @@ class Faulty:
             while not cancelled() and time.monotonic() < deadline:
                 time.sleep(0.01)
             return GenerationResult("cancelled", 1, 0)
+        if MODE in ("busy_one_call", "stuck_one_call"):  # one long engine call, deaf meanwhile
+            end = time.monotonic() + (1.5 if MODE == "busy_one_call" else 30)
+            while time.monotonic() < end:
+                if MODE == "stuck_one_call":
+                    time.sleep(0.05)  # waits on something: its CPU time stays put
+            return GenerationResult("cancelled" if cancelled() else "length", 1, 0)
         n = 0
         check = (lambda: False) if MODE == "ignore_cancel" else cancelled
         while True:

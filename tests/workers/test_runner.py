@@ -281,6 +281,38 @@ def test_timeout_with_child_ignoring_cancel_kills_it(
     assert runner.state is RunnerState.DEFUNCT and gone(runner.pid or 0)
 
 
+def test_a_child_computing_past_the_grace_is_waited_for_and_stays_warm(
+    make_runner: MakeRunner, gguf_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One engine call outlasts the grace (a big model's prefill chunk on a slow CPU): its CPU
+    # time moves and it sends nothing, so it is working, not stuck.
+    monkeypatch.setattr(process, "CANCEL_GRACE_S", 0.3)
+    runner = make_runner(gguf_dir, mode="busy_one_call")
+    runner.start()
+    done, tokens = collect(runner, greedy("hi", 10), timeout=0.2)
+    assert (done.error, done.code, done.finish_reason, tokens) == (True, "TIMEOUT", "cancelled", [])
+    assert runner.state is RunnerState.READY
+
+
+@pytest.mark.parametrize(
+    ("mode", "busy_max_s"), [("stuck_one_call", 120.0), ("busy_one_call", 0.6)]
+)
+def test_a_child_idle_past_the_grace_or_busy_past_the_cap_is_killed(
+    make_runner: MakeRunner,
+    gguf_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+    busy_max_s: float,
+) -> None:
+    monkeypatch.setattr(process, "CANCEL_GRACE_S", 0.3)
+    monkeypatch.setattr(process, "CANCEL_BUSY_MAX_S", busy_max_s)
+    runner = make_runner(gguf_dir, mode=mode)
+    runner.start()
+    with pytest.raises(RunnerTimeout):
+        collect(runner, greedy("hi", 10), timeout=0.2)
+    assert runner.state is RunnerState.DEFUNCT and gone(runner.pid or 0)
+
+
 def test_failing_token_callback_cancels_and_keeps_runner(
     make_runner: MakeRunner, gguf_dir: Path
 ) -> None:

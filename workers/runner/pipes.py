@@ -307,6 +307,9 @@ class Exchange(Generic[Output]):
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.cancel_event = cancel_event
         self.cancel_sent_at: float | None = None
+        self.grace_from: float | None = None  # the current grace window's start
+        self.child_cpu_s: float | None = None  # the child's CPU time at that start
+        self.outputs_after_cancel = 0
         self.timed_out = False
         self.callback_error: Exception | None = None
 
@@ -317,14 +320,34 @@ class Exchange(Generic[Output]):
         asked = self.cancel_event is not None and self.cancel_event.is_set()
         return self.timed_out or asked or self.callback_error is not None
 
+    def cancel_sent(self, child_cpu_s: float | None) -> None:
+        self.cancel_sent_at = self.grace_from = time.monotonic()
+        self.child_cpu_s = child_cpu_s
+
     def cancel_ignored(self, grace_s: float) -> bool:
-        sent = self.cancel_sent_at
-        return sent is not None and time.monotonic() - sent > grace_s
+        since = self.grace_from
+        return since is not None and time.monotonic() - since > grace_s
+
+    def still_computing(self, child_cpu_s: float | None, grace_s: float, most_s: float) -> bool:
+        """Whether a child past its grace is working, not stuck: it sent nothing since the
+        Cancel (between two outputs it would have seen it) and its CPU time moved by a fifth
+        of the window or more (one engine call, a prefill chunk, still running), for at most
+        `most_s` in all. If so, a new grace window starts now."""
+        now = time.monotonic()
+        sent, before = self.cancel_sent_at, self.child_cpu_s
+        if sent is None or self.outputs_after_cancel or now - sent > most_s:
+            return False
+        if child_cpu_s is None or before is None or child_cpu_s - before < 0.2 * grace_s:
+            return False
+        self.grace_from, self.child_cpu_s = now, child_cpu_s
+        return True
 
     def takes(self, event: Event) -> bool:
         return isinstance(event, self.kind) and event.tag == self.tag
 
     def deliver(self, output: Output) -> None:
+        if self.cancel_sent_at is not None:
+            self.outputs_after_cancel += 1
         if self.callback_error is not None:
             return
         try:

@@ -38,7 +38,11 @@ from workers.runner.protocol import (
 from workers.runner.sandbox import Sandbox, SandboxConfig, runner_argv
 
 log = logging.getLogger("inferatech.runner")
+# A child that ignores a Cancel this long is killed, unless it is still computing (its CPU
+# time moves and it sends nothing: one long engine call, such as a big model's prefill chunk
+# on a slow CPU), which it may do for CANCEL_BUSY_MAX_S in all.
 CANCEL_GRACE_S = 5.0
+CANCEL_BUSY_MAX_S = 120.0
 STOP_GRACE_S = 3.0
 _POLL_S = 0.05  # how often a waiting generate() looks at its deadline (and a plain cancel Event)
 
@@ -309,10 +313,13 @@ class Runner:
         while True:
             if ex.should_cancel():
                 self._send(Cancel(ex.tag))
-                ex.cancel_sent_at = time.monotonic()
-            elif ex.cancel_ignored(CANCEL_GRACE_S):
+                ex.cancel_sent(self._child_cpu_s())
+            elif ex.cancel_ignored(CANCEL_GRACE_S) and not ex.still_computing(
+                self._child_cpu_s(), CANCEL_GRACE_S, CANCEL_BUSY_MAX_S
+            ):
                 kind = RunnerTimeout if ex.timed_out else RunnerFatal
-                raise kind(f"runner ignored Cancel for {CANCEL_GRACE_S:.0f}s; killed")
+                waited = time.monotonic() - (ex.cancel_sent_at or 0.0)
+                raise kind(f"runner ignored Cancel for {waited:.0f}s; killed")
             event = self._next_event(_POLL_S, route)
             if event is not None and ex.takes(event):
                 ex.deliver(event)
@@ -322,6 +329,17 @@ class Runner:
                 self._fatal(f"unexpected event {event!r}")
 
     # --- plumbing --------------------------------------------------------------------------
+
+    def _child_cpu_s(self) -> float | None:
+        """The child's CPU time so far (all its threads), None where /proc cannot say."""
+        if self._proc is None:
+            return None
+        try:
+            stat = Path(f"/proc/{self._proc.pid}/stat").read_text()
+        except OSError:
+            return None
+        fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def _send(self, event: Event) -> None:
         if self._pipes is None:
