@@ -235,6 +235,11 @@ def executor_for(settings: Settings) -> Executor:
         return _executor
 
 
+# How long a job's run lock outlives its execution timeout: more than a runner still
+# computing past the timeout may take (`CANCEL_BUSY_MAX_S`).
+LOCK_MARGIN_S = 30
+
+
 def _ms(start: datetime, end: datetime) -> float:
     return round((end - start).total_seconds() * 1000, 3)
 
@@ -273,9 +278,10 @@ def run_job(
     writes it; for a job nobody streams, `jobs.finish` does, once it ended).
     """
     job = job_of_message(carried) if carried is not None else None
-    # Outlives the runner's own timeout, so a redelivered copy of a dead worker's job can
-    # take over soon after; while the first copy runs, the lock keeps the second out.
-    lock_s = (timeout_s or ex.settings.max_execution_timeout_s) + 30
+    # Outlives the runner's own timeout (and the most a runner still computing after it may
+    # take, `CANCEL_BUSY_MAX_S`), so a redelivered copy of a dead worker's job can take over
+    # soon after; while the first copy runs, the lock keeps the second out.
+    lock_s = (timeout_s or ex.settings.max_execution_timeout_s) + LOCK_MARGIN_S
     lock = JobLock(ex, job_id, lock_s)  # asked for here, its reply read after any INSERT
     now = utcnow()
     # A job only its caller waits for is run before it has a row: `finish` writes it once,

@@ -313,6 +313,12 @@ def test_a_child_idle_past_the_grace_or_busy_past_the_cap_is_killed(
     assert runner.state is RunnerState.DEFUNCT and gone(runner.pid or 0)
 
 
+def test_a_busy_child_is_waited_for_less_than_a_job_lock_outlives_its_timeout() -> None:
+    from workers.inference import LOCK_MARGIN_S
+
+    assert process.CANCEL_BUSY_MAX_S < LOCK_MARGIN_S
+
+
 def test_failing_token_callback_cancels_and_keeps_runner(
     make_runner: MakeRunner, gguf_dir: Path
 ) -> None:

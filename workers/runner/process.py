@@ -40,9 +40,10 @@ from workers.runner.sandbox import Sandbox, SandboxConfig, runner_argv
 log = logging.getLogger("inferatech.runner")
 # A child that ignores a Cancel this long is killed, unless it is still computing (its CPU
 # time moves and it sends nothing: one long engine call, such as a big model's prefill chunk
-# on a slow CPU), which it may do for CANCEL_BUSY_MAX_S in all.
+# on a slow CPU), which it may do for CANCEL_BUSY_MAX_S in all: within the 30 s a job's run
+# lock outlives its execution timeout (`run_job`), so no redelivered copy can start meanwhile.
 CANCEL_GRACE_S = 5.0
-CANCEL_BUSY_MAX_S = 120.0
+CANCEL_BUSY_MAX_S = 20.0
 STOP_GRACE_S = 3.0
 _POLL_S = 0.05  # how often a waiting generate() looks at its deadline (and a plain cancel Event)
 
