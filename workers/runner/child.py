@@ -266,7 +266,7 @@ class Server:
         sink = TokenSink(self.out, g.tag, g.coalesce_ms)
         try:
             request = generate_request(g)
-            stream = self.engine.generate(request, lambda: self._cancel_sent(g.tag))
+            stream = self.engine.generate(request, self.cancel_check(g.tag))
             while True:
                 try:
                     piece = next(stream)

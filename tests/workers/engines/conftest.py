@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterator
+from itertools import count
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +92,22 @@ def reference_greedy(tokenizer: Any) -> list[int]:
     with torch.no_grad():
         out = tiny_llama().generate(ids, do_sample=False, max_new_tokens=8)
     return [int(t) for t in out[0, ids.shape[1] :]]
+
+
+def cancel_at(check: int) -> Callable[[], bool]:
+    """A cancel that turns true at its `check`-th look (1-based)."""
+    looks = count(1)
+    return lambda: next(looks) >= check
+
+
+def record_sizes(obj: Any, name: str, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Wrap `obj.name` so that each call's first argument's length is recorded (in order)."""
+    sizes: list[int] = []
+    original = getattr(obj, name)
+
+    def recording(first: Any, *args: Any, **kwargs: Any) -> Any:
+        sizes.append(len(first))
+        return original(first, *args, **kwargs)
+
+    monkeypatch.setattr(obj, name, recording)
+    return sizes

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-from itertools import count
 from typing import Any
 
 import pytest
 
-from tests.workers.engines.conftest import get_engine
+from tests.workers.engines.conftest import cancel_at, get_engine, record_sizes
 from workers.engines.base import Cancelled
 from workers.engines.llama import LlamaEngine, embedding_batches
 
 # About 100 tokens each: two fill most of the tiny model's 256-token embedding batch.
 LONG_TEXTS = [f"Text {i}: " + "the quick brown fox jumps over the lazy dog " * 7 for i in range(3)]
-
-
-def cancel_at(check: int) -> Any:
-    looks = count(1)
-    return lambda: next(looks) >= check
 
 
 @pytest.mark.parametrize(
@@ -41,18 +35,12 @@ def test_embedding_batches_close_as_llama_cpp_closes_them(
 def gguf_calls(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[LlamaEngine, Any, list[int]]:
-    """The GGUF engine, its embedding model, and the texts each of that model's calls took."""
+    """The GGUF engine, its embedding model's own `embed`, and the texts each call took."""
     engine = get_engine(request, "gguf")
     assert isinstance(engine, LlamaEngine)
     embedder = engine._embedding_model()
-    calls: list[int] = []
     original = embedder.embed
-
-    def counting(texts: list[str], **kwargs: Any) -> Any:
-        calls.append(len(texts))
-        return original(texts, **kwargs)
-
-    monkeypatch.setattr(embedder, "embed", counting)
+    calls = record_sizes(embedder, "embed", monkeypatch)
     return engine, original, calls
 
 

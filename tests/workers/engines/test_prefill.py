@@ -3,27 +3,21 @@ change nothing in what the model generates."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from itertools import count, islice
+from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from tests.workers.engines.conftest import get_engine, run
+from tests.workers.engines.conftest import cancel_at, get_engine, record_sizes, run
 from workers.engines.base import Engine, GenerateRequest
 from workers.engines.llama import LlamaEngine, _common_prefix, sampler_options
 from workers.engines.loop import CPU_PREFILL_CHUNK, prefill, prefill_chunk
 
 LONG = "The quick brown fox jumps over the lazy dog while the cat sleeps. " * 4
 N_BATCH = 16
-
-
-def cancel_at(check: int) -> Callable[[], bool]:
-    """A cancel that turns true at its `check`-th look (1-based)."""
-    looks = count(1)
-    return lambda: next(looks) >= check
 
 
 @pytest.mark.parametrize(
@@ -93,18 +87,6 @@ def small_batches(gguf_model: Path) -> Iterator[tuple[LlamaEngine, Any]]:
     reference.close()
 
 
-def _record_evals(llm: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    sizes: list[int] = []
-    original = llm.eval
-
-    def recording(tokens: Any) -> None:
-        sizes.append(len(tokens))
-        original(tokens)
-
-    monkeypatch.setattr(llm, "eval", recording)
-    return sizes
-
-
 def _reference_text(engine: LlamaEngine, reference: Any, prompt: str, n: int) -> str:
     """What llama-cpp-python's own generate makes of the same tokens, greedy."""
     ids = engine._encode(GenerateRequest(prompt, raw=True))
@@ -121,7 +103,7 @@ def test_gguf_long_prompt_goes_in_batches_and_generates_what_llama_cpp_does(
     small_batches: tuple[LlamaEngine, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine, reference = small_batches
-    sizes = _record_evals(engine.llm, monkeypatch)
+    sizes = record_sizes(engine.llm, "eval", monkeypatch)
     prompt_tokens = engine.count_prompt_tokens(GenerateRequest(LONG, raw=True))
     assert prompt_tokens > 3 * N_BATCH
 
@@ -149,7 +131,7 @@ def test_gguf_cancel_between_batches_stops_the_prefill(
     small_batches: tuple[LlamaEngine, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine, reference = small_batches
-    sizes = _record_evals(engine.llm, monkeypatch)
+    sizes = record_sizes(engine.llm, "eval", monkeypatch)
 
     text, result, pieces = run(engine, LONG, max_tokens=12, temperature=0.0, cancelled=cancel_at(3))
 
