@@ -28,6 +28,7 @@ from workers.engines.base import (
 )
 from workers.engines.llama import LlamaEngine
 from workers.engines.llama_batch import BatchFull, LlamaBatcher
+from workers.engines.loop import CPU_PREFILL_CHUNK
 from workers.pool import RunnerPool
 from workers.runner.batch_server import BatchServer
 from workers.runner.child import EventWriter
@@ -123,6 +124,35 @@ def test_a_request_admitted_mid_batch_and_prefix_reuse(
     assert again.pos == len(engine._encode(long)) - 1 and len(again.pending) == 1
     drain(batcher, texts)
     assert "".join(texts["again"]) == "".join(texts["long"])
+
+
+def test_a_long_prompt_goes_in_cpu_chunks_beside_a_decoding_sequence(
+    engine: LlamaEngine, batcher: LlamaBatcher
+) -> None:
+    """On a CPU one batched step takes at most 128 tokens: a decoding sequence gets a token
+    at every step of a long prompt's prefill, and neither output changes."""
+    short, long = request(PROMPTS[1], 12), request("The quick brown fox jumps. " * 25, 4)
+    n_long = len(engine._encode(long))
+    assert CPU_PREFILL_CHUNK < n_long < engine.context_length - 4
+    texts: dict[Any, list[str]] = {}
+    decoding = batcher.admit(short, lambda: False, "short")
+    batcher.step()  # its prompt, and its first token
+    texts["short"] = decoding.pieces[:]
+    decoding.pieces.clear()
+    prompt = batcher.admit(long, lambda: False, "long")
+    sizes, positions = [], []
+    while not prompt.prefilled:
+        for seq in batcher.step():
+            texts.setdefault(seq.owner, []).extend(seq.pieces)
+            seq.pieces.clear()
+        sizes.append(batcher._batch.n_tokens)
+        positions.append(decoding.pos)
+    # One token of the decoding sequence and 127 of the prompt a step, the rest last.
+    assert sizes == [CPU_PREFILL_CHUNK] * (len(sizes) - 1) + [1 + (n_long - 1) % 127 + 1]
+    assert positions == list(range(positions[0], positions[0] + len(sizes)))
+    drain(batcher, texts)
+    assert "".join(texts["long"]) == alone(engine, long)[0]
+    assert "".join(texts["short"]) == alone(engine, short)[0]
 
 
 def test_stops_limits_and_cancel_end_only_their_own_sequence(

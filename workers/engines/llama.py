@@ -27,7 +27,6 @@ from workers.engines.loop import check_context, prefill, prefill_chunk, stream_t
 if TYPE_CHECKING:
     from workers.engines.llama_batch import LlamaBatcher
 
-BATCH_TOKENS = 512  # tokens one batched decode takes at most (prompts are fed in chunks)
 _LOG_LINES: deque[str] = deque(maxlen=40)
 _LOG_LOCK = threading.Lock()
 _log_callback: Any = None  # kept referenced: llama.cpp holds a raw pointer to it
@@ -140,10 +139,16 @@ class LlamaEngine:
         self.chat = _chat_template(llm, self._token_text)
         self.has_chat_template = self.chat is not None
 
-    def batcher(self, parallel: int, n_batch: int = BATCH_TOKENS) -> LlamaBatcher:
-        """Continuous batching over `parallel` sequences, in a context of its own."""
+    def batcher(self, parallel: int, n_batch: int | None = None) -> LlamaBatcher:
+        """Continuous batching over `parallel` sequences, in a context of its own.
+
+        `n_batch`: the most tokens one batched decode takes, by default the device's prefill
+        chunk. A prompt is fed in such steps, and every decoding sequence waits for each
+        step, so on a CPU a long prompt holds the others up for 128 tokens' time, not 512's.
+        """
         from workers.engines.llama_batch import LlamaBatcher, batch_context
 
+        n_batch = n_batch or prefill_chunk(self.device)
         return LlamaBatcher(self, batch_context(self, parallel, n_batch), parallel, n_batch)
 
     def close(self) -> None:
