@@ -422,13 +422,16 @@ def live_publisher(ex: inference.Executor, job_id: str) -> Iterator[inference.To
 
 @pytest.fixture
 def publishes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]]]:
-    """Each `publish_many` a publisher makes: the thread that made it and the event types."""
+    """Each `publish_many` a publisher made: the thread that made it and the event types.
+
+    Recorded once it returned, so a test that sees the record finds the events on the stream.
+    """
     made: list[tuple[str, list[str]]] = []
     real = events.publish_many
 
     def spy(client: Any, job_id: str, batch: list[dict[str, Any]]) -> None:
-        made.append((threading.current_thread().name, [e["type"] for e in batch]))
         real(client, job_id, batch)
+        made.append((threading.current_thread().name, [e["type"] for e in batch]))
 
     monkeypatch.setattr(events, "publish_many", spy)
     return made
