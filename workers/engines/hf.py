@@ -18,7 +18,7 @@ from workers.engines.base import (
     GenerationResult,
     never,
 )
-from workers.engines.loop import check_context, prefill, prefill_chunk, stream_tokens
+from workers.engines.loop import prefill_chunk
 from workers.engines.sampling import Sampler
 from workers.engines.tokens import HFTokens
 
@@ -86,28 +86,17 @@ class HFEngine:
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def count_prompt_tokens(self, request: GenerateRequest) -> int:
-        count = len(self.tokens.encode(request))
-        check_context(count, self.context_length)
-        return count
+        return self.tokens.count(request, self.context_length)
 
     def generate(
         self, request: GenerateRequest, cancelled: Callable[[], bool]
     ) -> Generator[str, None, GenerationResult]:
-        ids = self.tokens.encode(request)
-        room = check_context(len(ids), self.context_length)
-        step = _Stepper(self, ids, Sampler(request.params, self.device))
-        if not prefill(step.feed, 0, len(ids), self.prefill_chunk, cancelled):
-            return GenerationResult("cancelled", len(ids), 0)
-        return (
-            yield from stream_tokens(
-                step,
-                decoder=self.tokens.decoder(ids),
-                is_eos=self.tokens.eos_ids.__contains__,
-                params=request.params,
-                cancelled=cancelled,
-                prompt_tokens=len(ids),
-                room=room,
-            )
+        return self.tokens.generate(
+            request,
+            cancelled,
+            context_length=self.context_length,
+            stepper=lambda ids: _Stepper(self, ids, Sampler(request.params, self.device)),
+            chunk=self.prefill_chunk,
         )
 
     def embed(self, texts: Sequence[str], cancelled: Callable[[], bool] = never) -> Embeddings:

@@ -18,7 +18,7 @@ from workers.engines.base import (
     UnsupportedForModel,
     never,
 )
-from workers.engines.loop import check_context, prefill, prefill_chunk, stream_tokens
+from workers.engines.loop import prefill_chunk
 from workers.engines.sampling import Sampler
 from workers.engines.tokens import HFTokens
 
@@ -105,30 +105,18 @@ class OnnxEngine:
         self.has_chat_template = tokens.chat is not None
 
     def count_prompt_tokens(self, request: GenerateRequest) -> int:
-        count = len(self.tokens.encode(request))
-        check_context(count, self.context_length)
-        return count
+        return self.tokens.count(request, self.context_length)
 
     def generate(
         self, request: GenerateRequest, cancelled: Callable[[], bool]
     ) -> Generator[str, None, GenerationResult]:
-        ids = self.tokens.encode(request)
-        room = check_context(len(ids), self.context_length)
-        step = _Stepper(self, ids, Sampler(request.params))
-        # Without a cache every step runs the whole sequence: there is no prefill to split.
-        chunked = bool(self.graph.past_names)
-        if chunked and not prefill(step.feed, 0, len(ids), self.prefill_chunk, cancelled):
-            return GenerationResult("cancelled", len(ids), 0)
-        return (
-            yield from stream_tokens(
-                step,
-                decoder=self.tokens.decoder(ids),
-                is_eos=self.tokens.eos_ids.__contains__,
-                params=request.params,
-                cancelled=cancelled,
-                prompt_tokens=len(ids),
-                room=room,
-            )
+        return self.tokens.generate(
+            request,
+            cancelled,
+            context_length=self.context_length,
+            stepper=lambda ids: _Stepper(self, ids, Sampler(request.params)),
+            # Without a cache every step runs the whole sequence: there is no prefill to split.
+            chunk=self.prefill_chunk if self.graph.past_names else 0,
         )
 
     def embed(self, texts: Sequence[str], cancelled: Callable[[], bool] = never) -> Embeddings:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Generator, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from workers.engines.base import EngineError, GenerateRequest
+from workers.engines.base import EngineError, GenerateRequest, GenerationResult
 from workers.engines.chat import ChatTemplate, prompt_text
+from workers.engines.loop import check_context, prefill, stream_tokens
 
 # Prompt tokens given to the stream decoder so the first piece gets its leading space right.
 _DECODE_CONTEXT = 4
@@ -73,6 +74,49 @@ class HFTokens:
 
     def decoder(self, prompt_ids: list[int]) -> StreamDecoder:
         return StreamDecoder(self.backend, prompt_ids)
+
+    def count(self, request: GenerateRequest, context_length: int) -> int:
+        """Tokens the prompt takes (raises ContextLengthExceeded)."""
+        count = len(self.encode(request))
+        check_context(count, context_length)
+        return count
+
+    def generate(
+        self,
+        request: GenerateRequest,
+        cancelled: Callable[[], bool],
+        *,
+        context_length: int,
+        stepper: Callable[[list[int]], Stepper],
+        chunk: int,
+    ) -> Generator[str, None, GenerationResult]:
+        """A generation driven by `stepper(prompt ids)`: the prompt fed `chunk` tokens at a
+        time (0: the stepper keeps no cache to feed ahead), then the sampled tokens' text."""
+        ids = self.encode(request)
+        room = check_context(len(ids), context_length)
+        step = stepper(ids)
+        if chunk and not prefill(step.feed, 0, len(ids), chunk, cancelled):
+            return GenerationResult("cancelled", len(ids), 0)
+        return (
+            yield from stream_tokens(
+                step,
+                decoder=self.decoder(ids),
+                is_eos=self.eos_ids.__contains__,
+                params=request.params,
+                cancelled=cancelled,
+                prompt_tokens=len(ids),
+                room=room,
+            )
+        )
+
+
+class Stepper(Protocol):
+    """One forward pass per call, returning the sampled token; `feed` runs prompt positions
+    `[low, high)` into the cache ahead of the first call."""
+
+    def __call__(self) -> int: ...
+
+    def feed(self, low: int, high: int) -> None: ...
 
 
 def _ids(*values: Any) -> list[int]:
