@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +14,12 @@ from workers.engines.base import (
     ContextLengthExceeded,
     Embeddings,
     EngineError,
-    GenerateRequest,
-    GenerationResult,
+    SamplingParams,
     never,
 )
 from workers.engines.loop import prefill_chunk
 from workers.engines.sampling import Sampler
-from workers.engines.tokens import HFTokens
+from workers.engines.tokens import HFTokens, TokenizerEngine
 
 
 class _Stepper:
@@ -69,7 +68,7 @@ def _cache_of(out: Any) -> Any:
     return cache if cache is not None else out.past_key_values
 
 
-class HFEngine:
+class HFEngine(TokenizerEngine):
     """A causal LM run by transformers with a hand-written token loop."""
 
     def __init__(self, model: Any, tokens: HFTokens, device: str, context_cap: int) -> None:
@@ -85,19 +84,11 @@ class HFEngine:
         # transformers 5.24 renamed the cache argument (the old name warns until 5.40).
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
 
-    def count_prompt_tokens(self, request: GenerateRequest) -> int:
-        return self.tokens.count(request, self.context_length)
+    def _stepper(self, prompt_ids: list[int], params: SamplingParams) -> _Stepper:
+        return _Stepper(self, prompt_ids, Sampler(params, self.device))
 
-    def generate(
-        self, request: GenerateRequest, cancelled: Callable[[], bool]
-    ) -> Generator[str, None, GenerationResult]:
-        return self.tokens.generate(
-            request,
-            cancelled,
-            context_length=self.context_length,
-            stepper=lambda ids: _Stepper(self, ids, Sampler(request.params, self.device)),
-            chunk=self.prefill_chunk,
-        )
+    def _feed_chunk(self) -> int:
+        return self.prefill_chunk
 
     def embed(self, texts: Sequence[str], cancelled: Callable[[], bool] = never) -> Embeddings:
         """Mean of the last hidden state over each text's tokens, scaled to unit length."""

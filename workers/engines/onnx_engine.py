@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +13,13 @@ import torch
 from workers.engines.base import (
     Embeddings,
     EngineError,
-    GenerateRequest,
-    GenerationResult,
+    SamplingParams,
     UnsupportedForModel,
     never,
 )
 from workers.engines.loop import prefill_chunk
 from workers.engines.sampling import Sampler
-from workers.engines.tokens import HFTokens
+from workers.engines.tokens import HFTokens, TokenizerEngine
 
 _PAST = "past_key_values."
 _PRESENT = "present."
@@ -89,7 +88,7 @@ class _Stepper:
         return list(self._session.run(names, feeds))
 
 
-class OnnxEngine:
+class OnnxEngine(TokenizerEngine):
     """A decoder-only ONNX export run by onnxruntime."""
 
     def __init__(self, session: Any, config: dict[str, Any], tokens: HFTokens, cap: int) -> None:
@@ -104,20 +103,12 @@ class OnnxEngine:
         self.context_length = min(context, cap)
         self.has_chat_template = tokens.chat is not None
 
-    def count_prompt_tokens(self, request: GenerateRequest) -> int:
-        return self.tokens.count(request, self.context_length)
+    def _stepper(self, prompt_ids: list[int], params: SamplingParams) -> _Stepper:
+        return _Stepper(self, prompt_ids, Sampler(params))
 
-    def generate(
-        self, request: GenerateRequest, cancelled: Callable[[], bool]
-    ) -> Generator[str, None, GenerationResult]:
-        return self.tokens.generate(
-            request,
-            cancelled,
-            context_length=self.context_length,
-            stepper=lambda ids: _Stepper(self, ids, Sampler(request.params)),
-            # Without a cache every step runs the whole sequence: there is no prefill to split.
-            chunk=self.prefill_chunk if self.graph.past_names else 0,
-        )
+    def _feed_chunk(self) -> int:
+        # Without a cache every step runs the whole sequence: there is no prefill to split.
+        return self.prefill_chunk if self.graph.past_names else 0
 
     def embed(self, texts: Sequence[str], cancelled: Callable[[], bool] = never) -> Embeddings:
         # An exported decoder graph gives logits, not hidden states, to pool.

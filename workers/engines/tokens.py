@@ -6,7 +6,7 @@ from collections.abc import Callable, Generator, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-from workers.engines.base import EngineError, GenerateRequest, GenerationResult
+from workers.engines.base import EngineError, GenerateRequest, GenerationResult, SamplingParams
 from workers.engines.chat import ChatTemplate, prompt_text
 from workers.engines.loop import check_context, prefill, stream_tokens
 
@@ -75,40 +75,6 @@ class HFTokens:
     def decoder(self, prompt_ids: list[int]) -> StreamDecoder:
         return StreamDecoder(self.backend, prompt_ids)
 
-    def count(self, request: GenerateRequest, context_length: int) -> int:
-        """Tokens the prompt takes (raises ContextLengthExceeded)."""
-        count = len(self.encode(request))
-        check_context(count, context_length)
-        return count
-
-    def generate(
-        self,
-        request: GenerateRequest,
-        cancelled: Callable[[], bool],
-        *,
-        context_length: int,
-        stepper: Callable[[list[int]], Stepper],
-        chunk: int,
-    ) -> Generator[str, None, GenerationResult]:
-        """A generation driven by `stepper(prompt ids)`: the prompt fed `chunk` tokens at a
-        time (0: the stepper keeps no cache to feed ahead), then the sampled tokens' text."""
-        ids = self.encode(request)
-        room = check_context(len(ids), context_length)
-        step = stepper(ids)
-        if chunk and not prefill(step.feed, 0, len(ids), chunk, cancelled):
-            return GenerationResult("cancelled", len(ids), 0)
-        return (
-            yield from stream_tokens(
-                step,
-                decoder=self.decoder(ids),
-                is_eos=self.eos_ids.__contains__,
-                params=request.params,
-                cancelled=cancelled,
-                prompt_tokens=len(ids),
-                room=room,
-            )
-        )
-
 
 class Stepper(Protocol):
     """One forward pass per call, returning the sampled token; `feed` runs prompt positions
@@ -117,6 +83,47 @@ class Stepper(Protocol):
     def __call__(self) -> int: ...
 
     def feed(self, low: int, high: int) -> None: ...
+
+
+class TokenizerEngine:
+    """An engine's prompt counting and generation loop over a bundle's tokenizer: what the
+    transformers and ONNX engines share. They give `_stepper` and `_feed_chunk`."""
+
+    tokens: HFTokens
+    context_length: int
+
+    def count_prompt_tokens(self, request: GenerateRequest) -> int:
+        count = len(self.tokens.encode(request))
+        check_context(count, self.context_length)
+        return count
+
+    def generate(
+        self, request: GenerateRequest, cancelled: Callable[[], bool]
+    ) -> Generator[str, None, GenerationResult]:
+        ids = self.tokens.encode(request)
+        room = check_context(len(ids), self.context_length)
+        step = self._stepper(ids, request.params)
+        chunk = self._feed_chunk()
+        if chunk and not prefill(step.feed, 0, len(ids), chunk, cancelled):
+            return GenerationResult("cancelled", len(ids), 0)
+        return (
+            yield from stream_tokens(
+                step,
+                decoder=self.tokens.decoder(ids),
+                is_eos=self.tokens.eos_ids.__contains__,
+                params=request.params,
+                cancelled=cancelled,
+                prompt_tokens=len(ids),
+                room=room,
+            )
+        )
+
+    def _stepper(self, prompt_ids: list[int], params: SamplingParams) -> Stepper:
+        raise NotImplementedError
+
+    def _feed_chunk(self) -> int:
+        """Prompt tokens fed ahead a forward pass (0: the prompt goes in the first step)."""
+        raise NotImplementedError
 
 
 def _ids(*values: Any) -> list[int]:
