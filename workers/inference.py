@@ -332,9 +332,7 @@ def run_job(
             if job is None:
                 raise
             # Nothing recorded it: answer the caller waiting on the stream, free what it holds.
-            log.exception("could not claim job %s", job_id)
-            _end_unrecorded(ex, job, database_down=isinstance(exc, OperationalError))
-            return JobStatus.FAILED.value
+            return _end_unrecorded(ex, job, exc, "claim")
         ctx = claim.ctx
         if ctx is None:
             return "skipped"
@@ -369,9 +367,7 @@ def run_job(
                 raise
             # Ran, but nothing recorded it: like a claim that failed, the caller is answered
             # and what it holds is freed; its tokens are not billed, and not delivered.
-            log.exception("could not record job %s", job_id)
-            _end_unrecorded(ex, ctx.job, database_down=isinstance(exc, OperationalError))
-            return JobStatus.FAILED.value
+            return _end_unrecorded(ex, ctx.job, exc, "record")
     finally:
         lock.release()
 
@@ -841,16 +837,19 @@ def _queue_ending(
     events.queue_events(pipe, job.id, [*events.batched(held or []), end.event()])
 
 
-def _end_unrecorded(ex: Executor, job: Job, *, database_down: bool) -> None:
-    """A carried job whose row could not be written (the database is down): it never ran."""
+def _end_unrecorded(ex: Executor, job: Job, exc: Exception, doing: str) -> str:
+    """A carried job whose row could not be written (`exc`, while `doing` it): its caller is
+    answered `failed`, and the database's outage named as such."""
+    log.exception("could not %s job %s", doing, job.id)
     end = Terminal(JobStatus.FAILED)
-    if database_down:
+    if isinstance(exc, OperationalError):
         end.error_code, end.error_message = "SERVICE_UNAVAILABLE", "the database is down; retry"
     else:
         end.error_code, end.error_message = "INTERNAL_ERROR", "the worker failed; quote the job id"
     pipe = _ending_pipeline(ex)
     _queue_ending(pipe, job, end)
     pipe.execute()
+    return JobStatus.FAILED.value
 
 
 def _close_batch(ex: Executor, batch_id: str) -> None:
