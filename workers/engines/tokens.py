@@ -122,7 +122,8 @@ class TokenizerEngine:
         raise NotImplementedError
 
     def _feed_chunk(self) -> int:
-        """Prompt tokens fed ahead a forward pass (0: the prompt goes in the first step)."""
+        """Prompt tokens a forward pass feeds ahead of the first step (0: the whole prompt
+        goes in the first step)."""
         raise NotImplementedError
 
 
