@@ -147,8 +147,9 @@ def test_a_long_prompt_goes_in_cpu_chunks_beside_a_decoding_sequence(
             seq.pieces.clear()
         sizes.append(batcher._batch.n_tokens)
         positions.append(decoding.pos)
-    # One token of the decoding sequence and 127 of the prompt a step, the rest last.
-    assert sizes == [CPU_PREFILL_CHUNK] * (len(sizes) - 1) + [1 + (n_long - 1) % 127 + 1]
+    # One token of the decoding sequence and the rest of the chunk of the prompt a step.
+    room = CPU_PREFILL_CHUNK - 1
+    assert sizes == [CPU_PREFILL_CHUNK] * (len(sizes) - 1) + [1 + (n_long - 1) % room + 1]
     assert positions == list(range(positions[0], positions[0] + len(sizes)))
     drain(batcher, texts)
     assert "".join(texts["long"]) == alone(engine, long)[0]

@@ -139,16 +139,16 @@ class LlamaEngine:
         self.chat = _chat_template(llm, self._token_text)
         self.has_chat_template = self.chat is not None
 
-    def batcher(self, parallel: int, n_batch: int | None = None) -> LlamaBatcher:
+    def batcher(self, parallel: int) -> LlamaBatcher:
         """Continuous batching over `parallel` sequences, in a context of its own.
 
-        `n_batch`: the most tokens one batched decode takes, by default the device's prefill
-        chunk. A prompt is fed in such steps, and every decoding sequence waits for each
-        step, so on a CPU a long prompt holds the others up for 128 tokens' time, not 512's.
+        One batched decode takes at most the device's prefill chunk of tokens. A prompt is
+        fed in such steps, and every decoding sequence waits for each step, so on a CPU a
+        long prompt holds the others up for 128 tokens' time, not 512's.
         """
         from workers.engines.llama_batch import LlamaBatcher, batch_context
 
-        n_batch = n_batch or prefill_chunk(self.device)
+        n_batch = prefill_chunk(self.device)
         return LlamaBatcher(self, batch_context(self, parallel, n_batch), parallel, n_batch)
 
     def close(self) -> None:
@@ -297,7 +297,8 @@ def _common_prefix(cached: Any, ids: list[int]) -> int:
     import numpy as np
 
     n = min(len(cached), len(ids))
-    same = np.asarray(cached[:n]) == np.asarray(ids[:n], dtype=np.asarray(cached).dtype)
+    head = np.asarray(cached[:n])
+    same = head == np.asarray(ids[:n], dtype=head.dtype)
     return n if bool(same.all()) else int(same.argmin())
 
 
