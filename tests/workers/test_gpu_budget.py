@@ -23,6 +23,7 @@ import redis
 from core.queue import HEARTBEAT_PREFIX
 from tests.utils.stack import StackInfo
 from tests.workers.conftest import runner_processes
+from workers import pool as pool_module
 from workers.gpu import MIB, GpuMemory, parse_memory, read_gpu_memory
 from workers.heartbeat import Heartbeat
 from workers.pool import PoolExhausted, RunnerPool
@@ -35,7 +36,9 @@ FAKE_SMI = """#!/bin/sh
 echo "$@" >> "{log}"
 [ "$1" = "-L" ] && echo "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-fake)" && exit 0
 [ -f "{fail}" ] && exit 1
-[ -f "{slow}" ] && sleep 2
+if [ -f "{slow}" ]; then  # held until the test lets it go (30 s at most)
+  i=0; while [ ! -f "{release}" ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i + 1)); done
+fi
 runners=0
 for d in /proc/[0-9]*; do  # this test's own runner children only
   [ "$(cut -d' ' -f4 "$d/stat" 2>/dev/null)" = "{pid}" ] || continue
@@ -53,7 +56,13 @@ def fake_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     log = tmp_path / "smi.log"
     smi = bin_dir / "nvidia-smi"
     smi.write_text(
-        FAKE_SMI.format(log=log, fail=tmp_path / "fail", slow=tmp_path / "slow", pid=os.getpid())
+        FAKE_SMI.format(
+            log=log,
+            fail=tmp_path / "fail",
+            slow=tmp_path / "slow",
+            release=tmp_path / "release",
+            pid=os.getpid(),
+        )
     )
     smi.chmod(smi.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
@@ -134,14 +143,23 @@ def test_cold_start_evicts_the_lru_idle_runner_when_the_gpu_is_full(
 
 
 def test_a_slow_nvidia_smi_never_holds_up_a_warm_request(
-    make_pool: MakePool, fake_gpu: Path, gguf_dir: Path
+    make_pool: MakePool, fake_gpu: Path, gguf_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The GPU is read outside the pool's lock: a cold start waiting on nvidia-smi (2 s here)
-    does not stall another model's warm request."""
+    """The GPU is read outside the pool's lock: a cold start waiting on nvidia-smi (held
+    until the test releases it) does not stall another model's warm request."""
     pool = gpu_pool(make_pool)
     with pool.acquire(A, gguf_dir, "gguf"):
         pass
+    answered: list[GpuMemory | None] = []  # reads of the GPU that returned
+
+    def read_and_note(timeout: float = 5.0) -> GpuMemory | None:
+        memory = read_gpu_memory(timeout)
+        answered.append(memory)
+        return memory
+
+    monkeypatch.setattr(pool_module, "read_gpu_memory", read_and_note)
     (fake_gpu.parent / "slow").touch()
+    queries = fake_gpu.read_text().count("--query-gpu")
 
     def cold_start_b() -> None:
         with pool.acquire(B, gguf_dir, "gguf"):
@@ -149,13 +167,24 @@ def test_a_slow_nvidia_smi_never_holds_up_a_warm_request(
 
     cold = threading.Thread(target=cold_start_b)
     cold.start()
-    time.sleep(0.5)  # B's cold start is inside nvidia-smi now
-    began = time.monotonic()
-    with pool.acquire(A, gguf_dir, "gguf") as lease:
-        assert not lease.cold
-    assert time.monotonic() - began < 1.0
+    deadline = time.monotonic() + 10
+    while fake_gpu.read_text().count("--query-gpu") == queries:  # B's is in nvidia-smi
+        assert time.monotonic() < deadline, "B's cold start never read the GPU"
+        time.sleep(0.01)
+    warm: list[tuple[bool, int]] = []  # (cold, GPU reads answered) as A was served
+
+    def warm_a() -> None:
+        with pool.acquire(A, gguf_dir, "gguf", timeout=30) as lease:
+            warm.append((lease.cold, len(answered)))
+
+    served = threading.Thread(target=warm_a)
+    served.start()
+    served.join(20)
+    (fake_gpu.parent / "release").touch()
+    served.join(30)
     cold.join(30)
-    assert pool.stats().runners == 2
+    assert warm == [(False, 0)], "the warm request waited for B's nvidia-smi"
+    assert len(answered) == 1 and pool.stats().runners == 2
 
 
 def test_busy_runners_are_never_evicted_for_gpu_memory(
