@@ -32,7 +32,8 @@ def put(
 ) -> httpx.Response:
     """PUT to a signed URL: the API itself (file backend) or the S3 endpoint."""
     if url.startswith("http://testserver"):
-        return client.put(url, content=body, headers=headers or {})
+        # Starlette's TestClient answers with httpx2's Response: the same interface
+        return client.put(url, content=body, headers=headers or {})  # type: ignore[return-value]
     return httpx.put(url, content=body, headers=headers or {}, timeout=30)
 
 

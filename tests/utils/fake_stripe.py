@@ -84,7 +84,9 @@ def _nest(pairs: list[tuple[str, str]]) -> dict[str, Any]:
     return out
 
 
-def _err(status: int, kind: str, message: str, code: str | None = None, **extra: Any) -> Any:
+def _err(
+    status: int, kind: str, message: str, code: str | None = None, **extra: Any
+) -> tuple[int, dict[str, Any]]:
     error: dict[str, Any] = {"type": kind, "message": message, **extra}
     if code:
         error["code"] = code

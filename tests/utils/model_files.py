@@ -80,7 +80,7 @@ def _tokenizer_json() -> str:
 
 def load_tokenizer() -> PreTrainedTokenizerFast:
     """Build the shared tokenizer in memory (no files)."""
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
         bos_token="<s>",
         eos_token="</s>",
@@ -138,7 +138,7 @@ def _build_model(seed: int, shape: tuple[tuple[str, int], ...] = ()) -> LlamaFor
     with torch.random.fork_rng():  # leave the caller's global RNG untouched
         torch.manual_seed(seed)
         model = LlamaForCausalLM(llama_config(shape))
-    model.eval()
+    model.eval()  # type: ignore[no-untyped-call]
     return model
 
 
@@ -146,7 +146,7 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     """The tiny random Llama for a seed, in eval mode."""
     model = LlamaForCausalLM(llama_config())
     model.load_state_dict(_state_dict(seed))
-    model.eval()
+    model.eval()  # type: ignore[no-untyped-call]
     return model
 
 
@@ -272,6 +272,7 @@ def make_gguf(
         if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             w = _permute_qk(w, config.num_attention_heads)
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        assert name is not None, hf_name
         data, raw_dtype = _gguf_tensor(w, quant)
         writer.add_tensor(name, data, raw_dtype=raw_dtype)
     writer.write_header_to_file()
@@ -322,6 +323,7 @@ def onnx_io_names(n_layers: int) -> tuple[list[str], list[str]]:
 def _export_onnx(model: LlamaForCausalLM, path: Path) -> None:
     config = model.config
     n_layers, n_heads = config.num_hidden_layers, config.num_key_value_heads
+    assert n_heads is not None  # llama_config sets it
     head_dim = config.hidden_size // config.num_attention_heads
     past_len, seq_len = 2, 3
     past = [torch.zeros(1, n_heads, past_len, head_dim) for _ in range(2 * n_layers)]

@@ -83,7 +83,8 @@ def _take_stale_claim(client: redis.Redis, me: str) -> bool:  # type: ignore[typ
     try:
         os.kill(int(owner), 0)
     except (ValueError, ProcessLookupError):
-        return bool(client.eval(_TAKE_CLAIM, 1, CLAIM_KEY, owner, me, CLAIM_TTL_S))
+        taken = client.eval(_TAKE_CLAIM, 1, CLAIM_KEY, owner, me, CLAIM_TTL_S)  # type: ignore[no-untyped-call]
+        return bool(taken)
     except PermissionError:
         return False
     return False

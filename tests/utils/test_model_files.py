@@ -44,7 +44,8 @@ def _llama_cpp_greedy(path: Path, ids: list[int], n: int = N_NEW) -> list[int]:
 
 @pytest.fixture(scope="module")
 def prompt_ids() -> list[int]:
-    return model_files.load_tokenizer()(PROMPT)["input_ids"]
+    ids: list[int] = model_files.load_tokenizer()(PROMPT)["input_ids"]
+    return ids
 
 
 def test_make_tokenizer_writes_files_with_chat_template(tmp_path: Path) -> None:
@@ -91,7 +92,7 @@ def test_gguf_carries_chat_template(gguf_model: Path) -> None:
     reply = llm.create_chat_completion(
         messages=[{"role": "user", "content": "Hello"}], max_tokens=4, temperature=0.0
     )
-    assert reply["usage"]["prompt_tokens"] > 0
+    assert isinstance(reply, dict) and reply["usage"]["prompt_tokens"] > 0
 
 
 def test_gguf_q8_stores_q8_0_matrices(gguf_model_q8: Path) -> None:
@@ -122,7 +123,7 @@ def test_transformers_bundle_loads_and_generates(
     assert (bundle / weights).is_file()
     assert not (bundle / "model.safetensors").exists() or weights == "model.safetensors"
     tokenizer = AutoTokenizer.from_pretrained(bundle)
-    model = AutoModelForCausalLM.from_pretrained(bundle).eval()
+    model = AutoModelForCausalLM.from_pretrained(bundle).eval()  # type: ignore[no-untyped-call]
     ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     assert ids[0].tolist() == prompt_ids
     out = model.generate(ids, max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False)
