@@ -200,9 +200,15 @@ def test_unknown_paths_methods_and_models_create_no_new_series(
 def test_replicas_agree_on_cluster_series_and_count_their_own_requests(
     stack: StackInfo, gguf_ready: dict[str, Any]
 ) -> None:
+    broker = get_redis(stack.settings)
     with _app_client(stack.settings) as one, _app_client(stack.settings) as two:
-        assert _infer(one, gguf_ready).status_code == 200
-        first, second = _settled(one, stack), _settled(two, stack)
+        reply = _infer(one, gguf_ready)
+        assert reply.status_code == 200
+        # The job's metrics script runs after its answer, on the pipeline that then releases
+        # its run lock: once the lock is gone, both replicas must read the same counts.
+        lock = f"lock:job:{reply.json()['id']}"
+        first = _settled(one, stack, until=lambda _: not broker.exists(lock))
+        second = _settled(two, stack)
     cluster = (
         "inferatech_tokens_total",
         "inferatech_jobs_total",
