@@ -27,6 +27,11 @@ def cancel_key(job_id: str) -> str:
     return f"cancel:{job_id}"
 
 
+def run_lock_key(job_id: str) -> str:
+    """The job's run lock: held by the worker running it, released after its ending."""
+    return f"lock:job:{job_id}"
+
+
 def cancel_channel(client: redis.Redis | aioredis.Redis) -> str:  # type: ignore[type-arg]
     """Where cancels are announced (Redis pub/sub spans databases, so the channel names one)."""
     return f"cancels:{client.connection_pool.connection_kwargs.get('db', 0)}"

@@ -383,7 +383,7 @@ class JobLock:
     """
 
     def __init__(self, ex: Executor, job_id: str, timeout_s: float) -> None:
-        self._client, self._name = ex.redis, f"lock:job:{job_id}"
+        self._client, self._name = ex.redis, events.run_lock_key(job_id)
         self._token, self._cancel = uuid.uuid4().hex, events.cancel_key(job_id)
         self._stream = events.stream_key(job_id)
         self._px = int(timeout_s * 1000)

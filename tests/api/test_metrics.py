@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
+from core import events
 from core.db import migrate
 from core.redis import get_redis
 from core.settings import Settings, get_settings
@@ -200,22 +201,33 @@ def test_unknown_paths_methods_and_models_create_no_new_series(
 def test_replicas_agree_on_cluster_series_and_count_their_own_requests(
     stack: StackInfo, gguf_ready: dict[str, Any]
 ) -> None:
-    broker = get_redis(stack.settings)
-    with _app_client(stack.settings) as one, _app_client(stack.settings) as two:
-        reply = _infer(one, gguf_ready)
-        assert reply.status_code == 200
-        # The job's metrics script runs after its answer, on the pipeline that then releases
-        # its run lock: once the lock is gone, both replicas must read the same counts.
-        lock = f"lock:job:{reply.json()['id']}"
-        first = _settled(one, stack, until=lambda _: not broker.exists(lock))
-        second = _settled(two, stack)
     cluster = (
         "inferatech_tokens_total",
         "inferatech_jobs_total",
         "inferatech_job_queue_seconds_count",
     )
-    shared = {k: v for k, v in first.items() if k[0] in cluster}
-    assert shared and shared == {k: v for k, v in second.items() if k[0] in cluster}
+
+    def shared(samples: Samples) -> Samples:
+        return {k: v for k, v in samples.items() if k[0] in cluster}
+
+    broker = get_redis(stack.settings)
+    with _app_client(stack.settings) as one, _app_client(stack.settings) as two:
+        reply = _infer(one, gguf_ready)
+        assert reply.status_code == 200
+        # The job's metrics script runs after its answer, on the pipeline that then releases
+        # its run lock: once the lock is gone, its counts are in.
+        lock = events.run_lock_key(reply.json()["id"])
+        first = _settled(one, stack, until=lambda _: not broker.exists(lock))
+        # Replica two is read between two equal reads of replica one, so an earlier test's
+        # job whose metrics land meanwhile cannot pass for a disagreement.
+        deadline = time.monotonic() + 30
+        while True:
+            second, again = scrape(two), scrape(one)
+            if shared(again) == shared(first):
+                break
+            assert time.monotonic() < deadline, "the cluster series never stood still"
+            first = again
+    assert shared(first) and shared(first) == shared(second)
     label = {"route": "/v1/infer", "method": "POST", "model": gguf_ready["id"], "status": "200"}
     assert value(first, REQUESTS, **label) == 1
     assert value(second, REQUESTS, **label) == 0

@@ -152,8 +152,8 @@ def test_a_slow_nvidia_smi_never_holds_up_a_warm_request(
         pass
     answered: list[GpuMemory | None] = []  # reads of the GPU that returned
 
-    def read_and_note(timeout: float = 5.0) -> GpuMemory | None:
-        memory = read_gpu_memory(timeout)
+    def read_and_note() -> GpuMemory | None:
+        memory = read_gpu_memory()
         answered.append(memory)
         return memory
 

@@ -94,7 +94,9 @@ def test_run_job_twice_records_one_terminal_and_one_usage(
 ) -> None:
     job_id = make_job(stack, gguf_ready)
     assert inference.run_job(job_id, executor) == "succeeded"
-    assert not executor.redis.exists(f"lock:job:{job_id}")  # freed on the end-of-job pipeline
+    assert not executor.redis.exists(
+        events.run_lock_key(job_id)
+    )  # freed on the end-of-job pipeline
     assert inference.run_job(job_id, executor) == "skipped"  # not "busy"
     assert len(usage_rows(stack, job_id)) == 1
     assert len(done_events(executor, job_id)) == 1
@@ -113,7 +115,7 @@ def test_run_job_after_ttl_expired_times_out_without_usage(
         job.expires_at = utcnow() - timedelta(seconds=1)
         s.add(job)
     assert inference.run_job(job_id, executor) == "timed_out"
-    assert not executor.redis.exists(f"lock:job:{job_id}")
+    assert not executor.redis.exists(events.run_lock_key(job_id))
     assert job_row(stack, job_id).error_code == "TIMEOUT"
     assert usage_rows(stack, job_id) == []
     assert done_events(executor, job_id)[0]["status"] == "timed_out"
@@ -825,12 +827,12 @@ def test_carried_job_claimed_beside_a_live_copy_is_left_to_it(
     but finds the lock taken runs nothing; the lock's holder takes the row over, runs it once."""
     message = carried(stack, gguf_ready)
     job_id = message["id"]
-    executor.redis.set(f"lock:job:{job_id}", "another-copy", px=60_000)
+    executor.redis.set(events.run_lock_key(job_id), "another-copy", px=60_000)
     assert inference.run_job(job_id, executor, 600, carried=message) == "busy"
     assert job_row(stack, job_id).status is JobStatus.RUNNING  # its fresh claim stays
-    assert executor.redis.get(f"lock:job:{job_id}") == b"another-copy"  # not released
+    assert executor.redis.get(events.run_lock_key(job_id)) == b"another-copy"  # not released
     assert done_events(executor, job_id) == [] and usage_rows(stack, job_id) == []
-    executor.redis.delete(f"lock:job:{job_id}")  # the holder died; its copy is redelivered
+    executor.redis.delete(events.run_lock_key(job_id))  # the holder died; its copy is redelivered
     assert inference.run_job(job_id, executor, 600, carried=message) == "succeeded"
     assert job_row(stack, job_id).attempts == 2 and len(usage_rows(stack, job_id)) == 1
 
@@ -850,7 +852,7 @@ def test_job_lock_whose_reply_was_lost_is_asked_again_and_still_held(
     again.settle()
     assert not again.held
     lock.release()
-    assert not executor.redis.exists(f"lock:job:{job_id}")
+    assert not executor.redis.exists(events.run_lock_key(job_id))
     events.request_cancel(executor.redis, job_id)
     third = inference.JobLock(executor, job_id, 60)
     third.settle()
